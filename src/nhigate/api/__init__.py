@@ -1,0 +1,1 @@
+"""nhigate.api."""

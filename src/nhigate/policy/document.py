@@ -1,0 +1,87 @@
+"""The compiled policy document: what the controller writes and the proxy loads.
+
+One document per ProtectedService. It is plain JSON (stdlib `json`), carries
+everything a proxy replica needs to authenticate and authorise requests for
+that service, and is versioned by a hash of its content so that replicas can
+report exactly which policy they serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nhigate.policy.model import Grant, RateLimit, Revocation
+
+DOCUMENT_API_VERSION = "nhigate.io/policy-v1"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """One IdentityIssuer, as the proxy needs it.
+
+    Exactly one key source: `jwks` (inline JWK Set as a JSON-compatible dict),
+    `jwks_uri`, or `kubernetes=True` (the cluster's service-account issuer; the
+    proxy reads its JWKS from `jwks_uri` or inline `jwks` filled in by the
+    controller).
+    """
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    max_token_lifetime_seconds: int
+    clock_skew_seconds: int
+    jwks: dict[str, object] | None = None
+    jwks_uri: str | None = None
+    kubernetes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TenantMapping:
+    """Where a request's tenant comes from; when both are set they must agree."""
+
+    header: str | None = None
+    claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCredential:
+    """A header the proxy injects upstream, its value read from a file (a mounted Secret key)."""
+
+    header: str
+    value_file: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityAssertion:
+    """A short-lived JWT the proxy signs and sends upstream in `header`."""
+
+    header: str = "X-Nhigate-Assertion"
+    audience: str = ""
+    ttl_seconds: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """The ProtectedService this document is for."""
+
+    namespace: str
+    name: str
+    backend_service: str
+    backend_port: int
+    tenant: TenantMapping | None = None
+    rate_limit: RateLimit | None = None
+    upstream_credential: UpstreamCredential | None = None
+    identity_assertion: IdentityAssertion | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDocument:
+    """Everything one proxy replica enforces. `version` is derived from the content."""
+
+    service: ServiceConfig
+    issuers: tuple[IssuerConfig, ...]
+    grants: tuple[Grant, ...]
+    revocations: tuple[Revocation, ...]
+    version: str

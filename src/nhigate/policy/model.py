@@ -1,0 +1,195 @@
+"""The pure model of identities, grants, revocations and decisions.
+
+Everything here is immutable and stdlib-only: the controller compiles these
+from custom resources, the proxy builds `Facts` per request, and `decide()`
+joins the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class IdentityKind(StrEnum):
+    """How the caller proved who it is."""
+
+    SERVICE_ACCOUNT = "serviceAccount"
+    """A Kubernetes service-account token verified against a `kubernetes` issuer."""
+    JWT = "jwt"
+    """A bearer JWT verified against an IdentityIssuer's JWKS."""
+    SPIFFE = "spiffe"
+    """An mTLS client certificate whose URI SAN is a SPIFFE ID."""
+
+
+class Reason(StrEnum):
+    """The closed set of reasons a request is allowed or denied.
+
+    The audit log, metrics and `nhigate explain` all use these values; adding
+    one is an API change.
+    """
+
+    ALLOWED = "allowed"
+    # authorisation (decide)
+    NO_MATCHING_GRANT = "no_matching_grant"
+    GRANT_NOT_YET_VALID = "grant_not_yet_valid"
+    GRANT_EXPIRED = "grant_expired"
+    TENANT_MISMATCH = "tenant_mismatch"
+    REVOKED = "revoked"
+    PATH_REJECTED = "path_rejected"
+    # authentication (proxy)
+    CREDENTIAL_MISSING = "credential_missing"
+    TOKEN_MALFORMED = "token_malformed"
+    TOKEN_INVALID = "token_invalid"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    TOKEN_LIFETIME_EXCEEDED = "token_lifetime_exceeded"
+    UNKNOWN_ISSUER = "unknown_issuer"
+    UNKNOWN_KEY = "unknown_key"
+    ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"
+    AUDIENCE_MISMATCH = "audience_mismatch"
+    # request / runtime (proxy)
+    RATE_LIMITED = "rate_limited"
+    REQUEST_REJECTED = "request_rejected"
+    BODY_TOO_LARGE = "body_too_large"
+    NO_POLICY = "no_policy"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccountRef:
+    """A Kubernetes service account, as identified by a verified token."""
+
+    namespace: str
+    name: str
+    uid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified caller.
+
+    `issuer` is the name of the IdentityIssuer resource that verified the
+    credential ("" for SPIFFE identities); `subject` is the token's `sub`
+    claim or the SPIFFE ID.
+    """
+
+    kind: IdentityKind
+    issuer: str
+    subject: str
+    claims: Mapping[str, object] = field(default_factory=dict)
+    service_account: ServiceAccountRef | None = None
+    spiffe_id: str | None = None
+    token_id: str | None = None
+    """The token's `jti`, when present, for revocation by token."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccountSubject:
+    """Grant subject: a Kubernetes service account (via a `kubernetes` issuer)."""
+
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSubject:
+    """Grant subject: tokens from one issuer, by `sub` and/or exact claim values.
+
+    `subject=None` means any subject from that issuer whose claims match; at
+    least one of `subject` or `claims` is always set (the CRD enforces it).
+    """
+
+    issuer: str
+    subject: str | None = None
+    claims: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SpiffeSubject:
+    """Grant subject: an exact SPIFFE ID from an mTLS client certificate."""
+
+    spiffe_id: str
+
+
+Subject = ServiceAccountSubject | TokenSubject | SpiffeSubject
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Methods x path patterns. `methods` are upper-case; `"*"` means any method.
+
+    Path patterns follow the grammar in docs/path-grammar.md: exact
+    (`/v1/items`), one-segment wildcard (`/v1/items/*/history`) and a trailing
+    subtree (`/v1/items/**`, which also matches `/v1/items`).
+    """
+
+    methods: frozenset[str]
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Token bucket: `requests_per_second` refill, `burst` capacity (per proxy replica)."""
+
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One RouteGrant, compiled. `name` is `namespace/name`; times are epoch seconds."""
+
+    name: str
+    subjects: tuple[Subject, ...]
+    rules: tuple[Rule, ...]
+    tenant: str | None = None
+    not_before: float | None = None
+    expires_at: float | None = None
+    rate_limit: RateLimit | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Deny matching credentials until `until` (epoch seconds; None = forever).
+
+    Exactly one selector is set: `issuer`+`subject`, `token_id` (jti), or
+    `service_account_uid`.
+    """
+
+    name: str
+    issuer: str | None = None
+    subject: str | None = None
+    token_id: str | None = None
+    service_account_uid: str | None = None
+    until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the proxy knows about one request when it asks for a decision.
+
+    `path` must already be the output of `normalise_path()`; it is the path
+    that will be forwarded. `tenant` is the tenant the request resolved to, or
+    None when the service has no tenant mapping.
+    """
+
+    identity: Identity
+    method: str
+    path: str
+    now: float
+    tenant: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer of `decide()`: `grant` names the grant that allowed the request."""
+
+    allowed: bool
+    reason: Reason
+    grant: str | None = None
+    rate_limit: RateLimit | None = None
