@@ -40,11 +40,11 @@ class Reason(StrEnum):
     PATH_REJECTED = "path_rejected"
     # authentication (proxy)
     CREDENTIAL_MISSING = "credential_missing"
-    TOKEN_MALFORMED = "token_malformed"
-    TOKEN_INVALID = "token_invalid"
-    TOKEN_EXPIRED = "token_expired"
-    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
-    TOKEN_LIFETIME_EXCEEDED = "token_lifetime_exceeded"
+    TOKEN_MALFORMED = "token_malformed"  # noqa: S105 (a reason, not a secret)
+    TOKEN_INVALID = "token_invalid"  # noqa: S105 (a reason, not a secret)
+    TOKEN_EXPIRED = "token_expired"  # noqa: S105 (a reason, not a secret)
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # noqa: S105 (a reason, not a secret)
+    TOKEN_LIFETIME_EXCEEDED = "token_lifetime_exceeded"  # noqa: S105 (a reason, not a secret)
     UNKNOWN_ISSUER = "unknown_issuer"
     UNKNOWN_KEY = "unknown_key"
     ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"

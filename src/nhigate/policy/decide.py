@@ -1,0 +1,202 @@
+"""The authorisation decision: `decide()` per request, `explain()` and `who_can()` for people.
+
+Semantics (docs/policy-document.md, "Decision"):
+
+1. A revocation in force for the credential denies with `revoked`, whatever the grants say.
+2. Candidates are the grants with a subject matching the identity and a rule
+   matching the method and the (canonical) path.
+3. A candidate that is valid now (`not_before <= now < expires_at`) and whose
+   tenant agrees allows; the first such grant by name is reported.
+4. Otherwise the most specific deny reason among candidates wins:
+   `tenant_mismatch` > `grant_not_yet_valid` > `grant_expired`; with no
+   candidate, `no_matching_grant`. Deny is the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nhigate.policy.encoding import format_time
+from nhigate.policy.index import Policy, subject_matches
+from nhigate.policy.model import Decision, Facts, Grant, Reason, Subject
+from nhigate.policy.paths import PathPattern, PathRejected, normalise_path, path_segments
+
+_DENY_RANK = {
+    Reason.GRANT_EXPIRED: 1,
+    Reason.GRANT_NOT_YET_VALID: 2,
+    Reason.TENANT_MISMATCH: 3,
+}
+
+
+def grant_status(grant: Grant, now: float, tenant: str | None) -> Reason:
+    """Time and tenant verdict for a grant whose subject and rule already match."""
+    if grant.not_before is not None and now < grant.not_before:
+        return Reason.GRANT_NOT_YET_VALID
+    if grant.expires_at is not None and now >= grant.expires_at:
+        return Reason.GRANT_EXPIRED
+    if grant.tenant is not None and tenant != grant.tenant:
+        return Reason.TENANT_MISMATCH
+    return Reason.ALLOWED
+
+
+def _is_canonical(path: str) -> bool:
+    try:
+        return normalise_path(path) == path
+    except PathRejected:
+        return False
+
+
+def decide(policy: Policy, facts: Facts) -> Decision:
+    """Allow or deny one request. Pure; never raises for well-typed input.
+
+    `facts.path` must be the output of `normalise_path`; any other path is
+    denied with `path_rejected` (fail closed). On denial, `Decision.grant`
+    names the candidate grant behind the reason (None for `no_matching_grant`
+    and `revoked`).
+    """
+    identity = facts.identity
+    now = facts.now
+    if policy.revocation(identity, now) is not None:
+        return Decision(allowed=False, reason=Reason.REVOKED)
+    if not _is_canonical(facts.path):
+        return Decision(allowed=False, reason=Reason.PATH_REJECTED)
+    candidates = policy.candidates(identity, facts.method, path_segments(facts.path))
+    best_reason = Reason.NO_MATCHING_GRANT
+    best_rank = 0
+    best_grant: str | None = None
+    grants = policy.grants
+    for pos in candidates:
+        grant = grants[pos]
+        status = grant_status(grant, now, facts.tenant)
+        if status is Reason.ALLOWED:
+            return Decision(
+                allowed=True, reason=Reason.ALLOWED, grant=grant.name, rate_limit=grant.rate_limit
+            )
+        rank = _DENY_RANK[status]
+        if rank > best_rank:
+            best_rank, best_reason, best_grant = rank, status, grant.name
+    return Decision(allowed=False, reason=best_reason, grant=best_grant)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantVerdict:
+    """How one grant whose subject matches the caller judged the request."""
+
+    grant: str
+    """The grant's `namespace/name`."""
+    matched: bool
+    """True when this grant alone would allow the request."""
+    outcome: Reason
+    """`allowed`, `no_matching_grant` (no rule matched), or the time/tenant reason."""
+    why_not: tuple[str, ...]
+    """Human-readable reasons this grant does not allow the request (empty when matched)."""
+    subject: Subject | None = None
+    """The grant subject that matched the caller."""
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """`decide()`'s answer plus the verdict of every grant naming the caller."""
+
+    decision: Decision
+    verdicts: tuple[GrantVerdict, ...]
+    revocation: str | None = None
+    """Name of the revocation that denied the credential, if any."""
+
+
+def _methods_text(methods: frozenset[str]) -> str:
+    return "[" + ", ".join(sorted(methods)) + "]"
+
+
+def _rule_problems(
+    grant: Grant, patterns: tuple[tuple[PathPattern, ...], ...], method: str, path: str
+) -> tuple[bool, list[str]]:
+    problems: list[str] = []
+    several = len(grant.rules) > 1
+    for index, (rule, rule_patterns) in enumerate(zip(grant.rules, patterns, strict=True)):
+        method_ok = "*" in rule.methods or method in rule.methods
+        path_ok = any(p.matches(path) for p in rule_patterns)
+        if method_ok and path_ok:
+            return True, []
+        prefix = f"rule {index + 1}: " if several else ""
+        if not method_ok:
+            problems.append(f"{prefix}method {method} not in {_methods_text(rule.methods)}")
+        if not path_ok:
+            listed = ", ".join(p.pattern for p in rule_patterns)
+            problems.append(f"{prefix}path {path} matches none of [{listed}]")
+    return False, problems
+
+
+def _time_tenant_problems(grant: Grant, now: float, tenant: str | None) -> list[str]:
+    problems: list[str] = []
+    if grant.not_before is not None and now < grant.not_before:
+        problems.append(
+            f"not valid before {format_time(grant.not_before)} (now {format_time(now)})"
+        )
+    if grant.expires_at is not None and now >= grant.expires_at:
+        problems.append(f"expired at {format_time(grant.expires_at)} (now {format_time(now)})")
+    if grant.tenant is not None and tenant != grant.tenant:
+        if tenant is None:
+            problems.append(f"request has no tenant; grant requires tenant {grant.tenant!r}")
+        else:
+            problems.append(f"tenant {tenant!r} does not match grant tenant {grant.tenant!r}")
+    return problems
+
+
+def explain(policy: Policy, facts: Facts) -> Explanation:
+    """Explain a decision: every grant whose subject matches the caller, and why it did or
+    did not allow the request. `decision` is exactly `decide(policy, facts)`."""
+    decision = decide(policy, facts)
+    identity = facts.identity
+    revocation = policy.revocation(identity, facts.now)
+    canonical = _is_canonical(facts.path)
+    verdicts: list[GrantVerdict] = []
+    for pos in policy.subject_grants(identity):
+        grant = policy.grants[pos]
+        subject = next(s for s in grant.subjects if subject_matches(s, identity))
+        if canonical:
+            rule_ok, problems = _rule_problems(
+                grant, policy.patterns[pos], facts.method, facts.path
+            )
+        else:
+            rule_ok, problems = False, [f"path {facts.path!r} is not a canonical path"]
+        problems.extend(_time_tenant_problems(grant, facts.now, facts.tenant))
+        outcome = (
+            grant_status(grant, facts.now, facts.tenant) if rule_ok else Reason.NO_MATCHING_GRANT
+        )
+        matched = outcome is Reason.ALLOWED
+        if matched and revocation is not None:
+            problems.append(f"credential revoked by {revocation}")
+        verdicts.append(
+            GrantVerdict(
+                grant=grant.name,
+                matched=matched,
+                outcome=outcome,
+                why_not=tuple(problems),
+                subject=subject,
+            )
+        )
+    return Explanation(decision=decision, verdicts=tuple(verdicts), revocation=revocation)
+
+
+def who_can(policy: Policy, method: str, path: str, now: float) -> list[tuple[Grant, Subject]]:
+    """Every (grant, subject) that may call `method path` at `now`.
+
+    `path` is a raw path and is normalised here (raises `PathRejected`).
+    Grants with a tenant are listed (the tenant is per request); revocations
+    are per credential and not considered. Linear in the number of grants:
+    an offline question, not a per-request one.
+    """
+    canonical = normalise_path(path)
+    segments = path_segments(canonical)
+    answer: list[tuple[Grant, Subject]] = []
+    for grant, rule_patterns in zip(policy.grants, policy.patterns, strict=True):
+        if grant_status(grant, now, grant.tenant) is not Reason.ALLOWED:
+            continue
+        if any(
+            ("*" in rule.methods or method in rule.methods)
+            and any(p.matches_segments(segments) for p in patterns)
+            for rule, patterns in zip(grant.rules, rule_patterns, strict=True)
+        ):
+            answer.extend((grant, subject) for subject in grant.subjects)
+    return answer

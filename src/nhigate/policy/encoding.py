@@ -1,0 +1,653 @@
+"""Canonical JSON encoding of the policy document, and its content-hash version.
+
+`make_document` puts everything in canonical order and computes `version`;
+`encode_document` writes canonical JSON (sorted keys, no spaces, ASCII);
+`decode_document` validates strictly and checks that `version` matches the
+content. The format is specified in docs/policy-document.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+from nhigate.policy.document import (
+    DOCUMENT_API_VERSION,
+    IdentityAssertion,
+    IssuerConfig,
+    PolicyDocument,
+    ServiceConfig,
+    TenantMapping,
+    UpstreamCredential,
+)
+from nhigate.policy.model import (
+    Grant,
+    RateLimit,
+    Revocation,
+    Rule,
+    ServiceAccountSubject,
+    SpiffeSubject,
+    Subject,
+    TokenSubject,
+)
+from nhigate.policy.paths import PathPattern
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TIME_RE = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{6}))?Z")
+_VERSION_RE = re.compile(r"sha256:[0-9a-f]{16}")
+_METHOD_RE = re.compile(r"[A-Z][A-Z0-9-]*")
+
+
+class PolicyDocumentError(ValueError):
+    """A policy document is malformed; the message names the offending field."""
+
+
+def _fail(where: str, message: str) -> NoReturn:
+    raise PolicyDocumentError(f"{where.lstrip('.') or 'document'}: {message}")
+
+
+# --- times ----------------------------------------------------------------------------------
+
+
+def _micros(t: float) -> int:
+    return round(t * 1_000_000)
+
+
+def canonical_time(t: float) -> float:
+    """Round an epoch time to the microsecond precision the document stores."""
+    return _micros(t) / 1_000_000
+
+
+def format_time(t: float) -> str:
+    """Epoch seconds -> RFC 3339 UTC (``2026-01-02T03:04:05Z``, or ``...05.250000Z``)."""
+    seconds, micros = divmod(_micros(t), 1_000_000)
+    moment = _EPOCH + timedelta(seconds=seconds)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
+
+
+def parse_time(text: str) -> float:
+    """RFC 3339 UTC as written by `format_time` -> epoch seconds; ValueError otherwise."""
+    match = _TIME_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 UTC time like 2026-01-02T03:04:05Z")
+    moment = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    seconds = (moment - _EPOCH) // timedelta(seconds=1)
+    micros = int(match.group(2) or "0")
+    if match.group(2) is not None and micros == 0:
+        raise ValueError(f"{text!r}: write whole seconds without a fraction")
+    return (seconds * 1_000_000 + micros) / 1_000_000
+
+
+# --- model -> JSON --------------------------------------------------------------------------
+
+
+def _opt_time(t: float | None) -> str | None:
+    return None if t is None else format_time(t)
+
+
+def _rate_limit_json(rl: RateLimit | None) -> dict[str, Any] | None:
+    if rl is None:
+        return None
+    return {"requestsPerSecond": float(rl.requests_per_second), "burst": rl.burst}
+
+
+def _subject_json(subject: Subject) -> dict[str, Any]:
+    if isinstance(subject, ServiceAccountSubject):
+        return {"serviceAccount": {"namespace": subject.namespace, "name": subject.name}}
+    if isinstance(subject, TokenSubject):
+        return {
+            "token": {
+                "issuer": subject.issuer,
+                "subject": subject.subject,
+                "claims": dict(subject.claims),
+            }
+        }
+    return {"spiffeId": subject.spiffe_id}
+
+
+def _grant_json(grant: Grant) -> dict[str, Any]:
+    return {
+        "name": grant.name,
+        "subjects": [_subject_json(s) for s in grant.subjects],
+        "rules": [{"methods": sorted(r.methods), "paths": list(r.paths)} for r in grant.rules],
+        "tenant": grant.tenant,
+        "notBefore": _opt_time(grant.not_before),
+        "expiresAt": _opt_time(grant.expires_at),
+        "rateLimit": _rate_limit_json(grant.rate_limit),
+        "reason": grant.reason,
+    }
+
+
+def _revocation_json(rev: Revocation) -> dict[str, Any]:
+    return {
+        "name": rev.name,
+        "issuer": rev.issuer,
+        "subject": rev.subject,
+        "tokenId": rev.token_id,
+        "serviceAccountUid": rev.service_account_uid,
+        "until": _opt_time(rev.until),
+    }
+
+
+def _issuer_json(iss: IssuerConfig) -> dict[str, Any]:
+    return {
+        "name": iss.name,
+        "issuer": iss.issuer,
+        "audiences": list(iss.audiences),
+        "algorithms": list(iss.algorithms),
+        "maxTokenLifetimeSeconds": iss.max_token_lifetime_seconds,
+        "clockSkewSeconds": iss.clock_skew_seconds,
+        "jwks": iss.jwks,
+        "jwksUri": iss.jwks_uri,
+        "kubernetes": iss.kubernetes,
+    }
+
+
+def _service_json(svc: ServiceConfig) -> dict[str, Any]:
+    tenant = svc.tenant
+    cred = svc.upstream_credential
+    assertion = svc.identity_assertion
+    return {
+        "namespace": svc.namespace,
+        "name": svc.name,
+        "backendService": svc.backend_service,
+        "backendPort": svc.backend_port,
+        "tenant": None if tenant is None else {"header": tenant.header, "claim": tenant.claim},
+        "rateLimit": _rate_limit_json(svc.rate_limit),
+        "upstreamCredential": None
+        if cred is None
+        else {"header": cred.header, "valueFile": cred.value_file, "prefix": cred.prefix},
+        "identityAssertion": None
+        if assertion is None
+        else {
+            "header": assertion.header,
+            "audience": assertion.audience,
+            "ttlSeconds": assertion.ttl_seconds,
+        },
+    }
+
+
+def _content_json(
+    service: ServiceConfig,
+    issuers: Iterable[IssuerConfig],
+    grants: Iterable[Grant],
+    revocations: Iterable[Revocation],
+) -> dict[str, Any]:
+    return {
+        "apiVersion": DOCUMENT_API_VERSION,
+        "service": _service_json(service),
+        "issuers": [_issuer_json(i) for i in issuers],
+        "grants": [_grant_json(g) for g in grants],
+        "revocations": [_revocation_json(r) for r in revocations],
+    }
+
+
+def _canonical_bytes(obj: object) -> bytes:
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PolicyDocumentError(f"document is not JSON-serialisable: {exc}") from None
+    return text.encode("ascii")
+
+
+def _version_of(content: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(_canonical_bytes(content)).hexdigest()[:16]
+
+
+# --- JSON -> model (strict) -----------------------------------------------------------------
+
+
+def _obj(value: object, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _fail(where, f"expected an object, got {_type_name(value)}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        _fail(f"{where}.{missing[0]}", "missing field")
+    unknown = sorted(k for k in value if k not in keys)
+    if unknown:
+        _fail(f"{where}.{unknown[0]}", "unknown field")
+    return value
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _str(obj: Mapping[str, Any], key: str, where: str, *, empty_ok: bool = False) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        _fail(f"{where}.{key}", f"expected a string, got {_type_name(value)}")
+    if not value and not empty_ok:
+        _fail(f"{where}.{key}", "must not be empty")
+    return value
+
+
+def _opt_str(obj: Mapping[str, Any], key: str, where: str) -> str | None:
+    return None if obj[key] is None else _str(obj, key, where)
+
+
+def _int(obj: Mapping[str, Any], key: str, where: str, low: int, high: int) -> int:
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"{where}.{key}", f"expected an integer, got {_type_name(value)}")
+    if not low <= value <= high:
+        _fail(f"{where}.{key}", f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _bool(obj: Mapping[str, Any], key: str, where: str) -> bool:
+    value = obj[key]
+    if not isinstance(value, bool):
+        _fail(f"{where}.{key}", f"expected a boolean, got {_type_name(value)}")
+    return value
+
+
+def _list(obj: Mapping[str, Any], key: str, where: str, *, empty_ok: bool = True) -> list[Any]:
+    value = obj[key]
+    if not isinstance(value, list):
+        _fail(f"{where}.{key}", f"expected an array, got {_type_name(value)}")
+    if not value and not empty_ok:
+        _fail(f"{where}.{key}", "must not be empty")
+    return value
+
+
+def _str_list(obj: Mapping[str, Any], key: str, where: str, *, empty_ok: bool) -> tuple[str, ...]:
+    items = _list(obj, key, where, empty_ok=empty_ok)
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            _fail(f"{where}.{key}[{i}]", "expected a non-empty string")
+    return tuple(items)
+
+
+def _opt_time_field(obj: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = obj[key]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _fail(f"{where}.{key}", f"expected an RFC 3339 time string, got {_type_name(value)}")
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        _fail(f"{where}.{key}", str(exc))
+
+
+def _rate_limit(value: object, where: str) -> RateLimit | None:
+    if value is None:
+        return None
+    obj = _obj(value, where, ("requestsPerSecond", "burst"))
+    rps = obj["requestsPerSecond"]
+    if isinstance(rps, bool) or not isinstance(rps, int | float) or not math.isfinite(rps):
+        _fail(f"{where}.requestsPerSecond", f"expected a number, got {_type_name(rps)}")
+    if rps <= 0:
+        _fail(f"{where}.requestsPerSecond", "must be greater than 0")
+    return RateLimit(requests_per_second=float(rps), burst=_int(obj, "burst", where, 1, 2**31))
+
+
+def _subject(value: object, where: str) -> Subject:
+    if not isinstance(value, dict) or len(value) != 1:
+        _fail(where, "expected an object with exactly one of serviceAccount, token, spiffeId")
+    ((kind, body),) = value.items()
+    if kind == "serviceAccount":
+        w = f"{where}.serviceAccount"
+        obj = _obj(body, w, ("namespace", "name"))
+        return ServiceAccountSubject(_str(obj, "namespace", w), _str(obj, "name", w))
+    if kind == "token":
+        w = f"{where}.token"
+        obj = _obj(body, w, ("issuer", "subject", "claims"))
+        claims_obj = obj["claims"]
+        if not isinstance(claims_obj, dict):
+            _fail(f"{w}.claims", f"expected an object, got {_type_name(claims_obj)}")
+        for name, claim in claims_obj.items():
+            if not name or not isinstance(claim, str):
+                _fail(f"{w}.claims.{name}", "expected a non-empty name with a string value")
+        subject = _opt_str(obj, "subject", w)
+        if subject is None and not claims_obj:
+            _fail(w, "set subject, claims, or both")
+        return TokenSubject(
+            issuer=_str(obj, "issuer", w), subject=subject, claims=tuple(sorted(claims_obj.items()))
+        )
+    if kind == "spiffeId":
+        if not isinstance(body, str) or not body.startswith("spiffe://") or len(body) <= 9:
+            _fail(f"{where}.spiffeId", "expected a SPIFFE ID like spiffe://trust.domain/path")
+        return SpiffeSubject(body)
+    _fail(f"{where}.{kind}", "unknown subject kind (serviceAccount, token, spiffeId)")
+
+
+def _rule(value: object, where: str) -> Rule:
+    obj = _obj(value, where, ("methods", "paths"))
+    methods = _str_list(obj, "methods", where, empty_ok=False)
+    for i, method in enumerate(methods):
+        if method != "*" and _METHOD_RE.fullmatch(method) is None:
+            _fail(f"{where}.methods[{i}]", f"{method!r} is not an upper-case HTTP method or '*'")
+    paths = _str_list(obj, "paths", where, empty_ok=False)
+    for i, path in enumerate(paths):
+        try:
+            PathPattern.compile(path)
+        except ValueError as exc:
+            _fail(f"{where}.paths[{i}]", str(exc))
+    return Rule(methods=frozenset(methods), paths=paths)
+
+
+def _grant(value: object, where: str) -> Grant:
+    keys = ("name", "subjects", "rules", "tenant", "notBefore", "expiresAt", "rateLimit", "reason")
+    obj = _obj(value, where, keys)
+    subjects = _list(obj, "subjects", where, empty_ok=False)
+    rules = _list(obj, "rules", where, empty_ok=False)
+    not_before = _opt_time_field(obj, "notBefore", where)
+    expires_at = _opt_time_field(obj, "expiresAt", where)
+    if not_before is not None and expires_at is not None and expires_at <= not_before:
+        _fail(f"{where}.expiresAt", "must be after notBefore")
+    return Grant(
+        name=_str(obj, "name", where),
+        subjects=tuple(_subject(s, f"{where}.subjects[{i}]") for i, s in enumerate(subjects)),
+        rules=tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(rules)),
+        tenant=_opt_str(obj, "tenant", where),
+        not_before=not_before,
+        expires_at=expires_at,
+        rate_limit=_rate_limit(obj["rateLimit"], f"{where}.rateLimit"),
+        reason=_str(obj, "reason", where, empty_ok=True),
+    )
+
+
+def _revocation(value: object, where: str) -> Revocation:
+    keys = ("name", "issuer", "subject", "tokenId", "serviceAccountUid", "until")
+    obj = _obj(value, where, keys)
+    rev = Revocation(
+        name=_str(obj, "name", where),
+        issuer=_opt_str(obj, "issuer", where),
+        subject=_opt_str(obj, "subject", where),
+        token_id=_opt_str(obj, "tokenId", where),
+        service_account_uid=_opt_str(obj, "serviceAccountUid", where),
+        until=_opt_time_field(obj, "until", where),
+    )
+    if (rev.issuer is None) != (rev.subject is None):
+        _fail(where, "issuer and subject must be set together")
+    selectors = (rev.issuer is not None) + (rev.token_id is not None)
+    selectors += rev.service_account_uid is not None
+    if selectors != 1:
+        _fail(where, "set exactly one of issuer+subject, tokenId, serviceAccountUid")
+    return rev
+
+
+def _issuer(value: object, where: str) -> IssuerConfig:
+    keys = (
+        "name",
+        "issuer",
+        "audiences",
+        "algorithms",
+        "maxTokenLifetimeSeconds",
+        "clockSkewSeconds",
+        "jwks",
+        "jwksUri",
+        "kubernetes",
+    )
+    obj = _obj(value, where, keys)
+    algorithms = _str_list(obj, "algorithms", where, empty_ok=False)
+    for i, alg in enumerate(algorithms):
+        if alg.lower() == "none":
+            _fail(f"{where}.algorithms[{i}]", "'none' is never allowed")
+    jwks = obj["jwks"]
+    if jwks is not None and not isinstance(jwks, dict):
+        _fail(f"{where}.jwks", f"expected an object, got {_type_name(jwks)}")
+    jwks_uri = _opt_str(obj, "jwksUri", where)
+    kubernetes = _bool(obj, "kubernetes", where)
+    if jwks is not None and jwks_uri is not None:
+        _fail(where, "set at most one of jwks and jwksUri")
+    if jwks is None and jwks_uri is None and not kubernetes:
+        _fail(where, "set one of jwks, jwksUri, kubernetes")
+    return IssuerConfig(
+        name=_str(obj, "name", where),
+        issuer=_str(obj, "issuer", where),
+        audiences=_str_list(obj, "audiences", where, empty_ok=True),
+        algorithms=algorithms,
+        max_token_lifetime_seconds=_int(obj, "maxTokenLifetimeSeconds", where, 1, 2**31),
+        clock_skew_seconds=_int(obj, "clockSkewSeconds", where, 0, 2**31),
+        jwks=jwks,
+        jwks_uri=jwks_uri,
+        kubernetes=kubernetes,
+    )
+
+
+def _service(value: object, where: str) -> ServiceConfig:
+    keys = (
+        "namespace",
+        "name",
+        "backendService",
+        "backendPort",
+        "tenant",
+        "rateLimit",
+        "upstreamCredential",
+        "identityAssertion",
+    )
+    obj = _obj(value, where, keys)
+    tenant: TenantMapping | None = None
+    if obj["tenant"] is not None:
+        w = f"{where}.tenant"
+        t = _obj(obj["tenant"], w, ("header", "claim"))
+        tenant = TenantMapping(header=_opt_str(t, "header", w), claim=_opt_str(t, "claim", w))
+        if tenant.header is None and tenant.claim is None:
+            _fail(w, "set header, claim, or both")
+    cred: UpstreamCredential | None = None
+    if obj["upstreamCredential"] is not None:
+        w = f"{where}.upstreamCredential"
+        c = _obj(obj["upstreamCredential"], w, ("header", "valueFile", "prefix"))
+        cred = UpstreamCredential(
+            header=_str(c, "header", w),
+            value_file=_str(c, "valueFile", w),
+            prefix=_str(c, "prefix", w, empty_ok=True),
+        )
+    assertion: IdentityAssertion | None = None
+    if obj["identityAssertion"] is not None:
+        w = f"{where}.identityAssertion"
+        a = _obj(obj["identityAssertion"], w, ("header", "audience", "ttlSeconds"))
+        assertion = IdentityAssertion(
+            header=_str(a, "header", w),
+            audience=_str(a, "audience", w, empty_ok=True),
+            ttl_seconds=_int(a, "ttlSeconds", w, 1, 86400),
+        )
+    return ServiceConfig(
+        namespace=_str(obj, "namespace", where),
+        name=_str(obj, "name", where),
+        backend_service=_str(obj, "backendService", where),
+        backend_port=_int(obj, "backendPort", where, 1, 65535),
+        tenant=tenant,
+        rate_limit=_rate_limit(obj["rateLimit"], f"{where}.rateLimit"),
+        upstream_credential=cred,
+        identity_assertion=assertion,
+    )
+
+
+def _unique(names: Iterable[str], where: str) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            _fail(f"{where}[{i}].name", f"duplicate name {name!r}")
+        seen.add(name)
+
+
+def _parse_content(obj: dict[str, Any], version: str) -> PolicyDocument:
+    if obj.get("apiVersion") != DOCUMENT_API_VERSION:
+        _fail("apiVersion", f"expected {DOCUMENT_API_VERSION!r}, got {obj.get('apiVersion')!r}")
+    issuers = tuple(_issuer(v, f"issuers[{i}]") for i, v in enumerate(_list(obj, "issuers", "")))
+    grants = tuple(_grant(v, f"grants[{i}]") for i, v in enumerate(_list(obj, "grants", "")))
+    revocations = tuple(
+        _revocation(v, f"revocations[{i}]") for i, v in enumerate(_list(obj, "revocations", ""))
+    )
+    _unique((i.name for i in issuers), "issuers")
+    _unique((g.name for g in grants), "grants")
+    _unique((r.name for r in revocations), "revocations")
+    return PolicyDocument(
+        service=_service(obj["service"], "service"),
+        issuers=issuers,
+        grants=grants,
+        revocations=revocations,
+        version=version,
+    )
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def _subject_key(subject: Subject) -> tuple[str, ...]:
+    if isinstance(subject, ServiceAccountSubject):
+        return ("serviceAccount", subject.namespace, subject.name)
+    if isinstance(subject, TokenSubject):
+        flat = tuple(f"{k}={v}" for k, v in subject.claims)
+        return ("token", subject.issuer, subject.subject or "", *flat)
+    return ("spiffeId", subject.spiffe_id)
+
+
+def _canonical_subject(subject: Subject) -> Subject:
+    if not isinstance(subject, TokenSubject):
+        return subject
+    claims = dict(subject.claims)
+    if len(claims) != len(subject.claims):
+        for name, value in subject.claims:
+            if claims[name] != value:
+                raise PolicyDocumentError(
+                    f"claims.{name}: conflicting required values for one claim"
+                )
+    return TokenSubject(subject.issuer, subject.subject, tuple(sorted(claims.items())))
+
+
+def _opt_canonical_time(t: float | None) -> float | None:
+    if t is None:
+        return None
+    if not math.isfinite(t):
+        raise PolicyDocumentError(f"time {t!r} is not a finite epoch time")
+    return canonical_time(t)
+
+
+def _canonical_grant(grant: Grant) -> Grant:
+    subjects = {_subject_key(s): s for s in map(_canonical_subject, grant.subjects)}
+    rules = {
+        (tuple(sorted(r.methods)), tuple(sorted(set(r.paths)))): r.methods for r in grant.rules
+    }
+    return Grant(
+        name=grant.name,
+        subjects=tuple(subjects[k] for k in sorted(subjects)),
+        rules=tuple(Rule(methods=rules[k], paths=k[1]) for k in sorted(rules)),
+        tenant=grant.tenant,
+        not_before=_opt_canonical_time(grant.not_before),
+        expires_at=_opt_canonical_time(grant.expires_at),
+        rate_limit=grant.rate_limit,
+        reason=grant.reason,
+    )
+
+
+def _canonical_issuer(iss: IssuerConfig) -> IssuerConfig:
+    return IssuerConfig(
+        name=iss.name,
+        issuer=iss.issuer,
+        audiences=tuple(sorted(set(iss.audiences))),
+        algorithms=tuple(sorted(set(iss.algorithms))),
+        max_token_lifetime_seconds=iss.max_token_lifetime_seconds,
+        clock_skew_seconds=iss.clock_skew_seconds,
+        jwks=iss.jwks,
+        jwks_uri=iss.jwks_uri,
+        kubernetes=iss.kubernetes,
+    )
+
+
+def make_document(
+    service: ServiceConfig,
+    issuers: Iterable[IssuerConfig],
+    grants: Iterable[Grant],
+    revocations: Iterable[Revocation],
+) -> PolicyDocument:
+    """Build a validated document in canonical order, with its content-hash `version`.
+
+    Grants, issuers and revocations are sorted by name; a grant's subjects,
+    rules and paths are sorted and de-duplicated; times are rounded to
+    microseconds. Raises `PolicyDocumentError` (naming the field) when the
+    result would not pass `decode_document`.
+    """
+    canonical = _content_json(
+        service,
+        sorted(map(_canonical_issuer, issuers), key=lambda i: i.name),
+        sorted(map(_canonical_grant, grants), key=lambda g: g.name),
+        sorted(
+            (
+                Revocation(
+                    r.name,
+                    r.issuer,
+                    r.subject,
+                    r.token_id,
+                    r.service_account_uid,
+                    _opt_canonical_time(r.until),
+                )
+                for r in revocations
+            ),
+            key=lambda r: r.name,
+        ),
+    )
+    # Parse our own JSON back: one validator for producer and consumer.
+    round_tripped = json.loads(_canonical_bytes(canonical))
+    return _parse_content(round_tripped, _version_of(canonical))
+
+
+def document_content_version(doc: PolicyDocument) -> str:
+    """The version `doc`'s content hashes to (equal to `doc.version` for a valid document)."""
+    return _version_of(_content_json(doc.service, doc.issuers, doc.grants, doc.revocations))
+
+
+def encode_document(doc: PolicyDocument) -> bytes:
+    """Canonical JSON bytes of `doc` (sorted keys, no spaces, ASCII, times in RFC 3339 UTC)."""
+    content = _content_json(doc.service, doc.issuers, doc.grants, doc.revocations)
+    content["version"] = doc.version
+    return _canonical_bytes(content)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise PolicyDocumentError(f"{key}: duplicate key in JSON object")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise PolicyDocumentError(f"{name} is not allowed in a policy document")
+
+
+def decode_document(data: bytes) -> PolicyDocument:
+    """Parse and strictly validate a policy document; raise `PolicyDocumentError` naming the
+    field on unknown apiVersion, missing/unknown/ill-typed fields, invalid patterns, or a
+    `version` that does not match the content."""
+    try:
+        obj = json.loads(
+            data, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
+        )
+    except PolicyDocumentError:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PolicyDocumentError(f"document: not valid JSON: {exc}") from None
+    keys = ("apiVersion", "version", "service", "issuers", "grants", "revocations")
+    if isinstance(obj, dict) and obj.get("apiVersion") != DOCUMENT_API_VERSION:
+        _fail("apiVersion", f"expected {DOCUMENT_API_VERSION!r}, got {obj.get('apiVersion')!r}")
+    obj = _obj(obj, "", keys)
+    version = obj["version"]
+    if not isinstance(version, str) or _VERSION_RE.fullmatch(version) is None:
+        _fail("version", "expected 'sha256:' followed by 16 lower-case hex digits")
+    doc = _parse_content(obj, version)
+    actual = document_content_version(doc)
+    if actual != version:
+        _fail("version", f"{version} does not match the content (which hashes to {actual})")
+    return doc

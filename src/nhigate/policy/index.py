@@ -1,0 +1,289 @@
+"""Compile a `PolicyDocument` into an immutable index for per-request decisions.
+
+`decide()` must not scan every grant: grants are bucketed by subject key
+(service account, issuer + subject, issuer-only claim matchers, SPIFFE ID),
+and within a bucket by path in a segment trie whose nodes index entries by
+method. A lookup costs O(identity buckets x path depth x matching entries),
+independent of how many grants other identities hold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from nhigate.policy.document import PolicyDocument
+from nhigate.policy.model import (
+    Grant,
+    Identity,
+    IdentityKind,
+    Revocation,
+    ServiceAccountSubject,
+    Subject,
+    TokenSubject,
+)
+from nhigate.policy.paths import PathPattern
+
+Claims = tuple[tuple[str, str], ...]
+_Entry = tuple[int, Claims]
+"""(position of the grant in `Policy.grants`, claims the identity must also carry)."""
+_BucketKey = tuple[str, ...]
+
+_ANY_METHOD = "*"
+
+
+class _Node:
+    """A segment-trie node: literal children, a `*` child, and entries by method."""
+
+    __slots__ = ("children", "exact", "star", "subtree")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.star: _Node | None = None
+        self.exact: dict[str, list[_Entry]] = {}
+        """Entries whose pattern ends exactly at this node."""
+        self.subtree: dict[str, list[_Entry]] = {}
+        """Entries whose pattern is this node's prefix followed by `/**`."""
+
+    def insert(self, pattern: PathPattern, methods: frozenset[str], entry: _Entry) -> None:
+        node = self
+        for segment in pattern.segments:
+            if segment == "*":
+                if node.star is None:
+                    node.star = _Node()
+                node = node.star
+            else:
+                child = node.children.get(segment)
+                if child is None:
+                    child = node.children[segment] = _Node()
+                node = child
+        target = node.subtree if pattern.subtree else node.exact
+        for method in methods:
+            bucket = target.setdefault(method, [])
+            if entry not in bucket:
+                bucket.append(entry)
+
+    def collect(self, segments: list[str], depth: int, method: str, out: list[_Entry]) -> None:
+        if self.subtree:
+            _extend(self.subtree, method, out)
+        if depth == len(segments):
+            if self.exact:
+                _extend(self.exact, method, out)
+            return
+        segment = segments[depth]
+        child = self.children.get(segment)
+        if child is not None:
+            child.collect(segments, depth + 1, method, out)
+        if self.star is not None and segment:
+            self.star.collect(segments, depth + 1, method, out)
+
+
+def _extend(by_method: dict[str, list[_Entry]], method: str, out: list[_Entry]) -> None:
+    entries = by_method.get(method)
+    if entries:
+        out.extend(entries)
+    if method != _ANY_METHOD:
+        entries = by_method.get(_ANY_METHOD)
+        if entries:
+            out.extend(entries)
+
+
+def claim_matches(required: str, actual: object) -> bool:
+    """Does one token claim satisfy a grant's required string value?
+
+    Strings compare exactly; a list claim (e.g. `groups`) matches when it
+    contains the value; booleans match "true"/"false"; integers match their
+    decimal form. Anything else (objects, floats, null) never matches.
+    """
+    if isinstance(actual, str):
+        return actual == required
+    if isinstance(actual, bool):
+        return required == ("true" if actual else "false")
+    if isinstance(actual, int):
+        return required == str(actual)
+    if isinstance(actual, list | tuple):
+        return any(isinstance(item, str) and item == required for item in actual)
+    return False
+
+
+def claims_match(required: Claims, claims: Mapping[str, object]) -> bool:
+    """True when every required (name, value) pair is satisfied by `claims`."""
+    for name, value in required:
+        if name not in claims or not claim_matches(value, claims[name]):
+            return False
+    return True
+
+
+def subject_matches(subject: Subject, identity: Identity) -> bool:
+    """Does a grant subject describe this verified identity? (The slow, obvious definition.)"""
+    if isinstance(subject, ServiceAccountSubject):
+        sa = identity.service_account
+        return (
+            identity.kind is IdentityKind.SERVICE_ACCOUNT
+            and sa is not None
+            and sa.namespace == subject.namespace
+            and sa.name == subject.name
+        )
+    if isinstance(subject, TokenSubject):
+        return (
+            identity.kind in (IdentityKind.JWT, IdentityKind.SERVICE_ACCOUNT)
+            and identity.issuer == subject.issuer
+            and (subject.subject is None or identity.subject == subject.subject)
+            and claims_match(subject.claims, identity.claims)
+        )
+    return identity.kind is IdentityKind.SPIFFE and identity.spiffe_id == subject.spiffe_id
+
+
+def _subject_bucket(subject: Subject) -> _BucketKey:
+    if isinstance(subject, ServiceAccountSubject):
+        return ("sa", subject.namespace, subject.name)
+    if isinstance(subject, TokenSubject):
+        if subject.subject is None:
+            return ("iss", subject.issuer)
+        return ("sub", subject.issuer, subject.subject)
+    return ("spiffe", subject.spiffe_id)
+
+
+def identity_buckets(identity: Identity) -> list[_BucketKey]:
+    """The bucket keys whose grants may apply to `identity` (mirrors `subject_matches`)."""
+    keys: list[_BucketKey] = []
+    kind = identity.kind
+    if kind is IdentityKind.SPIFFE:
+        if identity.spiffe_id is not None:
+            keys.append(("spiffe", identity.spiffe_id))
+        return keys
+    if kind is IdentityKind.SERVICE_ACCOUNT and identity.service_account is not None:
+        sa = identity.service_account
+        keys.append(("sa", sa.namespace, sa.name))
+    keys.append(("sub", identity.issuer, identity.subject))
+    keys.append(("iss", identity.issuer))
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class _RevocationHit:
+    until: float
+    """Epoch seconds; `math.inf` for revocations without an end."""
+    name: str
+
+
+def _add_revocation(table: dict[object, _RevocationHit], key: object, rev: Revocation) -> None:
+    until = math.inf if rev.until is None else rev.until
+    known = table.get(key)
+    if known is None or until > known.until:
+        table[key] = _RevocationHit(until, rev.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A compiled, immutable policy: the document plus the indexes `decide()` uses.
+
+    Build it with `compile_policy`; never mutate its fields.
+    """
+
+    document: PolicyDocument
+    grants: tuple[Grant, ...]
+    patterns: tuple[tuple[tuple[PathPattern, ...], ...], ...]
+    """Per grant, per rule, the compiled path patterns (same order as the document)."""
+    _buckets: Mapping[_BucketKey, _Node] = field(repr=False)
+    _revoked_subjects: Mapping[object, _RevocationHit] = field(repr=False)
+    _revoked_tokens: Mapping[object, _RevocationHit] = field(repr=False)
+    _revoked_sa_uids: Mapping[object, _RevocationHit] = field(repr=False)
+
+    @property
+    def version(self) -> str:
+        """The document's content-hash version, e.g. ``sha256:0123456789abcdef``."""
+        return self.document.version
+
+    def candidates(self, identity: Identity, method: str, segments: list[str]) -> list[int]:
+        """Positions of grants with a subject matching `identity` and a rule matching
+        (`method`, path `segments`), ascending and without duplicates."""
+        found: list[_Entry] = []
+        buckets = self._buckets
+        for key in identity_buckets(identity):
+            node = buckets.get(key)
+            if node is not None:
+                node.collect(segments, 0, method, found)
+        if not found:
+            return []
+        claims = identity.claims
+        positions = {
+            pos for pos, required in found if not required or claims_match(required, claims)
+        }
+        return sorted(positions)
+
+    def subject_grants(self, identity: Identity) -> list[int]:
+        """Positions of every grant with a subject matching `identity` (linear; for explain)."""
+        return [
+            pos
+            for pos, grant in enumerate(self.grants)
+            if any(subject_matches(subject, identity) for subject in grant.subjects)
+        ]
+
+    def revocation(self, identity: Identity, now: float) -> str | None:
+        """Name of a revocation in force at `now` for this credential, or None."""
+        hits = (
+            self._revoked_subjects.get((identity.issuer, identity.subject)),
+            self._revoked_tokens.get(identity.token_id) if identity.token_id else None,
+            self._revoked_sa_uids.get(identity.service_account.uid)
+            if identity.service_account is not None and identity.service_account.uid
+            else None,
+        )
+        for hit in hits:
+            if hit is not None and now < hit.until:
+                return hit.name
+        return None
+
+
+def compile_policy(doc: PolicyDocument) -> Policy:
+    """Index a (validated) policy document for `decide()`.
+
+    Raises ValueError when a grant carries an invalid path pattern; documents
+    from `decode_document`/`make_document` are already validated.
+    """
+    buckets: dict[_BucketKey, _Node] = {}
+    patterns: list[tuple[tuple[PathPattern, ...], ...]] = []
+    for pos, grant in enumerate(doc.grants):
+        compiled_rules = tuple(
+            tuple(PathPattern.compile(p) for p in rule.paths) for rule in grant.rules
+        )
+        patterns.append(compiled_rules)
+        for subject in grant.subjects:
+            key = _subject_bucket(subject)
+            node = buckets.get(key)
+            if node is None:
+                node = buckets[key] = _Node()
+            claims: Claims = subject.claims if isinstance(subject, TokenSubject) else ()
+            for rule, rule_patterns in zip(grant.rules, compiled_rules, strict=True):
+                for pattern in rule_patterns:
+                    node.insert(pattern, rule.methods, (pos, claims))
+    by_subject: dict[object, _RevocationHit] = {}
+    by_token: dict[object, _RevocationHit] = {}
+    by_uid: dict[object, _RevocationHit] = {}
+    for rev in doc.revocations:
+        if rev.issuer is not None and rev.subject is not None:
+            _add_revocation(by_subject, (rev.issuer, rev.subject), rev)
+        if rev.token_id is not None:
+            _add_revocation(by_token, rev.token_id, rev)
+        if rev.service_account_uid is not None:
+            _add_revocation(by_uid, rev.service_account_uid, rev)
+    return Policy(
+        document=doc,
+        grants=doc.grants,
+        patterns=tuple(patterns),
+        _buckets=buckets,
+        _revoked_subjects=by_subject,
+        _revoked_tokens=by_token,
+        _revoked_sa_uids=by_uid,
+    )
+
+
+__all__ = [
+    "Policy",
+    "claim_matches",
+    "claims_match",
+    "compile_policy",
+    "identity_buckets",
+    "subject_matches",
+]
