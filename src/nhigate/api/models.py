@@ -1,0 +1,1010 @@
+"""Pydantic models of the nhigate custom resources (group nhigate.io, version v1alpha1).
+
+These models are the single source of the API: the CRDs in `crds/` are
+generated from them (`hack/generate_crds.py`), and the controller, the
+standalone proxy and `nhigate explain` all validate resources with them.
+Field names are snake_case in Python and camelCase on the wire; every model
+accepts either. Every CEL rule in the CRDs is mirrored here (see
+`nhigate.api.validation`), so what the API server rejects, Python rejects too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from nhigate.api.durations import DURATION_PATTERN, parse_duration
+from nhigate.api.validation import Cel, CelRule, SpecModel, StatusModel
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "RESOURCE_BY_KIND",
+    "RESOURCE_TYPES",
+    "ROOT_RULES",
+    "VERSION",
+    "Algorithm",
+    "AutoscalingSpec",
+    "BackendRef",
+    "BypassPath",
+    "ComputeResources",
+    "Condition",
+    "ConditionStatus",
+    "IPBlock",
+    "IdentityAssertionSpec",
+    "IdentityIssuer",
+    "IdentityIssuerSpec",
+    "IdentityIssuerStatus",
+    "IsolationMode",
+    "IsolationSpec",
+    "Jwk",
+    "Jwks",
+    "KubernetesIssuerSource",
+    "LabelSelector",
+    "LabelSelectorRequirement",
+    "Method",
+    "NetworkPeer",
+    "ObjectMeta",
+    "ProtectedService",
+    "ProtectedServiceSpec",
+    "ProtectedServiceStatus",
+    "ProxySpec",
+    "ProxyTLS",
+    "RateLimitSpec",
+    "Resource",
+    "ResourceRequirements",
+    "Revocation",
+    "RevocationSpec",
+    "RevocationStatus",
+    "RouteGrant",
+    "RouteGrantSpec",
+    "RouteGrantStatus",
+    "RouteRule",
+    "ServiceAccountSubjectSpec",
+    "ServiceTarget",
+    "SubjectSpec",
+    "TenantSpec",
+    "TokenSubjectSpec",
+    "UpstreamCredentialSpec",
+    "parse_duration",
+]
+
+GROUP = "nhigate.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# ---------------------------------------------------------------------------------------------
+# Scalar types
+
+_DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+ResourceName = Annotated[
+    str, StringConstraints(min_length=1, max_length=253, pattern=_DNS1123_SUBDOMAIN)
+]
+"""The name of a Kubernetes object (DNS-1123 subdomain)."""
+NamespaceName = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=_DNS1123_LABEL)
+]
+ServiceName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=_DNS1035_LABEL)]
+Duration = Annotated[str, StringConstraints(max_length=32, pattern=DURATION_PATTERN)]
+"""A duration such as "30s", "15m" or "1h30m" (see `parse_duration`)."""
+Port = Annotated[int, Field(ge=1, le=65535)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+Text = Annotated[str, StringConstraints(max_length=1024)]
+
+# Headers the proxy must own: framing and hop-by-hop headers cannot be injected or renamed.
+_RESERVED_HEADERS = (
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+)
+_RESERVED_HEADERS_CEL = "[" + ", ".join(f"'{h}'" for h in _RESERVED_HEADERS) + "]"
+
+HeaderName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"),
+    Cel(
+        CelRule(
+            rule=f"!(self.lowerAscii() in {_RESERVED_HEADERS_CEL})",
+            message="must not be a hop-by-hop or message-framing header such as Host, "
+            "Connection or Content-Length",
+            check=lambda v: v.lower() not in _RESERVED_HEADERS,
+        )
+    ),
+]
+"""An HTTP header name (RFC 9110 token) that the proxy may set."""
+
+_QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY = re.compile(_QUANTITY_PATTERN)
+
+
+def _quantity_ok(value: int | str) -> int | str:
+    if isinstance(value, str) and _QUANTITY.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. '100m', '128Mi', '1')")
+    return value
+
+
+def _quantity_json_schema(schema: dict[str, Any]) -> None:
+    schema.clear()
+    schema.update(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": _QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    )
+
+
+class _QuantityMarker:
+    """Validation + int-or-string schema for a Kubernetes resource quantity."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(
+            _quantity_ok,
+            core_schema.union_schema(
+                [core_schema.int_schema(strict=True), core_schema.str_schema(max_length=64)]
+            ),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        _quantity_json_schema(result)
+        return result
+
+
+Quantity = Annotated[int | str, _QuantityMarker]
+"""A Kubernetes resource quantity such as "250m", "128Mi" or 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Path patterns: the CEL rules and their Python mirror (docs/path-grammar.md)
+
+_PATH_CHARS = "^[-A-Za-z0-9._~!$&'()*+,;=:@/]*$"
+_PATH_DOT_SEGMENT = "/[.][.]?(/|;|$)"
+_PATH_BAD_WILDCARD = "[^/*][*]|[*][^/*]|[*][*][*]|[*][*]/"
+
+PATH_RULES: tuple[CelRule, ...] = (
+    CelRule(
+        rule="self.startsWith('/')",
+        message='must start with "/"',
+        check=lambda v: v.startswith("/"),
+    ),
+    CelRule(
+        rule="!self.contains('//')",
+        message='must not contain "//"',
+        check=lambda v: "//" not in v,
+    ),
+    CelRule(
+        rule=f"!self.matches('{_PATH_DOT_SEGMENT}')",
+        message='must not contain dot-segments ("/./", "/../", or a trailing "/." or "/..")',
+        check=lambda v: re.search(_PATH_DOT_SEGMENT, v) is None,
+    ),
+    CelRule(
+        rule="!self.contains('\\\\')",
+        message="must not contain a backslash",
+        check=lambda v: "\\" not in v,
+    ),
+    CelRule(
+        rule="!self.contains('%')",
+        message='must not be percent-encoded ("%"): write the decoded character',
+        check=lambda v: "%" not in v,
+    ),
+    CelRule(
+        rule=f'self.matches("{_PATH_CHARS}")',
+        message='may only contain letters, digits, "/" and the characters -._~!$&\'()*+,;=:@',
+        check=lambda v: re.search(_PATH_CHARS, v) is not None,
+    ),
+    CelRule(
+        rule=f"!self.matches('{_PATH_BAD_WILDCARD}')",
+        message='"*" and "**" must be whole segments, and "**" may only be the last segment',
+        check=lambda v: re.search(_PATH_BAD_WILDCARD, v) is None,
+    ),
+)
+
+
+def _path_pattern_compiles(value: str) -> bool:
+    """Final guard: the policy engine's own parser must accept what the CEL rules accept."""
+    try:
+        from nhigate.policy.paths import PathPattern
+    except ImportError:  # pragma: no cover - until the policy package is complete
+        return True
+    try:
+        PathPattern.compile(value)
+    except ValueError:
+        return False
+    return True
+
+
+PathPatternText = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=512),
+    Cel(
+        *PATH_RULES,
+        CelRule(
+            rule=None,
+            message="is not a valid path pattern (see docs/path-grammar.md)",
+            check=_path_pattern_compiles,
+        ),
+    ),
+]
+"""A grant path pattern: exact, `*` for one segment, trailing `/**` for a subtree."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata and conditions
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes object metadata nhigate reads; other fields are ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    name: ResourceName
+    namespace: NamespaceName = "default"
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class ConditionStatus(StrEnum):
+    """The status of a condition, as in the Kubernetes API conventions."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(StatusModel):
+    """One status condition (see `nhigate.api.conditions` for types and reasons)."""
+
+    type: Annotated[str, StringConstraints(max_length=316)]
+    status: ConditionStatus
+    reason: Annotated[str, StringConstraints(max_length=1024)] = ""
+    message: Annotated[str, StringConstraints(max_length=32768)] = ""
+    last_transition_time: AwareDatetime | None = None
+    observed_generation: int | None = None
+
+
+Conditions = Annotated[
+    list[Condition],
+    Field(
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    ),
+]
+
+
+def _set_list(max_items: int, min_items: int = 0) -> Any:
+    """A list with set semantics (no duplicates), bounded for CEL cost estimation."""
+    return Field(
+        min_length=min_items,
+        max_length=max_items,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _reject_duplicates(values: list[_T]) -> list[_T]:
+    seen: set[_T] = set()
+    for value in values:
+        if value in seen:
+            raise PydanticCustomError(
+                "duplicate", "Duplicate value: {value}", {"value": str(value)}
+            )
+        seen.add(value)
+    return values
+
+
+_Unique = AfterValidator(_reject_duplicates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared spec parts
+
+
+class RateLimitSpec(SpecModel):
+    """A token bucket, enforced per proxy replica."""
+
+    requests_per_second: float = Field(gt=0, le=1_000_000, description="Refill rate.")
+    burst: int = Field(ge=1, le=1_000_000, description="Bucket capacity.")
+
+
+class ServiceTarget(SpecModel):
+    """A ProtectedService in the same namespace."""
+
+    protected_service: ResourceName = Field(description="Name of the ProtectedService.")
+
+
+# ---------------------------------------------------------------------------------------------
+# IdentityIssuer
+
+
+class Algorithm(StrEnum):
+    """Signature algorithms a token may use. `none` and HMAC are deliberately absent."""
+
+    RS256 = "RS256"
+    RS384 = "RS384"
+    RS512 = "RS512"
+    PS256 = "PS256"
+    PS384 = "PS384"
+    PS512 = "PS512"
+    ES256 = "ES256"
+    ES384 = "ES384"
+    ES512 = "ES512"
+    EDDSA = "EdDSA"
+
+
+_PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k")
+_JwkValue = Annotated[str, StringConstraints(max_length=4096)]
+_PrivateMember = Annotated[str, StringConstraints(max_length=8192)] | None
+
+
+class KeyType(StrEnum):
+    """Asymmetric JWK key types; symmetric (`oct`) keys are not accepted."""
+
+    EC = "EC"
+    RSA = "RSA"
+    OKP = "OKP"
+
+
+class Jwk(SpecModel):
+    """One public JSON Web Key; members not listed here are kept as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kty: KeyType
+    kid: _JwkValue | None = None
+    use: _JwkValue | None = None
+    alg: _JwkValue | None = None
+    crv: _JwkValue | None = None
+    x: _JwkValue | None = None
+    y: _JwkValue | None = None
+    n: _JwkValue | None = None
+    e: _JwkValue | None = None
+    d: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
+    p: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
+    q: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
+    dp: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
+    dq: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
+    qi: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
+    k: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
+
+    cel_rules = (
+        CelRule(
+            rule=" && ".join(f"!has(self.{m})" for m in _PRIVATE_JWK_MEMBERS),
+            message="inline jwks must hold public keys only (found private key members)",
+            check=lambda jwk: all(getattr(jwk, m) is None for m in _PRIVATE_JWK_MEMBERS),
+        ),
+    )
+
+
+class Jwks(SpecModel):
+    """An inline JWK Set."""
+
+    keys: list[Jwk] = Field(min_length=1, max_length=64)
+
+
+class KubernetesIssuerSource(SpecModel):
+    """The cluster's own service-account issuer; the controller reads `/openid/v1/jwks`."""
+
+
+class IdentityIssuerSpec(SpecModel):
+    """Whom we trust to mint machine credentials."""
+
+    issuer: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
+        description="The exact `iss` claim of accepted tokens."
+    )
+    jwks_uri: Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://")] | None = (
+        Field(default=None, description="Where to fetch the JWK Set (https:// or http://).")
+    )
+    jwks: Jwks | None = Field(default=None, description="An inline JWK Set (public keys only).")
+    kubernetes: KubernetesIssuerSource | None = Field(
+        default=None,
+        description="`{}`: the cluster's service-account issuer (keys read from the API server).",
+    )
+    audiences: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]],
+        _set_list(32, 1),
+        _Unique,
+    ] = Field(description="Accepted `aud` values; a token must name at least one.")
+    algorithms: Annotated[list[Algorithm], _set_list(10, 1), _Unique] = Field(
+        default=[Algorithm.RS256, Algorithm.ES256],
+        description="Accepted signature algorithms.",
+    )
+    max_token_lifetime: Duration = Field(
+        default="1h", description="Tokens whose `exp - iat` is longer are rejected."
+    )
+    clock_skew: Duration = Field(default="30s", description="Tolerance for `exp`/`nbf`/`iat`.")
+    refresh_interval: Duration = Field(default="5m", description="How often keys are re-fetched.")
+
+    cel_rules = (
+        CelRule(
+            rule="(has(self.jwksUri) ? 1 : 0) + (has(self.jwks) ? 1 : 0)"
+            " + (has(self.kubernetes) ? 1 : 0) == 1",
+            message="exactly one of jwksUri, jwks or kubernetes must be set",
+            check=lambda s: [s.jwks_uri, s.jwks, s.kubernetes].count(None) == 2,
+        ),
+    )
+
+
+class IdentityIssuerStatus(StatusModel):
+    """What the controller last observed about an issuer."""
+
+    conditions: Conditions = []
+    key_count: int | None = None
+    last_refresh_time: AwareDatetime | None = None
+    observed_generation: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# ProtectedService
+
+
+class BackendRef(SpecModel):
+    """The Service the proxy forwards to (same namespace)."""
+
+    service: ServiceName = Field(description="Name of the backend Service.")
+    port: Port = Field(description="The Service port (not the target port).")
+
+
+class ComputeResources(SpecModel):
+    """CPU and memory quantities."""
+
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class ResourceRequirements(SpecModel):
+    """Requests and limits for each proxy container."""
+
+    requests: ComputeResources | None = None
+    limits: ComputeResources | None = None
+
+
+class ProxyTLS(SpecModel):
+    """TLS for the proxy listener; with `clientCASecretName`, client certificates are verified."""
+
+    secret_name: ResourceName = Field(description="A kubernetes.io/tls Secret: the server cert.")
+    client_ca_secret_name: ResourceName | None = Field(
+        default=None,
+        alias="clientCASecretName",
+        description="Secret with `ca.crt`: require and verify client certificates (mTLS/SPIFFE).",
+    )
+
+
+class AutoscalingSpec(SpecModel):
+    """A HorizontalPodAutoscaler for the proxy Deployment."""
+
+    min_replicas: int = Field(default=2, ge=1, le=100)
+    max_replicas: int = Field(ge=1, le=100)
+    target_cpu_utilization_percentage: int = Field(
+        default=80, ge=1, le=100, alias="targetCPUUtilizationPercentage"
+    )
+
+    cel_rules = (
+        CelRule(
+            rule="self.minReplicas <= self.maxReplicas",
+            message="minReplicas must not be greater than maxReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+        ),
+    )
+
+
+class ProxySpec(SpecModel):
+    """The proxy Deployment nhigate runs in front of the backend."""
+
+    replicas: int = Field(default=2, ge=0, le=100, description="Ignored when autoscaling is set.")
+    port: Port = Field(default=8443, description="Port of the proxy Service and container.")
+    admin_port: Port = Field(default=9090, description="Health, readiness, metrics and JWKS port.")
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
+        default=None, description="Proxy image; defaults to the controller's own image."
+    )
+    resources: ResourceRequirements | None = None
+    tls: ProxyTLS | None = None
+    autoscaling: AutoscalingSpec | None = None
+
+    cel_rules = (
+        CelRule(
+            rule="self.port != self.adminPort",
+            message="port and adminPort must differ",
+            check=lambda p: p.port != p.admin_port,
+        ),
+    )
+
+
+class IsolationMode(StrEnum):
+    """How the backend is fenced off from everything but the proxy."""
+
+    ENFORCE = "Enforce"
+    """A NetworkPolicy admits only proxy pods (and `allowFrom`) to the backend port."""
+    AUDIT = "Audit"
+    """No NetworkPolicy is written; direct paths are still detected and reported."""
+    OFF = "Off"
+    """No NetworkPolicy and no bypass reporting."""
+
+
+class LabelSelectorRequirement(SpecModel):
+    """One `matchExpressions` entry."""
+
+    key: Annotated[str, StringConstraints(min_length=1, max_length=317)]
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default=[], max_length=64
+    )
+
+
+class LabelSelector(SpecModel):
+    """A Kubernetes label selector; empty selects everything."""
+
+    match_labels: dict[str, Annotated[str, StringConstraints(max_length=63)]] | None = Field(
+        default=None, json_schema_extra={"maxProperties": 32}
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(default=None, max_length=16)
+
+
+def _is_cidr(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return "/" in value
+
+
+_CIDR_RULE = CelRule(
+    rule="isCIDR(self)", message="must be a CIDR such as 10.0.0.0/8", check=_is_cidr
+)
+Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64), Cel(_CIDR_RULE)]
+
+
+class IPBlock(SpecModel):
+    """An IP range, as in a NetworkPolicy peer."""
+
+    cidr: Cidr
+    except_: list[Cidr] | None = Field(default=None, alias="except", max_length=32)
+
+
+class NetworkPeer(SpecModel):
+    """An extra source allowed to reach the backend directly (e.g. a metrics scraper)."""
+
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+    cel_rules = (
+        CelRule(
+            rule="has(self.podSelector) || has(self.namespaceSelector) || has(self.ipBlock)",
+            message="set at least one of podSelector, namespaceSelector or ipBlock",
+            check=lambda p: any(
+                x is not None for x in (p.pod_selector, p.namespace_selector, p.ip_block)
+            ),
+        ),
+        CelRule(
+            rule="!has(self.ipBlock) || (!has(self.podSelector) && !has(self.namespaceSelector))",
+            message="ipBlock cannot be combined with podSelector or namespaceSelector",
+            check=lambda p: (
+                p.ip_block is None or (p.pod_selector is None and p.namespace_selector is None)
+            ),
+        ),
+    )
+
+
+class IsolationSpec(SpecModel):
+    """Network isolation of the backend."""
+
+    mode: IsolationMode = Field(default=IsolationMode.ENFORCE)
+    allow_from: list[NetworkPeer] = Field(default=[], max_length=32)
+
+
+_DATA_ITEM_NAME = r"^[-._a-zA-Z0-9]+$"
+
+
+class UpstreamCredentialSpec(SpecModel):
+    """A Secret key the proxy injects upstream as a header, so callers never hold it."""
+
+    secret_name: ResourceName
+    key: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=253, pattern=_DATA_ITEM_NAME),
+        Cel(
+            CelRule(
+                rule="self != '.' && self != '..'",
+                message='must not be "." or ".."',
+                check=lambda k: k not in (".", ".."),
+            )
+        ),
+    ] = Field(description="Key in the Secret; mounted as a file of that name.")
+    header: HeaderName = "Authorization"
+    prefix: Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")] = (
+        Field(default="", description='Prepended to the value, e.g. "Bearer ".')
+    )
+
+
+class IdentityAssertionSpec(SpecModel):
+    """A short-lived JWT the proxy signs and sends upstream with each request."""
+
+    enabled: bool = True
+    header: HeaderName = "X-Nhigate-Assertion"
+    audience: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
+    ttl: Duration = "60s"
+
+
+class TenantSpec(SpecModel):
+    """Where a request's tenant comes from; when both are set they must agree."""
+
+    header: HeaderName | None = None
+    claim: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+
+    cel_rules = (
+        CelRule(
+            rule="has(self.header) || has(self.claim)",
+            message="tenant needs a header or a claim",
+            check=lambda t: t.header is not None or t.claim is not None,
+        ),
+    )
+
+
+class ProtectedServiceSpec(SpecModel):
+    """One backend Service put behind an nhigate proxy."""
+
+    backend: BackendRef
+    issuers: Annotated[list[ResourceName], _set_list(16, 1), _Unique] = Field(
+        description="Names of IdentityIssuers (same namespace) whose tokens are accepted."
+    )
+    proxy: ProxySpec = Field(default_factory=ProxySpec, json_schema_extra={"default": {}})
+    isolation: IsolationSpec = Field(
+        default_factory=IsolationSpec, json_schema_extra={"default": {}}
+    )
+    upstream_credential: UpstreamCredentialSpec | None = None
+    identity_assertion: IdentityAssertionSpec | None = None
+    tenant: TenantSpec | None = None
+    rate_limit: RateLimitSpec | None = Field(
+        default=None, description="Default rate limit per caller identity, per proxy replica."
+    )
+
+
+class BypassPath(StatusModel):
+    """A direct path to the backend that does not go through the proxy."""
+
+    kind: str
+    namespace: str = ""
+    name: str
+    reason: str = ""
+
+
+class ProtectedServiceStatus(StatusModel):
+    """What the controller last observed about a protected service."""
+
+    conditions: Conditions = []
+    bypass_paths: list[BypassPath] = []
+    policy_version: str | None = None
+    enforced_replicas: str | None = None
+    endpoint: str | None = None
+    observed_generation: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# RouteGrant
+
+
+class Method(StrEnum):
+    """HTTP methods a rule may grant; `*` is any method."""
+
+    GET = "GET"
+    HEAD = "HEAD"
+    POST = "POST"
+    PUT = "PUT"
+    PATCH = "PATCH"
+    DELETE = "DELETE"
+    OPTIONS = "OPTIONS"
+    ANY = "*"
+
+
+class ServiceAccountSubjectSpec(SpecModel):
+    """A Kubernetes service account (its token verified by a `kubernetes` issuer)."""
+
+    namespace: NamespaceName
+    name: ResourceName
+
+
+class TokenSubjectSpec(SpecModel):
+    """Tokens from one IdentityIssuer, by `sub` and/or exact claim values."""
+
+    issuer: ResourceName = Field(description="Name of the IdentityIssuer (same namespace).")
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="The exact `sub` claim."
+    )
+    claims: dict[str, Annotated[str, StringConstraints(max_length=1024)]] | None = Field(
+        default=None,
+        description="Claims that must all equal these strings.",
+        json_schema_extra={"maxProperties": 16},
+    )
+
+    cel_rules = (
+        CelRule(
+            rule="has(self.subject) || (has(self.claims) && size(self.claims) > 0)",
+            message="a token subject needs subject or at least one claim",
+            check=lambda t: t.subject is not None or bool(t.claims),
+        ),
+    )
+
+
+_SPIFFE_RULE = CelRule(
+    rule="self.startsWith('spiffe://')",
+    message='must start with "spiffe://"',
+    check=lambda v: v.startswith("spiffe://"),
+)
+
+
+class SubjectSpec(SpecModel):
+    """Who is granted: exactly one of serviceAccount, token or spiffeId."""
+
+    service_account: ServiceAccountSubjectSpec | None = None
+    token: TokenSubjectSpec | None = None
+    spiffe_id: (
+        Annotated[str, StringConstraints(min_length=1, max_length=2048), Cel(_SPIFFE_RULE)] | None
+    ) = Field(default=None, description="An exact SPIFFE ID from an mTLS client certificate.")
+
+    cel_rules = (
+        CelRule(
+            rule="(has(self.serviceAccount) ? 1 : 0) + (has(self.token) ? 1 : 0)"
+            " + (has(self.spiffeId) ? 1 : 0) == 1",
+            message="each subject must set exactly one of serviceAccount, token or spiffeId",
+            check=lambda s: [s.service_account, s.token, s.spiffe_id].count(None) == 2,
+        ),
+    )
+
+
+class RouteRule(SpecModel):
+    """Methods x path patterns (docs/path-grammar.md)."""
+
+    methods: Annotated[list[Method], _set_list(8, 1), _Unique]
+    paths: list[PathPatternText] = Field(min_length=1, max_length=32)
+
+
+class RouteGrantSpec(SpecModel):
+    """Who may do what, on which ProtectedService, until when."""
+
+    target: ServiceTarget
+    subjects: list[SubjectSpec] = Field(min_length=1, max_length=256)
+    rules: list[RouteRule] = Field(min_length=1, max_length=128)
+    tenant: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = Field(
+        default=None, description="The tenant a request must resolve to."
+    )
+    not_before: AwareDatetime | None = Field(default=None, description="Not valid before.")
+    expires_at: AwareDatetime | None = Field(default=None, description="Not valid from then on.")
+    rate_limit: RateLimitSpec | None = Field(
+        default=None, description="Per caller identity, per proxy replica."
+    )
+    reason: Text | None = Field(default=None, description="Why; kept in the audit trail.")
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.notBefore) || !has(self.expiresAt) || self.expiresAt > self.notBefore",
+            message="expiresAt must be after notBefore",
+            check=lambda g: (
+                g.not_before is None or g.expires_at is None or g.expires_at > g.not_before
+            ),
+            field_path=".expiresAt",
+        ),
+    )
+
+
+class RouteGrantStatus(StatusModel):
+    """Whether a grant is accepted, enforced by every proxy replica, and active."""
+
+    conditions: Conditions = []
+    expires_at: AwareDatetime | None = None
+    enforced_replicas: str | None = None
+    policy_version: str | None = None
+    observed_generation: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Revocation
+
+
+class RevocationSpec(SpecModel):
+    """Deny a credential before it expires. Exactly one selector."""
+
+    issuer: ResourceName | None = Field(
+        default=None, description="IdentityIssuer name; together with `subject`."
+    )
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="The `sub` claim; together with `issuer`."
+    )
+    token_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="A token's `jti` claim."
+    )
+    service_account_uid: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = (
+        Field(default=None, alias="serviceAccountUID", description="A service account's UID.")
+    )
+    until: AwareDatetime | None = Field(default=None, description="Absent: forever.")
+    reason: Text | None = None
+    target: ServiceTarget | None = Field(
+        default=None, description="Absent: every ProtectedService in the namespace."
+    )
+
+    cel_rules = (
+        CelRule(
+            rule="has(self.issuer) == has(self.subject)",
+            message="issuer and subject must be set together",
+            check=lambda r: (r.issuer is None) == (r.subject is None),
+        ),
+        CelRule(
+            rule="(has(self.subject) ? 1 : 0) + (has(self.tokenId) ? 1 : 0)"
+            " + (has(self.serviceAccountUID) ? 1 : 0) == 1",
+            message="set exactly one selector: issuer and subject, tokenId, or serviceAccountUID",
+            check=lambda r: [r.subject, r.token_id, r.service_account_uid].count(None) == 2,
+        ),
+    )
+
+
+class RevocationStatus(StatusModel):
+    """Whether the revocation was accepted."""
+
+    conditions: Conditions = []
+    observed_generation: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The resources
+
+
+class Resource(BaseModel):
+    """Common shape of the four custom resources. Unknown top-level fields are ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    KIND: ClassVar[str]
+    PLURAL: ClassVar[str]
+    SHORT_NAME: ClassVar[str]
+
+    api_version: Literal["nhigate.io/v1alpha1"] = "nhigate.io/v1alpha1"
+    kind: str
+    metadata: ObjectMeta
+
+    @property
+    def name(self) -> str:
+        """`metadata.name`."""
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        """`metadata.namespace`."""
+        return self.metadata.namespace
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`, the name the policy document and audit log use."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+    def manifest(self) -> dict[str, Any]:
+        """The object as it would be applied: camelCase, no status, no unset fields."""
+        return self.model_dump(mode="json", exclude_none=True, exclude={"status"})
+
+
+_PS_NAME_RULE = CelRule(
+    rule="self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') "
+    "&& size(self.metadata.name) <= 55",
+    message="name must be a DNS-1035 label of at most 55 characters "
+    "(the proxy Service is named nhigate-<name>)",
+    check=lambda ps: (
+        re.fullmatch(_DNS1035_LABEL, ps.metadata.name) is not None and len(ps.metadata.name) <= 55
+    ),
+    field_path=".metadata.name",
+)
+
+
+class IdentityIssuer(Resource):
+    """Whom we trust to mint machine credentials."""
+
+    KIND = "IdentityIssuer"
+    PLURAL = "identityissuers"
+    SHORT_NAME = "nhiiss"
+
+    kind: Literal["IdentityIssuer"] = "IdentityIssuer"
+    spec: IdentityIssuerSpec
+    status: IdentityIssuerStatus = Field(default_factory=IdentityIssuerStatus)
+
+
+class ProtectedService(Resource):
+    """One backend Service put behind an nhigate proxy."""
+
+    KIND = "ProtectedService"
+    PLURAL = "protectedservices"
+    SHORT_NAME = "nhips"
+
+    kind: Literal["ProtectedService"] = "ProtectedService"
+    spec: ProtectedServiceSpec
+    status: ProtectedServiceStatus = Field(default_factory=ProtectedServiceStatus)
+
+    @model_validator(mode="after")
+    def _name_fits_generated_objects(self) -> ProtectedService:
+        _PS_NAME_RULE.enforce(self)
+        return self
+
+
+class RouteGrant(Resource):
+    """Who may do what, on which ProtectedService, until when."""
+
+    KIND = "RouteGrant"
+    PLURAL = "routegrants"
+    SHORT_NAME = "nhirg"
+
+    kind: Literal["RouteGrant"] = "RouteGrant"
+    spec: RouteGrantSpec
+    status: RouteGrantStatus = Field(default_factory=RouteGrantStatus)
+
+
+class Revocation(Resource):
+    """Deny a credential before it expires."""
+
+    KIND = "Revocation"
+    PLURAL = "revocations"
+    SHORT_NAME = "nhirev"
+
+    kind: Literal["Revocation"] = "Revocation"
+    spec: RevocationSpec
+    status: RevocationStatus = Field(default_factory=RevocationStatus)
+
+
+ROOT_RULES: dict[str, tuple[CelRule, ...]] = {"ProtectedService": (_PS_NAME_RULE,)}
+"""CEL rules at the root of a CRD schema (they see `self.metadata.name`)."""
+
+RESOURCE_TYPES: tuple[type[Resource], ...] = (
+    IdentityIssuer,
+    ProtectedService,
+    RouteGrant,
+    Revocation,
+)
+"""Every custom resource model, in dependency order."""
+
+RESOURCE_BY_KIND: dict[str, type[Resource]] = {cls.KIND: cls for cls in RESOURCE_TYPES}
