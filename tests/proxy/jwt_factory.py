@@ -216,3 +216,69 @@ def hmac_token(secret: bytes, header: dict[str, Any], claims: dict[str, Any]) ->
     digest = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}[str(header["alg"])]
     mac = _hmac.new(secret, signing_input.encode("ascii"), digest).digest()
     return f"{signing_input}.{b64url(mac)}"
+
+
+class FakeClock:
+    """A settable epoch clock for `Authenticator(clock=...)`."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = float(now if now is not None else int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward (or back, with a negative value)."""
+        self.now += seconds
+
+
+class JwksServer:
+    """A real JWKS endpoint on 127.0.0.1 (aiohttp), with knobs for outages and slowness.
+
+    `async with JwksServer(jwks) as server:` then use `server.uri`; set
+    `server.jwks`, `server.status` (e.g. 503), `server.delay` (seconds) or
+    `server.body` (raw bytes overriding the JSON) at any time; `server.hits`
+    counts requests to the JWKS path, `server.other_hits` every other path.
+    """
+
+    def __init__(self, jwks: dict[str, Any] | None = None) -> None:
+        self.jwks: dict[str, Any] = jwks if jwks is not None else {"keys": []}
+        self.status = 200
+        self.delay = 0.0
+        self.body: bytes | None = None
+        self.hits = 0
+        self.other_hits = 0
+        self.uri = ""
+        self.base = ""
+        self._runner: Any = None
+
+    async def __aenter__(self) -> JwksServer:
+        import asyncio
+
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if request.path != "/jwks.json":
+                self.other_hits += 1
+                return web.Response(status=404)
+            self.hits += 1
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.status != 200:
+                return web.Response(status=self.status, text="unavailable")
+            body = self.body if self.body is not None else json.dumps(self.jwks).encode()
+            return web.Response(body=body, content_type="application/json")
+
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.uri = f"{self.base}/jwks.json"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
