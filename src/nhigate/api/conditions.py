@@ -1,0 +1,156 @@
+"""Status conditions: the vocabulary (types and reasons) and the one helper that sets them.
+
+Every condition type here has *positive polarity*: ``status: "True"`` is the
+healthy state and ``"False"`` names a problem (its reason says which). Reasons
+are CamelCase, as in the Kubernetes API conventions. `lastTransitionTime`
+moves only when a condition's status changes; reason, message and
+observedGeneration are refreshed on every write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+# --- statuses -------------------------------------------------------------------------------
+TRUE: Final = "True"
+FALSE: Final = "False"
+UNKNOWN: Final = "Unknown"
+_STATUSES = frozenset({TRUE, FALSE, UNKNOWN})
+
+# --- condition types ------------------------------------------------------------------------
+READY: Final = "Ready"
+"""IdentityIssuer: keys fetched and parsed. ProtectedService: everything reconciled and serving."""
+ACCEPTED: Final = "Accepted"
+"""RouteGrant / Revocation: the spec is valid and what it references exists."""
+ENFORCED: Final = "Enforced"
+"""RouteGrant: every ready proxy replica serves a policy version that contains the grant."""
+ACTIVE: Final = "Active"
+"""RouteGrant: now is within [notBefore, expiresAt)."""
+PROXY_AVAILABLE: Final = "ProxyAvailable"
+"""ProtectedService: the proxy Deployment has at least one available replica."""
+POLICY_ENFORCED: Final = "PolicyEnforced"
+"""ProtectedService: every ready proxy replica reports the current policy version."""
+DIRECT_PATH_BLOCKED: Final = "DirectPathBlocked"
+"""ProtectedService: no path to the backend bypasses the proxy (see status.bypassPaths)."""
+
+# --- reasons: Accepted ----------------------------------------------------------------------
+REASON_ACCEPTED: Final = "Accepted"
+REASON_INVALID_SPEC: Final = "InvalidSpec"
+REASON_TARGET_NOT_FOUND: Final = "TargetNotFound"
+REASON_ISSUER_NOT_FOUND: Final = "IssuerNotFound"
+# --- reasons: Enforced ----------------------------------------------------------------------
+REASON_ENFORCED: Final = "Enforced"
+REASON_PENDING: Final = "Pending"
+"""Not every ready replica serves a version containing the grant yet."""
+REASON_NO_REPLICAS: Final = "NoReplicas"
+REASON_NOT_ACCEPTED: Final = "NotAccepted"
+# --- reasons: Active ------------------------------------------------------------------------
+REASON_ACTIVE: Final = "Active"
+REASON_NOT_YET_VALID: Final = "NotYetValid"
+REASON_EXPIRED: Final = "Expired"
+# --- reasons: IdentityIssuer Ready ----------------------------------------------------------
+REASON_KEYS_LOADED: Final = "KeysLoaded"
+REASON_FETCH_FAILED: Final = "FetchFailed"
+REASON_INVALID_KEYS: Final = "InvalidKeys"
+# --- reasons: ProtectedService Ready --------------------------------------------------------
+REASON_READY: Final = "Ready"
+REASON_RECONCILING: Final = "Reconciling"
+REASON_BACKEND_NOT_FOUND: Final = "BackendNotFound"
+REASON_ERROR: Final = "Error"
+# (IssuerNotFound is shared with Accepted: REASON_ISSUER_NOT_FOUND.)
+# --- reasons: ProxyAvailable ----------------------------------------------------------------
+REASON_AVAILABLE: Final = "Available"
+REASON_UNAVAILABLE: Final = "Unavailable"
+# --- reasons: PolicyEnforced (NoReplicas shared: REASON_NO_REPLICAS) ------------------------
+REASON_ALL_REPLICAS_CURRENT: Final = "AllReplicasCurrent"
+REASON_REPLICAS_BEHIND: Final = "ReplicasBehind"
+# --- reasons: DirectPathBlocked -------------------------------------------------------------
+REASON_BLOCKED: Final = "Blocked"
+REASON_BYPASS_FOUND: Final = "BypassFound"
+REASON_ISOLATION_AUDIT: Final = "IsolationAudit"
+REASON_ISOLATION_OFF: Final = "IsolationOff"
+
+MAX_MESSAGE_LENGTH: Final = 32768
+"""The Kubernetes limit on a condition message; longer messages are truncated."""
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with a `Z` and whole seconds, as Kubernetes writes timestamps."""
+    if moment.tzinfo is None:
+        raise ValueError("condition times must be timezone-aware")
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def get_condition(
+    conditions: Sequence[Mapping[str, Any]] | None, type: str
+) -> dict[str, Any] | None:
+    """The condition of the given type (a copy), or None."""
+    for condition in conditions or ():
+        if condition.get("type") == type:
+            return dict(condition)
+    return None
+
+
+def is_true(conditions: Sequence[Mapping[str, Any]] | None, type: str) -> bool:
+    """True when the condition of `type` exists with status "True"."""
+    condition = get_condition(conditions, type)
+    return condition is not None and condition.get("status") == TRUE
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]] | None,
+    *,
+    type: str,
+    status: str,
+    reason: str,
+    message: str,
+    observed_generation: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Return a new conditions list with `type` set; the input is not modified.
+
+    `lastTransitionTime` is `now` when the condition is new or its status
+    changed, and is kept otherwise. Other conditions keep their order; a new
+    one is appended.
+    """
+    if status not in _STATUSES:
+        raise ValueError(f"condition status must be True, False or Unknown, got {status!r}")
+    if not reason or not reason[0].isupper() or not reason.isalnum():
+        raise ValueError(f"condition reason must be CamelCase, got {reason!r}")
+    result: list[dict[str, Any]] = []
+    found = False
+    for existing in conditions or ():
+        if existing.get("type") != type:
+            result.append(dict(existing))
+            continue
+        found = True
+        unchanged = existing.get("status") == status and existing.get("lastTransitionTime")
+        transition = existing["lastTransitionTime"] if unchanged else format_time(now)
+        result.append(_condition(type, status, reason, message, observed_generation, transition))
+    if not found:
+        result.append(
+            _condition(type, status, reason, message, observed_generation, format_time(now))
+        )
+    return result
+
+
+def _condition(
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    observed_generation: int | None,
+    transition: str,
+) -> dict[str, Any]:
+    condition: dict[str, Any] = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message[:MAX_MESSAGE_LENGTH],
+        "lastTransitionTime": transition,
+    }
+    if observed_generation is not None:
+        condition["observedGeneration"] = observed_generation
+    return condition
