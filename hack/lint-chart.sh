@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Lint the Helm chart without a cluster: CRD copies in sync, `helm lint --strict` and
+# `helm template` with the default values and with every charts/nhigate/ci/*-values.yaml, and
+# values.schema.json rejecting an unknown value. (The server-side dry-run of the rendered
+# objects against a real API server is in tests/integration/test_chart.py.)
+#
+# usage: hack/lint-chart.sh        (uses the helm built by hack/build-control-plane.sh)
+set -euo pipefail
+
+# shellcheck source=hack/lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+
+CHART="${REPO_ROOT}/charts/nhigate"
+HELM="${HELM:-$("${HACK_DIR}/build-control-plane.sh")/helm}"
+# Keep helm's cache and config out of $HOME.
+HELM_HOME_DIR="$(mktemp -d)"
+trap 'rm -rf "${HELM_HOME_DIR}"' EXIT
+export HELM_CACHE_HOME="${HELM_HOME_DIR}/cache" HELM_CONFIG_HOME="${HELM_HOME_DIR}/config"
+export HELM_DATA_HOME="${HELM_HOME_DIR}/data"
+
+"${HACK_DIR}/sync-chart-crds.sh" --check
+
+variants=("")
+for f in "${CHART}"/ci/*-values.yaml; do variants+=("${f}"); done
+
+for values in "${variants[@]}"; do
+  args=()
+  [[ -n ${values} ]] && args=(--values "${values}")
+  log "helm lint --strict ${values:+(${values#"${REPO_ROOT}/"})}"
+  "${HELM}" lint --strict "${CHART}" "${args[@]}"
+  log "helm template ${values:+(${values#"${REPO_ROOT}/"})}"
+  count="$("${HELM}" template nhigate "${CHART}" --namespace nhigate-system "${args[@]}" | grep -c '^kind:')"
+  log "  rendered ${count} objects"
+done
+
+log "values.schema.json must reject an unknown value"
+if out="$("${HELM}" template nhigate "${CHART}" --set controller.replicas=2 2>&1)"; then
+  log "FAILED: an unknown value (controller.replicas) was accepted"
+  exit 1
+fi
+grep -q "additional properties" <<<"${out}" || {
+  log "FAILED: unexpected error for an unknown value: ${out}"
+  exit 1
+}
+log "chart lint passed"
