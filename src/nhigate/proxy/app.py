@@ -1,0 +1,710 @@
+"""The data-plane application: every request is authenticated, authorised, audited, forwarded.
+
+The pipeline, in order (one function each, `ProxyHandler.__call__` reads top to bottom):
+
+1. request id;
+2. request target: CONNECT/TRACE and anything but origin-form refused, the path
+   normalised once (the query is kept untouched) -> 400 `request_rejected`/`path_rejected`;
+3. policy loaded? -> 503 `no_policy`;
+4. authenticate (bearer token or SPIFFE ID from the client certificate) -> 401;
+5. tenant: header and claim must agree -> 403 `tenant_mismatch`;
+6. `decide()` on the normalised path with the proxy's own clock -> 403;
+7. token bucket per (identity, grant) -> 429 with `Retry-After`;
+8. forward exactly the authorised path (+ query) with filtered headers -> 413/502/504;
+9. one audit line and metrics, for every outcome above.
+
+Any unexpected exception denies with 500 `internal_error` (fail closed) and is audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from nhigate.policy import (
+    Decision,
+    Facts,
+    Identity,
+    IssuerConfig,
+    PathRejected,
+    Policy,
+    Reason,
+    decide,
+    normalise_path,
+)
+from nhigate.policy.document import ServiceConfig, UpstreamCredential
+from nhigate.proxy.audit import AuditEvent, AuditLog
+from nhigate.proxy.forward import (
+    RequestBody,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    chunked,
+    serialise_head,
+)
+from nhigate.proxy.headers import (
+    IDENTITY_GRANT,
+    IDENTITY_ISSUER,
+    IDENTITY_SUBJECT,
+    REQUEST_ID,
+    filter_request_headers,
+    filter_response_headers,
+    safe_header_value,
+)
+from nhigate.proxy.metrics import ProxyMetrics
+from nhigate.proxy.policy_source import PolicyHolder
+from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
+from nhigate.proxy.settings import ProxySettings
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+BUFFERED_BODY_LIMIT = 64 * 1024
+"""Request bodies up to this size (with a Content-Length) are read whole, so a stale pooled
+upstream connection can be retried safely; larger ones are streamed."""
+
+REJECTED_METHODS = frozenset({"CONNECT", "TRACE"})
+
+STATUS_FOR: dict[Reason, int] = {
+    Reason.REQUEST_REJECTED: 400,
+    Reason.PATH_REJECTED: 400,
+    Reason.NO_POLICY: 503,
+    Reason.CREDENTIAL_MISSING: 401,
+    Reason.TOKEN_MALFORMED: 401,
+    Reason.TOKEN_INVALID: 401,
+    Reason.TOKEN_EXPIRED: 401,
+    Reason.TOKEN_NOT_YET_VALID: 401,
+    Reason.TOKEN_LIFETIME_EXCEEDED: 401,
+    Reason.UNKNOWN_ISSUER: 401,
+    Reason.UNKNOWN_KEY: 401,
+    Reason.ALGORITHM_NOT_ALLOWED: 401,
+    Reason.AUDIENCE_MISMATCH: 401,
+    Reason.NO_MATCHING_GRANT: 403,
+    Reason.GRANT_NOT_YET_VALID: 403,
+    Reason.GRANT_EXPIRED: 403,
+    Reason.TENANT_MISMATCH: 403,
+    Reason.REVOKED: 403,
+    Reason.RATE_LIMITED: 429,
+    Reason.BODY_TOO_LARGE: 413,
+    Reason.UPSTREAM_UNAVAILABLE: 502,
+    Reason.UPSTREAM_TIMEOUT: 504,
+    Reason.INTERNAL_ERROR: 500,
+}
+
+
+class AuthnResult(Protocol):
+    """What `Authenticator.authenticate` returns on failure."""
+
+    @property
+    def reason(self) -> Reason: ...
+
+    @property
+    def detail(self) -> str: ...
+
+
+class Authenticating(Protocol):
+    """The authenticator interface the pipeline uses (`nhigate.proxy.authn.Authenticator`)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def update_issuers(self, issuers: Sequence[IssuerConfig]) -> None: ...
+
+    async def authenticate(
+        self, authorization: str | None, spiffe_id: str | None = None
+    ) -> Identity | AuthnResult: ...
+
+
+class AssertionSigning(Protocol):
+    """The identity-assertion signer interface (`nhigate.proxy.assertion.AssertionSigner`)."""
+
+    def sign(
+        self, identity: Identity, grant: str | None, audience: str, ttl: float, now: float
+    ) -> str: ...
+
+    def public_jwks(self) -> dict[str, object]: ...
+
+
+class UpstreamCredentialFile:
+    """The injected upstream credential, re-read when its file changes (checked once a second)."""
+
+    def __init__(self, spec: UpstreamCredential, loop_time: Clock) -> None:
+        self.spec = spec
+        self._loop_time = loop_time
+        self._checked = -1.0
+        self._stamp: tuple[int, int] | None = None
+        self._value: str | None = None
+
+    def header_value(self) -> str:
+        """`prefix + file content` (trailing newline stripped); raises OSError if unreadable."""
+        now = self._loop_time()
+        if now - self._checked >= 1.0 or self._value is None:
+            self._checked = now
+            st = os.stat(self.spec.value_file)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp or self._value is None:
+                raw = Path(self.spec.value_file).read_text(encoding="utf-8").strip()
+                self._value = safe_header_value(self.spec.prefix + raw)
+                self._stamp = stamp
+        return self._value
+
+
+class DenyError(Exception):
+    """A pipeline stage refused the request."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str | None = None,
+        *,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.detail = detail
+        self.extra_headers = extra_headers
+
+
+class BodyTooLargeError(Exception):
+    """A streamed request body passed the configured maximum."""
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What the audit line needs to know about one request, filled in as the pipeline runs."""
+
+    request_id: str
+    started: float
+    now: float
+    method: str
+    path: str
+    policy: Policy | None = None
+    identity: Identity | None = None
+    decision: Decision | None = None
+    tenant: str | None = None
+
+
+@dataclass
+class ProxyState:
+    """Everything the data plane shares across requests (one per process)."""
+
+    settings: ProxySettings
+    holder: PolicyHolder
+    metrics: ProxyMetrics
+    audit: AuditLog
+    clock: Clock
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    authenticator: Authenticating | None = None
+    signer: AssertionSigning | None = None
+    pool: UpstreamPool | None = None
+    draining: bool = False
+    inflight: int = 0
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+    credential: UpstreamCredentialFile | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Serving: a valid policy is loaded and shutdown has not begun."""
+        return self.holder.current is not None and not self.draining
+
+
+STATE: web.AppKey[ProxyState] = web.AppKey("nhigate_proxy_state", ProxyState)
+
+
+def _json_error(reason: Reason, request_id: str, headers: dict[str, str] | None) -> web.Response:
+    status = STATUS_FOR.get(reason, 403)
+    body = orjson.dumps({"error": reason.value, "request_id": request_id})
+    resp = web.Response(status=status, body=body, content_type="application/json")
+    resp.headers[REQUEST_ID] = request_id
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def _www_authenticate(reason: Reason) -> dict[str, str]:
+    if reason is Reason.CREDENTIAL_MISSING:
+        return {"WWW-Authenticate": 'Bearer realm="nhigate"'}
+    value = f'Bearer realm="nhigate", error="invalid_token", error_description="{reason.value}"'
+    return {"WWW-Authenticate": value}
+
+
+class ProxyHandler:
+    """The catch-all request handler: the pipeline described in the module docstring."""
+
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+        settings = state.settings
+        self._upstream = settings.upstream
+        self._upstream_url = settings.upstream.url
+        self._authority = settings.upstream.authority
+        self._trusted = settings.trusted_proxies
+        self._max_body = settings.max_body_bytes
+        self._mtls = settings.client_ca is not None
+        self._scheme = "https" if settings.tls_cert is not None else "http"
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        state = self.state
+        state.inflight += 1
+        ex = _Exchange(
+            request_id=secrets.token_hex(8),
+            started=time.perf_counter(),
+            now=state.clock(),
+            method=request.method,
+            path="",
+        )
+        try:
+            return await self._pipeline(request, ex)
+        except DenyError as denied:
+            return self._deny(ex, denied)
+        except Exception as exc:  # fail closed: deny and audit, never crash
+            log.exception("internal error handling request %s", ex.request_id)
+            return self._deny(ex, DenyError(Reason.INTERNAL_ERROR, type(exc).__name__))
+        finally:
+            state.inflight -= 1
+
+    async def _pipeline(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
+        path, query = self._target(request, ex)
+        policy = self._policy(ex)
+        identity = await self._authenticate(request)
+        ex.identity = identity
+        ex.tenant = self._tenant(request, policy.document.service, identity)
+        decision = self._authorise(policy, ex, identity, path)
+        self._rate_limit(policy.document.service, identity, decision)
+        return await self._forward(request, ex, policy, path, query)
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _target(self, request: web.Request, ex: _Exchange) -> tuple[str, str]:
+        """The normalised path and the untouched query of an origin-form request target."""
+        raw = request.raw_path
+        ex.path = raw[:512]
+        if request.method in REJECTED_METHODS:
+            raise DenyError(Reason.REQUEST_REJECTED, f"method {request.method} is not proxied")
+        if not raw.startswith("/") or "#" in raw:
+            raise DenyError(Reason.REQUEST_REJECTED, "request target must be origin-form")
+        if len(request.headers.getall("Authorization", ())) > 1:
+            raise DenyError(Reason.REQUEST_REJECTED, "more than one Authorization header")
+        raw_path, sep, query = raw.partition("?")
+        try:
+            path = normalise_path(raw_path)
+        except PathRejected as exc:
+            raise DenyError(Reason.PATH_REJECTED, exc.reason) from None
+        ex.path = path
+        return path, sep + query
+
+    def _policy(self, ex: _Exchange) -> Policy:
+        policy = self.state.holder.current  # this request keeps this object even across a swap
+        if policy is None:
+            raise DenyError(Reason.NO_POLICY, "no valid policy loaded")
+        ex.policy = policy
+        return policy
+
+    async def _authenticate(self, request: web.Request) -> Identity:
+        authenticator = self.state.authenticator
+        if authenticator is None:
+            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
+        spiffe_id = self._spiffe_id(request) if self._mtls else None
+        result = await authenticator.authenticate(request.headers.get("Authorization"), spiffe_id)
+        if isinstance(result, Identity):
+            return result
+        challenge = _www_authenticate(result.reason)
+        raise DenyError(result.reason, result.detail, extra_headers=challenge)
+
+    def _spiffe_id(self, request: web.Request) -> str | None:
+        from nhigate.proxy.spiffe import spiffe_id_from_peer_cert
+
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(ssl_object, ssl.SSLObject):
+            return None
+        der = ssl_object.getpeercert(binary_form=True)
+        return spiffe_id_from_peer_cert(der) if der else None
+
+    def _tenant(
+        self, request: web.Request, service: ServiceConfig, identity: Identity
+    ) -> str | None:
+        mapping = service.tenant
+        if mapping is None:
+            return None
+        from_header: str | None = None
+        if mapping.header:
+            values = request.headers.getall(mapping.header, ())
+            if len(values) > 1:
+                raise DenyError(Reason.TENANT_MISMATCH, "more than one tenant header")
+            from_header = values[0] if values else None
+        from_claim: str | None = None
+        if mapping.claim:
+            claim = identity.claims.get(mapping.claim)
+            from_claim = claim if isinstance(claim, str) else None
+        if mapping.header and mapping.claim:
+            if from_header is not None and from_claim is not None and from_header != from_claim:
+                raise DenyError(Reason.TENANT_MISMATCH, "tenant header and claim disagree")
+            # Both configured: a tenant counts only when both sources name it.
+            return from_claim if from_header == from_claim else None
+        return from_header if mapping.header else from_claim
+
+    def _authorise(self, policy: Policy, ex: _Exchange, identity: Identity, path: str) -> Decision:
+        decision = decide(
+            policy,
+            Facts(identity=identity, method=ex.method, path=path, now=ex.now, tenant=ex.tenant),
+        )
+        ex.decision = decision
+        if not decision.allowed:
+            raise DenyError(decision.reason)
+        return decision
+
+    def _rate_limit(self, service: ServiceConfig, identity: Identity, decision: Decision) -> None:
+        limit = decision.rate_limit or service.rate_limit
+        if limit is None:
+            return
+        key = (identity.kind, identity.issuer, identity.subject, decision.grant)
+        wait = self.state.limiter.acquire(key, limit, asyncio.get_running_loop().time())
+        if wait > 0.0:
+            self.state.metrics.rate_limited.inc()
+            raise DenyError(
+                Reason.RATE_LIMITED, extra_headers={"Retry-After": retry_after_header(wait)}
+            )
+
+    async def _forward(
+        self, request: web.Request, ex: _Exchange, policy: Policy, path: str, query: str
+    ) -> web.StreamResponse:
+        state = self.state
+        pool = state.pool
+        assert pool is not None
+        identity = ex.identity
+        decision = ex.decision
+        assert identity is not None
+        assert decision is not None
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise DenyError(Reason.BODY_TOO_LARGE, f"Content-Length {length} > {self._max_body}")
+        headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
+        body: RequestBody = None
+        if length is not None and length > 0:
+            headers.append(("Content-Length", str(length)))
+            if length <= BUFFERED_BODY_LIMIT:
+                body = await request.read()
+            else:
+                body = _limited(request, self._max_body)
+        elif length is None and request.body_exists:
+            headers.append(("Transfer-Encoding", "chunked"))
+            body = chunked(_limited(request, self._max_body))
+        elif request.method in ("POST", "PUT", "PATCH"):
+            headers.append(("Content-Length", "0"))
+        head = serialise_head(ex.method, path + query, headers)
+        sent = time.perf_counter()
+        try:
+            upstream = await pool.request(head, body, is_head=ex.method == "HEAD")
+        except UpstreamTimeoutError as exc:
+            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
+        except UpstreamUnavailableError as exc:
+            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
+        except BodyTooLargeError:
+            raise DenyError(Reason.BODY_TOO_LARGE, f"body over {self._max_body} bytes") from None
+        except (aiohttp.ClientPayloadError, ConnectionError) as exc:
+            raise DenyError(
+                Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
+            ) from None
+        state.metrics.upstream_duration.observe(time.perf_counter() - sent)
+        return await self._respond(request, ex, upstream)
+
+    def _upstream_headers(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        service: ServiceConfig,
+        identity: Identity,
+        decision: Decision,
+    ) -> list[tuple[str, str]]:
+        owned: set[str] = set(self.state.settings.extra_owned_headers)
+        assertion = service.identity_assertion
+        credential = service.upstream_credential
+        if assertion is not None:
+            owned.add(assertion.header.lower())
+        if credential is not None:
+            owned.add(credential.header.lower())
+        trusted = self._is_trusted(request.remote)
+        headers = filter_request_headers(
+            request.headers.items(), owned=frozenset(owned), trusted_peer=trusted
+        )
+        peer = request.remote or ""
+        forwarded_for = peer
+        proto = self._scheme
+        host = request.headers.get("Host", "")
+        if trusted:
+            kept: list[tuple[str, str]] = []
+            for name, value in headers:
+                lower = name.lower()
+                if lower == "x-forwarded-for":
+                    forwarded_for = f"{value}, {peer}"
+                elif lower == "x-forwarded-proto":
+                    proto = value
+                elif lower == "x-forwarded-host":
+                    host = value
+                else:
+                    kept.append((name, value))
+            headers = kept
+        headers.append(("Host", self._authority))
+        headers.append(("X-Forwarded-For", forwarded_for))
+        headers.append(("X-Forwarded-Proto", proto))
+        if host:
+            headers.append(("X-Forwarded-Host", host))
+        headers.append((REQUEST_ID, ex.request_id))
+        headers.append((IDENTITY_SUBJECT, safe_header_value(identity.subject)))
+        headers.append((IDENTITY_ISSUER, safe_header_value(identity.issuer)))
+        if decision.grant is not None:
+            headers.append((IDENTITY_GRANT, safe_header_value(decision.grant)))
+        signer = self.state.signer
+        if assertion is not None and signer is not None:
+            token = signer.sign(
+                identity, decision.grant, assertion.audience, assertion.ttl_seconds, ex.now
+            )
+            headers.append((assertion.header, token))
+        if credential is not None:
+            headers.append((credential.header, self._credential_value(credential)))
+        return headers
+
+    def _credential_value(self, spec: UpstreamCredential) -> str:
+        current = self.state.credential
+        if current is None or current.spec != spec:
+            current = UpstreamCredentialFile(spec, asyncio.get_running_loop().time)
+            self.state.credential = current
+        try:
+            return current.header_value()
+        except OSError as exc:
+            detail = f"upstream credential unreadable: {exc}"
+            raise DenyError(Reason.INTERNAL_ERROR, detail) from None
+
+    def _is_trusted(self, peer: str | None) -> bool:
+        if not self._trusted or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    async def _respond(
+        self, request: web.Request, ex: _Exchange, upstream: UpstreamResponse
+    ) -> web.StreamResponse:
+        headers = CIMultiDict(filter_response_headers(upstream.headers))
+        length = _content_length(upstream.headers)
+        if upstream.body is not None and ex.method != "HEAD":
+            response = web.Response(status=upstream.status, body=upstream.body, headers=headers)
+            self._audit_allowed(ex, upstream.status)
+            return response
+        stream = web.StreamResponse(status=upstream.status, headers=headers)
+        if length is not None:
+            stream.content_length = length
+        detail: str | None = None
+        try:
+            await stream.prepare(request)
+            async for chunk in upstream.iter_chunks():
+                await stream.write(chunk)
+            await stream.write_eof()
+        except (UpstreamUnavailableError, UpstreamTimeoutError) as exc:
+            detail = f"upstream failed mid-body: {exc}"
+            _abort(request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            detail = f"client went away mid-body: {type(exc).__name__}"
+        finally:
+            upstream.close()
+        self._audit_allowed(ex, upstream.status, detail)
+        return stream
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _audit_allowed(self, ex: _Exchange, status: int, detail: str | None = None) -> None:
+        decision = ex.decision
+        assert decision is not None
+        self._record(ex, "allow", Reason.ALLOWED, decision.grant, status, detail)
+
+    def _deny(self, ex: _Exchange, denied: DenyError) -> web.Response:
+        reason = denied.reason
+        status = STATUS_FOR.get(reason, 403)
+        grant = ex.decision.grant if ex.decision is not None else None
+        self._record(ex, "deny", reason, grant, status, denied.detail)
+        return _json_error(reason, ex.request_id, denied.extra_headers)
+
+    def _record(
+        self,
+        ex: _Exchange,
+        decision: str,
+        reason: Reason,
+        grant: str | None,
+        status: int,
+        detail: str | None,
+    ) -> None:
+        elapsed = time.perf_counter() - ex.started
+        state = self.state
+        policy = ex.policy
+        state.audit.write(
+            AuditEvent(
+                time=ex.now,
+                request_id=ex.request_id,
+                decision=decision,
+                reason=reason.value,
+                method=ex.method,
+                path=ex.path,
+                upstream=self._upstream_url,
+                status=status,
+                duration_ms=elapsed * 1000.0,
+                policy_version=policy.version if policy is not None else None,
+                identity=ex.identity,
+                grant=grant,
+                detail=detail,
+                tenant=ex.tenant,
+            )
+        )
+        state.metrics.observe_request(decision, reason.value, grant, elapsed)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def _limited(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    total = 0
+    content = request.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLargeError
+        yield chunk
+
+
+AuthenticatorFactory = Callable[[ProxySettings, aiohttp.ClientSession, Clock], Authenticating]
+SignerFactory = Callable[[ProxySettings], AssertionSigning]
+
+
+def default_authenticator(
+    settings: ProxySettings, session: aiohttp.ClientSession, clock: Clock
+) -> Authenticating:
+    """The real `nhigate.proxy.authn.Authenticator`, starting with no issuers."""
+    from nhigate.proxy.authn import Authenticator
+
+    return Authenticator((), session=session, clock=clock, cache_size=settings.token_cache_size)
+
+
+def default_signer(settings: ProxySettings) -> AssertionSigning:
+    """The real assertion signer (ephemeral key when `--assertion-key` is not given)."""
+    from nhigate.proxy.assertion import AssertionSigner
+
+    pem = settings.assertion_key.read_bytes() if settings.assertion_key is not None else None
+    return AssertionSigner(pem)
+
+
+def create_app(
+    settings: ProxySettings,
+    *,
+    holder: PolicyHolder | None = None,
+    metrics: ProxyMetrics | None = None,
+    audit: AuditLog | None = None,
+    clock: Clock = time.time,
+    authenticator_factory: AuthenticatorFactory = default_authenticator,
+    signer_factory: SignerFactory = default_signer,
+) -> web.Application:
+    """The proxied-port application. Policy sources are attached separately (`server.run`).
+
+    `holder`, `metrics`, `audit` and `clock` are shared with the admin app and the policy
+    sources; tests inject them (and a clock) to drive the proxy deterministically.
+    """
+    state = ProxyState(
+        settings=settings,
+        holder=holder if holder is not None else PolicyHolder(),
+        metrics=metrics if metrics is not None else ProxyMetrics(),
+        audit=audit if audit is not None else AuditLog.open(settings.audit_log),
+        clock=clock,
+        signer=signer_factory(settings),
+    )
+    app = web.Application(client_max_size=max(settings.max_body_bytes, BUFFERED_BODY_LIMIT))
+    app[STATE] = state
+    app.cleanup_ctx.append(_audit_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
+    app.router.add_route("*", "/{tail:.*}", ProxyHandler(state))
+    return app
+
+
+async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.audit.start()
+    yield
+    state.metrics.audit_dropped.set(state.audit.dropped)
+    await state.audit.close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    upstream = settings.upstream
+    ssl_context = ssl.create_default_context() if upstream.scheme == "https" else None
+    state.pool = UpstreamPool(
+        upstream.host,
+        upstream.port,
+        ssl_context=ssl_context,
+        max_idle=settings.upstream_pool_size,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.upstream_timeout,
+    )
+    yield
+    await state.pool.close()
+
+
+def _authn_ctx(
+    factory: AuthenticatorFactory,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            authenticator = factory(state.settings, session, state.clock)
+            state.authenticator = authenticator
+
+            def on_swap(policy: Policy) -> None:
+                authenticator.update_issuers(policy.document.issuers)
+                state.metrics.set_policy_version(policy.version)
+                state.metrics.ready.set(1 if state.ready else 0)
+
+            state.holder.subscribe(on_swap)
+            await authenticator.start()
+            stats = getattr(authenticator, "stats", None)
+            if stats is not None and hasattr(stats, "jwks_refresh"):
+                state.metrics.watch_jwks_refreshes(lambda: dict(stats.jwks_refresh))
+            try:
+                yield
+            finally:
+                await authenticator.close()
+
+    return ctx

@@ -1,0 +1,185 @@
+"""One JSON line per decision, allow and deny, written without blocking the event loop.
+
+Records are serialised with orjson on the loop (~1 us), batched in memory and
+handed to one writer thread every `flush_interval` seconds or when the batch
+passes `flush_bytes`. The thread does the (possibly blocking) write to stdout
+or the audit file, so a slow disk or a full pipe never stalls request handling.
+If the writer falls `max_backlog_bytes` behind, new batches are dropped and
+counted (`dropped`), and an error is logged once per burst: the alternative,
+blocking every request on the audit sink, would turn a slow log into an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+import orjson
+
+from nhigate.policy.model import Identity
+
+log = logging.getLogger(__name__)
+
+_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    """The fields of one audit record (DESIGN.md invariant 6)."""
+
+    time: float
+    request_id: str
+    decision: str
+    reason: str
+    method: str
+    path: str
+    upstream: str
+    status: int
+    duration_ms: float
+    policy_version: str | None
+    identity: Identity | None = None
+    grant: str | None = None
+    detail: str | None = None
+    tenant: str | None = None
+    peer: str | None = None
+
+    def to_json(self) -> bytes:
+        """The record as one JSON line."""
+        identity = self.identity
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(self.time, UTC),
+            "request_id": self.request_id,
+            "decision": self.decision,
+            "reason": self.reason,
+            "identity": None
+            if identity is None
+            else {"issuer": identity.issuer, "subject": identity.subject, "kind": identity.kind},
+            "grant": self.grant,
+            "method": self.method,
+            "path": self.path,
+            "upstream": self.upstream,
+            "status": self.status,
+            "duration_ms": round(self.duration_ms, 3),
+            "policy_version": self.policy_version,
+        }
+        if self.detail is not None:
+            record["detail"] = self.detail
+        if self.tenant is not None:
+            record["tenant"] = self.tenant
+        if self.peer is not None:
+            record["peer"] = self.peer
+        return orjson.dumps(record, option=_OPTIONS)
+
+
+class AuditLog:
+    """Buffered audit sink: `write()` is cheap and never blocks; `close()` flushes everything."""
+
+    def __init__(
+        self,
+        sink: BinaryIO,
+        *,
+        flush_interval: float = 0.05,
+        flush_bytes: int = 64 * 1024,
+        max_backlog_bytes: int = 64 * 1024 * 1024,
+        close_sink: bool = False,
+    ) -> None:
+        self._sink = sink
+        self._close_sink = close_sink
+        self._flush_interval = flush_interval
+        self._flush_bytes = flush_bytes
+        self._max_backlog = max_backlog_bytes
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._backlog = 0
+        self._backlog_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.records = 0
+        self.dropped = 0
+        self._warned = False
+
+    @classmethod
+    def open(cls, target: str) -> AuditLog:
+        """`-` for stdout, else a file path opened for appending."""
+        if target == "-":
+            return cls(sys.stdout.buffer)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        return cls(os.fdopen(fd, "ab", buffering=0), close_sink=True)
+
+    def start(self) -> None:
+        """Start the writer thread (call from the event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="nhigate-audit", daemon=True)
+        self._thread.start()
+
+    def write(self, event: AuditEvent) -> None:
+        """Queue one record."""
+        line = event.to_json()
+        self._batch.append(line)
+        self._batch_bytes += len(line)
+        self.records += 1
+        if self._batch_bytes >= self._flush_bytes:
+            self.flush()
+        elif self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(self._flush_interval, self.flush)
+
+    def flush(self) -> None:
+        """Hand the current batch to the writer thread."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._batch:
+            return
+        data = b"".join(self._batch)
+        count = len(self._batch)
+        self._batch.clear()
+        self._batch_bytes = 0
+        if self._thread is None:
+            self._write_now(data)
+            return
+        with self._backlog_lock:
+            if self._backlog + len(data) > self._max_backlog:
+                self.dropped += count
+                if not self._warned:
+                    self._warned = True
+                    log.error("audit sink is %d bytes behind: dropping records", self._backlog)
+                return
+            self._backlog += len(data)
+            self._warned = False
+        self._queue.put(data)
+
+    def _write_now(self, data: bytes) -> None:
+        try:
+            self._sink.write(data)
+            self._sink.flush()
+        except (OSError, ValueError):
+            log.exception("audit sink write failed")
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            self._write_now(data)
+            with self._backlog_lock:
+                self._backlog -= len(data)
+
+    async def close(self) -> None:
+        """Flush every queued record and stop the writer thread."""
+        self.flush()
+        thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(thread.join)
+            self._thread = None
+        if self._close_sink:
+            self._sink.close()

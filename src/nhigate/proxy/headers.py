@@ -1,0 +1,126 @@
+"""Which headers cross the proxy, in each direction, and which the proxy owns.
+
+Names are compared lower-case. The filters are pure functions over lists of
+`(name, value)` pairs so they can be tested without a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+"""RFC 9110 section 7.6.1 connection-specific headers (plus the legacy `Proxy-Connection`)."""
+
+FRAMING: frozenset[str] = frozenset({"content-length", "host", "expect"})
+"""Headers that describe the caller's connection to the proxy; the proxy re-creates them."""
+
+IDENTITY_SUBJECT = "X-Nhigate-Subject"
+IDENTITY_ISSUER = "X-Nhigate-Issuer"
+IDENTITY_GRANT = "X-Nhigate-Grant"
+REQUEST_ID = "X-Request-Id"
+OWNED_PREFIX = "x-nhigate-"
+"""Every `X-Nhigate-*` header is proxy-owned: never accepted from the caller."""
+
+PROXY_OWNED: frozenset[str] = frozenset({"authorization", "x-request-id"})
+"""Incoming headers always removed: the caller's credential and our request id."""
+
+FORWARDING: frozenset[str] = frozenset(
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-real-ip",
+        "forwarded",
+    }
+)
+"""Client-address headers: kept from a trusted peer proxy only."""
+
+RESPONSE_DROPPED: frozenset[str] = HOP_BY_HOP | frozenset({"content-length"})
+"""Upstream response headers not copied to the caller (framing is re-done by the server)."""
+
+Header = tuple[str, str]
+
+
+def connection_tokens(values: Iterable[str]) -> frozenset[str]:
+    """The header names listed in `Connection` header values, lower-cased."""
+    names: set[str] = set()
+    for value in values:
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token:
+                names.add(token)
+    return frozenset(names)
+
+
+def filter_request_headers(
+    headers: Iterable[Header],
+    *,
+    owned: frozenset[str],
+    trusted_peer: bool,
+) -> list[Header]:
+    """Incoming request headers that may be forwarded upstream.
+
+    Drops hop-by-hop headers and every header named in `Connection`, framing
+    headers, `Proxy-*`, the caller's `Authorization`, every `X-Nhigate-*`, the
+    extra proxy-owned names in `owned` (assertion and upstream-credential
+    headers, lower-case), and client-address headers unless the peer is a
+    trusted proxy.
+    """
+    items = list(headers)
+    named = connection_tokens(v for k, v in items if k.lower() == "connection")
+    kept: list[Header] = []
+    for name, value in items:
+        lower = name.lower()
+        if (
+            lower in HOP_BY_HOP
+            or lower in FRAMING
+            or lower in PROXY_OWNED
+            or lower in owned
+            or lower in named
+            or lower.startswith(OWNED_PREFIX)
+            or lower.startswith("proxy-")
+            or (lower in FORWARDING and not trusted_peer)
+        ):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def filter_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[Header]:
+    """Upstream response headers to copy to the caller (minus hop-by-hop and `Connection`-named)."""
+    items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+    named = connection_tokens(v for k, v in items if k.lower() == "connection")
+    return [
+        (k, v) for k, v in items if (low := k.lower()) not in RESPONSE_DROPPED and low not in named
+    ]
+
+
+def safe_header_value(value: str) -> str:
+    """A header value that cannot break the upstream request framing.
+
+    Identity values come from verified tokens but are still caller-chosen
+    text: anything outside printable ASCII is percent-encoded.
+    """
+    if value.isascii() and value.isprintable():
+        return value
+    out: list[str] = []
+    for ch in value:
+        if ch.isascii() and ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
