@@ -29,6 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from nhigate.api.durations import DURATION_PATTERN, parse_duration
 from nhigate.api.validation import Cel, CelRule, SpecModel, StatusModel
+from nhigate.policy.paths import PathPattern
 
 __all__ = [
     "API_VERSION",
@@ -104,6 +105,26 @@ NamespaceName = Annotated[
 ServiceName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=_DNS1035_LABEL)]
 Duration = Annotated[str, StringConstraints(max_length=32, pattern=DURATION_PATTERN)]
 """A duration such as "30s", "15m" or "1h30m" (see `parse_duration`)."""
+PositiveDuration = Annotated[
+    Duration,
+    Cel(
+        CelRule(
+            rule="duration(self) > duration('0s')",
+            message="must be longer than 0s",
+            check=lambda v: parse_duration(v).total_seconds() > 0,
+        )
+    ),
+]
+AssertionTTL = Annotated[
+    PositiveDuration,
+    Cel(
+        CelRule(
+            rule="duration(self) <= duration('24h')",
+            message="must be at most 24h",
+            check=lambda v: parse_duration(v).total_seconds() <= 86400,
+        )
+    ),
+]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 Text = Annotated[str, StringConstraints(max_length=1024)]
@@ -234,10 +255,6 @@ PATH_RULES: tuple[CelRule, ...] = (
 
 def _path_pattern_compiles(value: str) -> bool:
     """Final guard: the policy engine's own parser must accept what the CEL rules accept."""
-    try:
-        from nhigate.policy.paths import PathPattern
-    except ImportError:  # pragma: no cover - until the policy package is complete
-        return True
     try:
         PathPattern.compile(value)
     except ValueError:
@@ -452,11 +469,13 @@ class IdentityIssuerSpec(SpecModel):
         default=[Algorithm.RS256, Algorithm.ES256],
         description="Accepted signature algorithms.",
     )
-    max_token_lifetime: Duration = Field(
+    max_token_lifetime: PositiveDuration = Field(
         default="1h", description="Tokens whose `exp - iat` is longer are rejected."
     )
     clock_skew: Duration = Field(default="30s", description="Tolerance for `exp`/`nbf`/`iat`.")
-    refresh_interval: Duration = Field(default="5m", description="How often keys are re-fetched.")
+    refresh_interval: PositiveDuration = Field(
+        default="5m", description="How often keys are re-fetched."
+    )
 
     cel_rules = (
         CelRule(
@@ -665,8 +684,10 @@ class IdentityAssertionSpec(SpecModel):
 
     enabled: bool = True
     header: HeaderName = "X-Nhigate-Assertion"
-    audience: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
-    ttl: Duration = "60s"
+    audience: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="The `aud` of the assertion; default: `<namespace>/<name>`."
+    )
+    ttl: AssertionTTL = Field(default="60s", description="Lifetime of each assertion.")
 
 
 class TenantSpec(SpecModel):
