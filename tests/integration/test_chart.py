@@ -17,7 +17,7 @@ import os
 import subprocess
 import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,11 @@ VARIANTS = [None, *CI_VALUES]
 VARIANT_IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
 HELM_TIMEOUT_S = 60
 
+Helm = Callable[..., subprocess.CompletedProcess[str]]
+
 
 @pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     """A function running the built helm binary with its caches in a temporary directory."""
     binary = build_binaries() / "helm"
     home = tmp_path_factory.mktemp("helm-home")
@@ -58,7 +60,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             pytest.fail(f"helm {' '.join(args)} failed:\n{proc.stderr}", pytrace=False)
         return proc
 
-    yield run
+    return run
 
 
 def values_args(values: Path | None, *sets: str) -> list[str]:
@@ -69,7 +71,7 @@ def values_args(values: Path | None, *sets: str) -> list[str]:
     return args
 
 
-def render(helm: Any, release: str, namespace: str, *args: str) -> list[dict[str, Any]]:
+def render(helm: Helm, release: str, namespace: str, *args: str) -> list[dict[str, Any]]:
     """`helm template` parsed into objects (empty documents dropped)."""
     out = helm("template", release, str(CHART), "--namespace", namespace, *args).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
@@ -83,7 +85,9 @@ def test_chart_crd_files_match_crds() -> None:
     sources = {p.name: p.read_bytes() for p in (REPO_ROOT / "crds").glob("*.yaml")}
     copies = {p.name: p.read_bytes() for p in (CHART / "crd-files").glob("*.yaml")}
     assert sources, "no CRDs in crds/"
-    stale = sorted(name for name in sources.keys() | copies.keys() if sources.get(name) != copies.get(name))
+    stale = sorted(
+        name for name in sources.keys() | copies.keys() if sources.get(name) != copies.get(name)
+    )
     assert not stale, f"chart CRD copies differ from crds/: {stale}; run hack/sync-chart-crds.sh"
 
 
@@ -93,14 +97,18 @@ def test_image_constraints_pin_what_pyproject_pins() -> None:
     direct = dict(d.lower().split("==") for d in pyproject["project"]["dependencies"])
     lines = (REPO_ROOT / "images" / "constraints.txt").read_text().splitlines()
     pinned = dict(
-        line.strip().lower().split("==") for line in lines if line.strip() and not line.startswith("#")
+        line.strip().lower().split("==")
+        for line in lines
+        if line.strip() and not line.startswith("#")
     )
-    mismatched = {name: (ver, pinned.get(name)) for name, ver in direct.items() if pinned.get(name) != ver}
+    mismatched = {
+        name: (ver, pinned.get(name)) for name, ver in direct.items() if pinned.get(name) != ver
+    }
     assert not mismatched, f"pyproject pin != images/constraints.txt pin: {mismatched}"
 
 
 @pytest.mark.parametrize("values", VARIANTS, ids=VARIANT_IDS)
-def test_helm_lint_strict(helm: Any, values: Path | None) -> None:
+def test_helm_lint_strict(helm: Helm, values: Path | None) -> None:
     """`helm lint --strict` passes with the default and every CI values file."""
     proc = helm("lint", "--strict", str(CHART), *values_args(values))
     assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
@@ -117,7 +125,7 @@ def test_helm_lint_strict(helm: Any, values: Path | None) -> None:
         "replicas=many",
     ],
 )
-def test_schema_rejects_unknown_or_invalid_value(helm: Any, bad: str) -> None:
+def test_schema_rejects_unknown_or_invalid_value(helm: Helm, bad: str) -> None:
     """values.schema.json makes `helm template` fail on an unknown key or a bad value."""
     proc = helm("template", "x", str(CHART), "--set", bad, check=False)
     assert proc.returncode != 0, f"--set {bad} was accepted"
@@ -134,9 +142,9 @@ def test_schema_closes_every_object() -> None:
     open_objects: list[str] = []
 
     def walk(node: dict[str, Any], path: str) -> None:
-        if node.get("type") == "object" and "properties" in node:
-            if node.get("additionalProperties") is not False:
-                open_objects.append(path)
+        closed = node.get("additionalProperties") is False
+        if node.get("type") == "object" and "properties" in node and not closed:
+            open_objects.append(path)
         for key, child in node.get("properties", {}).items():
             walk(child, f"{path}.{key}")
         for key in ("items", "additionalProperties"):
@@ -150,7 +158,7 @@ def test_schema_closes_every_object() -> None:
     assert declared <= set(schema["properties"]), declared - set(schema["properties"])
 
 
-def test_leader_election_follows_replicas(helm: Any) -> None:
+def test_leader_election_follows_replicas(helm: Helm) -> None:
     """auto: --peering (and a peering object) exactly when replicas > 1; never + 2 is an error."""
 
     def controller_args(*sets: str) -> tuple[list[str], set[str]]:
@@ -165,12 +173,21 @@ def test_leader_election_follows_replicas(helm: Any) -> None:
     args, kinds = controller_args("replicas=2")
     assert "--peering=nhigate" in args
     assert "ClusterKopfPeering" in kinds
-    proc = helm("template", "x", str(CHART), "--set", "replicas=2", "--set", "leaderElection.mode=never", check=False)
+    proc = helm(
+        "template",
+        "x",
+        str(CHART),
+        "--set",
+        "replicas=2",
+        "--set",
+        "leaderElection.mode=never",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "replicas > 1 needs leader election" in proc.stderr
 
 
-def test_controller_pod_is_restricted(helm: Any) -> None:
+def test_controller_pod_is_restricted(helm: Helm) -> None:
     """The default controller pod meets the restricted Pod Security Standard's key rules."""
     objs = render(helm, "nhigate", "nhigate-system")
     pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
@@ -184,7 +201,8 @@ def test_controller_pod_is_restricted(helm: Any) -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     crds = [o for o in objs if o["kind"] == "CustomResourceDefinition"]
     assert {c["metadata"]["name"] for c in crds} == {
-        f"{n}.nhigate.io" for n in ("identityissuers", "protectedservices", "routegrants", "revocations")
+        f"{n}.nhigate.io"
+        for n in ("identityissuers", "protectedservices", "routegrants", "revocations")
     }
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
 
@@ -199,8 +217,11 @@ def chart_crds(control_plane: ControlPlane, crds_installed: list[str]) -> list[s
         "apply", "--server-side", "--field-manager=nhigate-tests", "-f", str(CHART / "crds")
     )
     control_plane.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s",
-        "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev",
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/clusterkopfpeerings.kopf.dev",
+        "crd/kopfpeerings.kopf.dev",
     )
     return crds_installed
 
@@ -217,7 +238,7 @@ def second_namespace(control_plane: ControlPlane) -> Iterator[str]:
 
 @pytest.mark.parametrize("values", VARIANTS, ids=VARIANT_IDS)
 def test_rendered_chart_passes_server_side_dry_run(
-    helm: Any,
+    helm: Helm,
     control_plane: ControlPlane,
     chart_crds: list[str],
     namespace: str,
@@ -233,9 +254,16 @@ def test_rendered_chart_passes_server_side_dry_run(
     ).stdout
     kinds = [doc["kind"] for doc in yaml.safe_load_all(manifest) if doc]
     proc = control_plane.kubectl(
-        "apply", "--server-side", "--dry-run=server", "--field-manager=helm",
-        "-o", "name", "-f", "-",
-        input=manifest, check=False,
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--field-manager=helm",
+        "-o",
+        "name",
+        "-f",
+        "-",
+        input=manifest,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     accepted = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -298,19 +326,33 @@ def can_i(cp: ControlPlane, user: str, verb: str, resource: str, namespace: str 
 
 
 @pytest.fixture
-def installed_rbac(helm: Any, control_plane: ControlPlane, namespace: str) -> Iterator[Any]:
+def installed_rbac(helm: Helm, control_plane: ControlPlane, namespace: str) -> Iterator[Any]:
     """A function that installs the chart's ServiceAccount + RBAC for real; removed after."""
     applied: list[str] = []
 
     def install(*sets: str) -> str:
         release = f"rbac-{uuid.uuid4().hex[:6]}"
         manifest = helm(
-            "template", release, str(CHART), "--namespace", namespace,
-            "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml",
+            "template",
+            release,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
             *values_args(None, *sets),
         ).stdout
         out = control_plane.kubectl(
-            "apply", "--server-side", "--field-manager=helm", "-o", "name", "-f", "-", input=manifest
+            "apply",
+            "--server-side",
+            "--field-manager=helm",
+            "-o",
+            "name",
+            "-f",
+            "-",
+            input=manifest,
         ).stdout
         applied.extend(line for line in out.splitlines() if line.startswith("clusterrole"))
         objs = [o for o in yaml.safe_load_all(manifest) if o]
