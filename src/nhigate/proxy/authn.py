@@ -147,15 +147,18 @@ class Authenticator:
         cache_size: int = 10_000,
         min_refresh_interval: float = 10.0,
         refresh_interval: float = 300.0,
+        jwks_timeout: float = JWKS_FETCH_TIMEOUT,
     ) -> None:
         """`clock` gives epoch seconds (token times and refresh rate limits use it);
-        `refresh_interval` is the scheduled JWKS refresh period once `start()` ran."""
+        `refresh_interval` is the scheduled JWKS refresh period once `start()` ran;
+        `jwks_timeout` bounds one JWKS fetch."""
         self.stats = AuthnStats()
         self._clock = clock
         self._cache_size = max(0, cache_size)
         self._cache: OrderedDict[bytes, _CacheEntry] = OrderedDict()
         self._min_refresh_interval = min_refresh_interval
         self._refresh_interval = refresh_interval
+        self._jwks_timeout = jwks_timeout
         self._session = session
         self._owns_session = False
         self._started = False
@@ -396,7 +399,7 @@ class Authenticator:
             if self._session is None:
                 self._session = aiohttp.ClientSession()
                 self._owns_session = True
-            keys = await fetch_jwks(self._session, uri, JWKS_FETCH_TIMEOUT)
+            keys = await fetch_jwks(self._session, uri, self._jwks_timeout)
         except JwksError as exc:
             state.last_error = str(exc)
             self._count_refresh(name, "error")
