@@ -62,6 +62,7 @@ PS="$(example '{.items[?(@.kind=="ProtectedService")].metadata.name}')"
 SVC="$(example '{.items[?(@.kind=="ProtectedService")].spec.backend.service}')"
 PORT="$(example '{.items[?(@.kind=="ProtectedService")].spec.backend.port}')"
 SUBJECT="$(example '{.items[?(@.kind=="RouteGrant")].spec.subjects[0].token.subject}')"
+CLAIMS="$(example '{.items[?(@.kind=="RouteGrant")].spec.subjects[0].token.claims}')"
 GRANTED="$(example '{.items[?(@.kind=="RouteGrant")].spec.rules[0].paths[0]}' | sed 's#/\*\*$#/e2e#; s#\*#x#g')"
 ISSUER="$(example '{.items[?(@.kind=="IdentityIssuer")].spec.issuer}')"
 AUDIENCE="$(example '{.items[?(@.kind=="IdentityIssuer")].spec.audiences[0]}')"
@@ -88,17 +89,17 @@ log "4/6 apply examples/ and wait for enforcement"
 "${KUBE[@]}" get nhigate -A
 
 # Both run in the client pod, whose image has Python, PyJWT and cryptography.
-mint() { # mint SUBJECT JTI -> a 10-minute token signed with the demo key (read from stdin)
+mint() { # mint SUBJECT JTI -> a 10-minute token with the grant's claims, signed with the demo key
   "${KUBE[@]}" -n "${CLIENT_NS}" exec -i client -- python -c '
-import sys, time, jwt
+import json, sys, time, jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 key = load_pem_private_key(sys.stdin.buffer.read(), None)
 alg = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256" if isinstance(key, rsa.RSAPrivateKey) else "EdDSA"
 now = int(time.time())
-claims = {"iss": sys.argv[1], "aud": sys.argv[2], "sub": sys.argv[3], "iat": now, "nbf": now, "exp": now + 600, "jti": sys.argv[5]}
+claims = {**json.loads(sys.argv[6] or "{}"), "iss": sys.argv[1], "aud": sys.argv[2], "sub": sys.argv[3], "iat": now, "nbf": now, "exp": now + 600, "jti": sys.argv[5]}
 print(jwt.encode(claims, key, algorithm=alg, headers={"kid": sys.argv[4]} if sys.argv[4] else None))' \
-    "${ISSUER}" "${AUDIENCE}" "$1" "${KID}" "$2" <"${KEY_FILE}"
+    "${ISSUER}" "${AUDIENCE}" "$1" "${KID}" "$2" "${CLAIMS}" <"${KEY_FILE}"
 }
 status_of() { # status_of URL [TOKEN] -> HTTP status, or "timeout"
   "${KUBE[@]}" -n "${CLIENT_NS}" exec client -- python -c '
