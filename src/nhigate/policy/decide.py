@@ -19,13 +19,7 @@ from dataclasses import dataclass
 from nhigate.policy.encoding import format_time
 from nhigate.policy.index import Policy, subject_matches
 from nhigate.policy.model import Decision, Facts, Grant, Reason, Subject
-from nhigate.policy.paths import PathPattern, PathRejected, normalise_path, path_segments
-
-_DENY_RANK = {
-    Reason.GRANT_EXPIRED: 1,
-    Reason.GRANT_NOT_YET_VALID: 2,
-    Reason.TENANT_MISMATCH: 3,
-}
+from nhigate.policy.paths import PathPattern, is_canonical_path, normalise_path, path_segments
 
 
 def grant_status(grant: Grant, now: float, tenant: str | None) -> Reason:
@@ -39,11 +33,9 @@ def grant_status(grant: Grant, now: float, tenant: str | None) -> Reason:
     return Reason.ALLOWED
 
 
-def _is_canonical(path: str) -> bool:
-    try:
-        return normalise_path(path) == path
-    except PathRejected:
-        return False
+_REVOKED = Decision(allowed=False, reason=Reason.REVOKED)
+_PATH_REJECTED = Decision(allowed=False, reason=Reason.PATH_REJECTED)
+_NO_MATCHING_GRANT = Decision(allowed=False, reason=Reason.NO_MATCHING_GRANT)
 
 
 def decide(policy: Policy, facts: Facts) -> Decision:
@@ -51,31 +43,38 @@ def decide(policy: Policy, facts: Facts) -> Decision:
 
     `facts.path` must be the output of `normalise_path`; any other path is
     denied with `path_rejected` (fail closed). On denial, `Decision.grant`
-    names the candidate grant behind the reason (None for `no_matching_grant`
-    and `revoked`).
+    names the candidate grant behind the reason (None for `no_matching_grant`,
+    `revoked` and `path_rejected`). Decisions are shared immutable objects.
     """
     identity = facts.identity
     now = facts.now
     if policy.revocation(identity, now) is not None:
-        return Decision(allowed=False, reason=Reason.REVOKED)
-    if not _is_canonical(facts.path):
-        return Decision(allowed=False, reason=Reason.PATH_REJECTED)
-    candidates = policy.candidates(identity, facts.method, path_segments(facts.path))
-    best_reason = Reason.NO_MATCHING_GRANT
+        return _REVOKED
+    path = facts.path
+    if not is_canonical_path(path):
+        return _PATH_REJECTED
+    candidates = policy.candidates(identity, facts.method, path[1:].split("/"))
+    if not candidates:
+        return _NO_MATCHING_GRANT
+    best = _NO_MATCHING_GRANT
     best_rank = 0
-    best_grant: str | None = None
     grants = policy.grants
+    decisions = policy.decisions
+    tenant = facts.tenant
     for pos in candidates:
         grant = grants[pos]
-        status = grant_status(grant, now, facts.tenant)
-        if status is Reason.ALLOWED:
-            return Decision(
-                allowed=True, reason=Reason.ALLOWED, grant=grant.name, rate_limit=grant.rate_limit
-            )
-        rank = _DENY_RANK[status]
-        if rank > best_rank:
-            best_rank, best_reason, best_grant = rank, status, grant.name
-    return Decision(allowed=False, reason=best_reason, grant=best_grant)
+        if grant.not_before is not None and now < grant.not_before:
+            if best_rank < 2:
+                best, best_rank = decisions[pos].not_yet_valid, 2
+        elif grant.expires_at is not None and now >= grant.expires_at:
+            if best_rank < 1:
+                best, best_rank = decisions[pos].expired, 1
+        elif grant.tenant is not None and tenant != grant.tenant:
+            if best_rank < 3:
+                best, best_rank = decisions[pos].tenant_mismatch, 3
+        else:
+            return decisions[pos].allowed
+    return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +148,7 @@ def explain(policy: Policy, facts: Facts) -> Explanation:
     decision = decide(policy, facts)
     identity = facts.identity
     revocation = policy.revocation(identity, facts.now)
-    canonical = _is_canonical(facts.path)
+    canonical = is_canonical_path(facts.path)
     verdicts: list[GrantVerdict] = []
     for pos in policy.subject_grants(identity):
         grant = policy.grants[pos]

@@ -38,7 +38,7 @@ from nhigate.policy.model import (
 from nhigate.policy.paths import PathPattern
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TIME_RE = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{6}))?Z")
+_TIME_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{6}))?Z")
 _VERSION_RE = re.compile(r"sha256:[0-9a-f]{16}")
 _METHOD_RE = re.compile(r"[A-Z][A-Z0-9-]*")
 
@@ -66,8 +66,8 @@ def canonical_time(t: float) -> float:
 def format_time(t: float) -> str:
     """Epoch seconds -> RFC 3339 UTC (``2026-01-02T03:04:05Z``, or ``...05.250000Z``)."""
     seconds, micros = divmod(_micros(t), 1_000_000)
-    moment = _EPOCH + timedelta(seconds=seconds)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    m = _EPOCH + timedelta(seconds=seconds)
+    text = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
     return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
 
 
@@ -76,10 +76,15 @@ def parse_time(text: str) -> float:
     match = _TIME_RE.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not an RFC 3339 UTC time like 2026-01-02T03:04:05Z")
-    moment = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    try:
+        year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a valid time: {exc}") from None
     seconds = (moment - _EPOCH) // timedelta(seconds=1)
-    micros = int(match.group(2) or "0")
-    if match.group(2) is not None and micros == 0:
+    fraction = match.group(7)
+    micros = int(fraction or "0")
+    if fraction is not None and micros == 0:
         raise ValueError(f"{text!r}: write whole seconds without a fraction")
     return (seconds * 1_000_000 + micros) / 1_000_000
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from nhigate.policy.document import PolicyDocument
 from nhigate.policy.model import (
+    Decision,
     Grant,
     Identity,
     IdentityKind,
+    Reason,
     Revocation,
     ServiceAccountSubject,
     Subject,
@@ -28,7 +31,6 @@ from nhigate.policy.paths import PathPattern
 Claims = tuple[tuple[str, str], ...]
 _Entry = tuple[int, Claims]
 """(position of the grant in `Policy.grants`, claims the identity must also carry)."""
-_BucketKey = tuple[str, ...]
 
 _ANY_METHOD = "*"
 
@@ -135,32 +137,6 @@ def subject_matches(subject: Subject, identity: Identity) -> bool:
     return identity.kind is IdentityKind.SPIFFE and identity.spiffe_id == subject.spiffe_id
 
 
-def _subject_bucket(subject: Subject) -> _BucketKey:
-    if isinstance(subject, ServiceAccountSubject):
-        return ("sa", subject.namespace, subject.name)
-    if isinstance(subject, TokenSubject):
-        if subject.subject is None:
-            return ("iss", subject.issuer)
-        return ("sub", subject.issuer, subject.subject)
-    return ("spiffe", subject.spiffe_id)
-
-
-def identity_buckets(identity: Identity) -> list[_BucketKey]:
-    """The bucket keys whose grants may apply to `identity` (mirrors `subject_matches`)."""
-    keys: list[_BucketKey] = []
-    kind = identity.kind
-    if kind is IdentityKind.SPIFFE:
-        if identity.spiffe_id is not None:
-            keys.append(("spiffe", identity.spiffe_id))
-        return keys
-    if kind is IdentityKind.SERVICE_ACCOUNT and identity.service_account is not None:
-        sa = identity.service_account
-        keys.append(("sa", sa.namespace, sa.name))
-    keys.append(("sub", identity.issuer, identity.subject))
-    keys.append(("iss", identity.issuer))
-    return keys
-
-
 @dataclass(frozen=True, slots=True)
 class _RevocationHit:
     until: float
@@ -168,11 +144,36 @@ class _RevocationHit:
     name: str
 
 
-def _add_revocation(table: dict[object, _RevocationHit], key: object, rev: Revocation) -> None:
+def _add_revocation(table: dict[Any, _RevocationHit], key: object, rev: Revocation) -> None:
     until = math.inf if rev.until is None else rev.until
     known = table.get(key)
     if known is None or until > known.until:
         table[key] = _RevocationHit(until, rev.name)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantDecisions:
+    """The four decisions a grant can produce, built once at compile time (decide() allocates
+    nothing on its hot path)."""
+
+    allowed: Decision
+    not_yet_valid: Decision
+    expired: Decision
+    tenant_mismatch: Decision
+
+
+def _grant_decisions(grant: Grant) -> GrantDecisions:
+    def deny(reason: Reason) -> Decision:
+        return Decision(allowed=False, reason=reason, grant=grant.name)
+
+    return GrantDecisions(
+        allowed=Decision(
+            allowed=True, reason=Reason.ALLOWED, grant=grant.name, rate_limit=grant.rate_limit
+        ),
+        not_yet_valid=deny(Reason.GRANT_NOT_YET_VALID),
+        expired=deny(Reason.GRANT_EXPIRED),
+        tenant_mismatch=deny(Reason.TENANT_MISMATCH),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,10 +187,18 @@ class Policy:
     grants: tuple[Grant, ...]
     patterns: tuple[tuple[tuple[PathPattern, ...], ...], ...]
     """Per grant, per rule, the compiled path patterns (same order as the document)."""
-    _buckets: Mapping[_BucketKey, _Node] = field(repr=False)
-    _revoked_subjects: Mapping[object, _RevocationHit] = field(repr=False)
-    _revoked_tokens: Mapping[object, _RevocationHit] = field(repr=False)
-    _revoked_sa_uids: Mapping[object, _RevocationHit] = field(repr=False)
+    decisions: tuple[GrantDecisions, ...] = field(repr=False)
+    """Per grant, its precomputed decisions."""
+    _by_service_account: Mapping[tuple[str, str], _Node] = field(repr=False)
+    _by_subject: Mapping[str, Mapping[str, _Node]] = field(repr=False)
+    """issuer -> token subject -> trie."""
+    _by_issuer: Mapping[str, _Node] = field(repr=False)
+    """issuer -> trie of claim-only subjects."""
+    _by_spiffe: Mapping[str, _Node] = field(repr=False)
+    _revoked_subjects: Mapping[tuple[str, str], _RevocationHit] = field(repr=False)
+    _revoked_tokens: Mapping[str, _RevocationHit] = field(repr=False)
+    _revoked_sa_uids: Mapping[str, _RevocationHit] = field(repr=False)
+    _has_revocations: bool = field(repr=False)
 
     @property
     def version(self) -> str:
@@ -200,13 +209,31 @@ class Policy:
         """Positions of grants with a subject matching `identity` and a rule matching
         (`method`, path `segments`), ascending and without duplicates."""
         found: list[_Entry] = []
-        buckets = self._buckets
-        for key in identity_buckets(identity):
-            node = buckets.get(key)
+        kind = identity.kind
+        if kind is IdentityKind.SPIFFE:
+            if identity.spiffe_id is not None:
+                node = self._by_spiffe.get(identity.spiffe_id)
+                if node is not None:
+                    node.collect(segments, 0, method, found)
+        else:
+            sa = identity.service_account
+            if kind is IdentityKind.SERVICE_ACCOUNT and sa is not None:
+                node = self._by_service_account.get((sa.namespace, sa.name))
+                if node is not None:
+                    node.collect(segments, 0, method, found)
+            subjects = self._by_subject.get(identity.issuer)
+            if subjects is not None:
+                node = subjects.get(identity.subject)
+                if node is not None:
+                    node.collect(segments, 0, method, found)
+            node = self._by_issuer.get(identity.issuer)
             if node is not None:
                 node.collect(segments, 0, method, found)
         if not found:
             return []
+        if len(found) == 1:
+            pos, required = found[0]
+            return [pos] if not required or claims_match(required, identity.claims) else []
         claims = identity.claims
         positions = {
             pos for pos, required in found if not required or claims_match(required, claims)
@@ -223,6 +250,8 @@ class Policy:
 
     def revocation(self, identity: Identity, now: float) -> str | None:
         """Name of a revocation in force at `now` for this credential, or None."""
+        if not self._has_revocations:
+            return None
         hits = (
             self._revoked_subjects.get((identity.issuer, identity.subject)),
             self._revoked_tokens.get(identity.token_id) if identity.token_id else None,
@@ -242,7 +271,10 @@ def compile_policy(doc: PolicyDocument) -> Policy:
     Raises ValueError when a grant carries an invalid path pattern; documents
     from `decode_document`/`make_document` are already validated.
     """
-    buckets: dict[_BucketKey, _Node] = {}
+    by_sa: dict[tuple[str, str], _Node] = {}
+    by_subject: dict[str, dict[str, _Node]] = {}
+    by_issuer: dict[str, _Node] = {}
+    by_spiffe: dict[str, _Node] = {}
     patterns: list[tuple[tuple[PathPattern, ...], ...]] = []
     for pos, grant in enumerate(doc.grants):
         compiled_rules = tuple(
@@ -250,20 +282,27 @@ def compile_policy(doc: PolicyDocument) -> Policy:
         )
         patterns.append(compiled_rules)
         for subject in grant.subjects:
-            key = _subject_bucket(subject)
-            node = buckets.get(key)
-            if node is None:
-                node = buckets[key] = _Node()
-            claims: Claims = subject.claims if isinstance(subject, TokenSubject) else ()
+            claims: Claims = ()
+            if isinstance(subject, ServiceAccountSubject):
+                node = by_sa.setdefault((subject.namespace, subject.name), _Node())
+            elif isinstance(subject, TokenSubject):
+                claims = subject.claims
+                if subject.subject is None:
+                    node = by_issuer.setdefault(subject.issuer, _Node())
+                else:
+                    per_issuer = by_subject.setdefault(subject.issuer, {})
+                    node = per_issuer.setdefault(subject.subject, _Node())
+            else:
+                node = by_spiffe.setdefault(subject.spiffe_id, _Node())
             for rule, rule_patterns in zip(grant.rules, compiled_rules, strict=True):
                 for pattern in rule_patterns:
                     node.insert(pattern, rule.methods, (pos, claims))
-    by_subject: dict[object, _RevocationHit] = {}
-    by_token: dict[object, _RevocationHit] = {}
-    by_uid: dict[object, _RevocationHit] = {}
+    by_pair: dict[tuple[str, str], _RevocationHit] = {}
+    by_token: dict[str, _RevocationHit] = {}
+    by_uid: dict[str, _RevocationHit] = {}
     for rev in doc.revocations:
         if rev.issuer is not None and rev.subject is not None:
-            _add_revocation(by_subject, (rev.issuer, rev.subject), rev)
+            _add_revocation(by_pair, (rev.issuer, rev.subject), rev)
         if rev.token_id is not None:
             _add_revocation(by_token, rev.token_id, rev)
         if rev.service_account_uid is not None:
@@ -272,18 +311,23 @@ def compile_policy(doc: PolicyDocument) -> Policy:
         document=doc,
         grants=doc.grants,
         patterns=tuple(patterns),
-        _buckets=buckets,
-        _revoked_subjects=by_subject,
+        decisions=tuple(_grant_decisions(g) for g in doc.grants),
+        _by_service_account=by_sa,
+        _by_subject=by_subject,
+        _by_issuer=by_issuer,
+        _by_spiffe=by_spiffe,
+        _revoked_subjects=by_pair,
         _revoked_tokens=by_token,
         _revoked_sa_uids=by_uid,
+        _has_revocations=bool(doc.revocations),
     )
 
 
 __all__ = [
+    "GrantDecisions",
     "Policy",
     "claim_matches",
     "claims_match",
     "compile_policy",
-    "identity_buckets",
     "subject_matches",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 MAX_PATH_LENGTH = 8192
 """Longest raw request path (and longest canonical path) accepted, in characters."""
@@ -156,6 +157,16 @@ def normalise_path(raw: str) -> str:
     return canonical
 
 
+def is_canonical_path(path: str) -> bool:
+    """True when `path` is its own normal form (cheap for the common, already-clean path)."""
+    if _FAST_CANONICAL.fullmatch(path) is not None and "/." not in path:
+        return len(path) <= MAX_PATH_LENGTH
+    try:
+        return normalise_path(path) == path
+    except PathRejected:
+        return False
+
+
 def path_segments(path: str) -> list[str]:
     """Split a canonical path into segments: "/" -> [""], "/a/b/" -> ["a", "b", ""]."""
     return path[1:].split("/")
@@ -178,6 +189,10 @@ class PathPattern:
         """Parse and validate `pattern`; raise ValueError with a readable message if invalid."""
         if not isinstance(pattern, str):
             raise ValueError(f"path pattern must be a string, got {type(pattern).__name__}")
+        return _compile_pattern(pattern)
+
+    @classmethod
+    def _parse(cls, pattern: str) -> PathPattern:
         if not pattern.startswith("/"):
             raise ValueError(f"path pattern {pattern!r} must start with '/'")
         if "//" in pattern:
@@ -224,3 +239,9 @@ class PathPattern:
             elif want != got:
                 return False
         return True
+
+
+@lru_cache(maxsize=65536)
+def _compile_pattern(pattern: str) -> PathPattern:
+    # Documents repeat patterns and the proxy re-validates on every reload: parse each once.
+    return PathPattern._parse(pattern)
