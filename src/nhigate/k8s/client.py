@@ -96,6 +96,11 @@ class KubeClient:
         """The API server URL this client talks to."""
         return str(self._api.configuration.host)
 
+    @property
+    def configuration(self) -> Any:
+        """The loaded kubernetes_asyncio Configuration (host, CA, client cert, token)."""
+        return self._api.configuration
+
     async def close(self) -> None:
         """Close the underlying HTTP session."""
         await self._api.close()

@@ -1,0 +1,1053 @@
+"""The controller's logic; every kopf handler delegates here.
+
+One `Controller` per process. Everything about a ProtectedService X (its policy,
+owned objects, replica reports, bypass paths, the status of X and of the
+RouteGrants that target X) is recomputed by one coalescing sync per X
+(`WorkQueue`), so watch bursts collapse and two syncs of X never race. Each sync
+is level-based: it reads the cluster, computes, server-side-applies what
+differs, and writes status from what it observed (`status.py`).
+
+The policy is compiled and applied first in every sync: revocation latency is the
+time from a watch event to the ConfigMap write, plus the proxies' own watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from pydantic import ValidationError
+
+from nhigate.api import conditions as c
+from nhigate.api.compile import build_policy_document, compile_grant, missing_issuers
+from nhigate.api.durations import parse_duration
+from nhigate.api.models import IdentityIssuer, ProtectedService, Revocation, RouteGrant
+from nhigate.api.resources import describe_validation_error
+from nhigate.controller import manifests as m
+from nhigate.controller.bypass import BypassPath, find_bypass_paths
+from nhigate.controller.jwks import (
+    InvalidJwks,
+    assertion_public_jwks,
+    new_assertion_key,
+    validate_jwks,
+)
+from nhigate.controller.netpol import selector_matches
+from nhigate.controller.settings import ControllerSettings
+from nhigate.controller.status import (
+    Problem,
+    ReplicaReport,
+    condition,
+    direct_path_blocked,
+    format_time,
+    grant_active,
+    grant_enforced,
+    live_replicas,
+    merge_conditions,
+    next_replica_expiry,
+    next_transition,
+    parse_time,
+    policy_enforced,
+    proxy_available,
+    service_ready,
+)
+from nhigate.controller.workqueue import Aspect, Key, WorkQueue
+from nhigate.k8s import (
+    DEPLOYMENTS,
+    HPAS,
+    HTTPROUTES,
+    IDENTITYISSUERS,
+    INGRESSES,
+    LEASES,
+    NAMESPACES,
+    NETWORKPOLICIES,
+    PODS,
+    PROTECTEDSERVICES,
+    REVOCATIONS,
+    ROUTEGRANTS,
+    SECRETS,
+    SERVICES,
+    KubeClient,
+    KubeError,
+    ResourceRef,
+)
+from nhigate.policy import Grant, encode_document
+
+JSON = dict[str, Any]
+_VERSIONS_KEPT = 32
+"""Policy versions remembered per service (replicas lagging further count as not enforcing)."""
+_STATUS_WRITE_CONCURRENCY = 16
+_LEASE_EXPIRY_SLACK = 0.05
+
+
+def _meta(obj: Mapping[str, Any]) -> JSON:
+    meta: JSON = obj.get("metadata") or {}
+    return meta
+
+
+def _spec(obj: Mapping[str, Any]) -> JSON:
+    spec: JSON = obj.get("spec") or {}
+    return spec
+
+
+def _grant_target(body: Mapping[str, Any]) -> str | None:
+    target = (_spec(body).get("target") or {}).get("protectedService")
+    return str(target) if target else None
+
+
+@dataclass
+class _GrantView:
+    """One RouteGrant as this sync judged it."""
+
+    body: JSON
+    accepted: JSON
+    compiled: Grant | None = None
+    active: JSON | None = None
+
+    @property
+    def name(self) -> str:
+        return str(_meta(self.body).get("name"))
+
+    @property
+    def key(self) -> str:
+        return f"{_meta(self.body).get('namespace')}/{self.name}"
+
+
+@dataclass
+class _Observed:
+    """What the controller last observed and computed for one ProtectedService."""
+
+    version: str | None = None
+    document: bytes | None = None
+    policy_error: str | None = None
+    grants: list[_GrantView] = field(default_factory=list)
+    missing_issuers: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    deployment: JSON | None = None
+    deployment_version: str | None = None
+    replicas: list[ReplicaReport] = field(default_factory=list)
+    bypass: list[BypassPath] | None = None
+    backend_found: bool = True
+    contents: OrderedDict[str, dict[str, Grant]] = field(default_factory=OrderedDict)
+    """Policy version -> the grants (by `namespace/name`) it contains, newest last."""
+
+
+@dataclass
+class _IssuerKeys:
+    jwks: JSON
+    count: int
+    fetched_at: float
+
+
+class Controller:
+    """The state and logic of one controller process."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        settings: ControllerSettings,
+        *,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.log = logger or logging.getLogger("nhigate.controller")
+        self.clock = clock
+        self.queue = WorkQueue(
+            self._sync,
+            retry_min=settings.retry_min,
+            retry_max=settings.retry_max,
+            logger=self.log,
+        )
+        self._services: defaultdict[str, set[str]] = defaultdict(set)
+        self._observed: dict[Key, _Observed] = {}
+        self._issuer_keys: dict[tuple[str, str], _IssuerKeys] = {}
+        self._generations: dict[tuple[str, str, str], int] = {}
+        self._grant_targets: dict[tuple[str, str], str] = {}
+        self._httproutes_served: tuple[bool, float] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._issuer_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def close(self) -> None:
+        """Stop every worker and timer; close the JWKS HTTP session."""
+        await self.queue.close()
+        if self._http is not None:
+            await self._http.close()
+
+    # =========================================================================================
+    # Entry points (called by handlers.py)
+
+    async def reconcile_service(self, namespace: str, name: str) -> None:
+        """Full reconcile of one ProtectedService; raises when the sync failed (kopf retries)."""
+        self._services[namespace].add(name)
+        await self.queue.request((namespace, name), Aspect.ALL)
+
+    def service_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """Track which ProtectedServices exist; a deletion re-judges the grants targeting it."""
+        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
+        if event_type == "DELETED":
+            self._services[namespace].discard(name)
+            self._request((namespace, name), Aspect.POLICY)
+        else:
+            self._services[namespace].add(name)
+
+    def grant_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A RouteGrant changed: recompile its target's policy now (and its old target's)."""
+        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
+        target = _grant_target(body)
+        previous = self._grant_targets.get((namespace, name))
+        if event_type == "DELETED":
+            self._grant_targets.pop((namespace, name), None)
+            self._generations.pop(("RouteGrant", namespace, name), None)
+        else:
+            if not self._spec_changed("RouteGrant", body) and previous == target:
+                return  # a status or metadata write (often our own): nothing to recompile
+            if target:
+                self._grant_targets[(namespace, name)] = target
+        for affected in {target, previous} - {None}:
+            self._request((namespace, str(affected)), Aspect.POLICY)
+
+    async def revocation_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A Revocation changed: recompile what it covers, then judge it."""
+        namespace = str(_meta(body).get("namespace"))
+        if event_type != "DELETED" and not self._spec_changed("Revocation", body):
+            return
+        target = (_spec(body).get("target") or {}).get("protectedService")
+        names = {str(target)} if target else set(self._services[namespace])
+        if event_type == "DELETED":
+            names = set(self._services[namespace])  # the old target is unknown: all of them
+            self._generations.pop(("Revocation", namespace, str(_meta(body).get("name"))), None)
+        for name in names:
+            self._request((namespace, name), Aspect.POLICY)
+        if event_type != "DELETED":
+            await self._judge_revocation(body)
+
+    def issuer_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """An IdentityIssuer changed or went away: recompile the services in its namespace."""
+        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
+        if event_type == "DELETED":
+            self._issuer_keys.pop((namespace, name), None)
+            self._generations.pop(("IdentityIssuer", namespace, name), None)
+        elif not self._spec_changed("IdentityIssuer", body):
+            return
+        self._request_namespace(namespace, Aspect.POLICY | Aspect.INFRA)
+
+    def lease_event(self, body: Mapping[str, Any]) -> None:
+        """A proxy replica reported (or stopped reporting) its policy version."""
+        labels = _meta(body).get("labels") or {}
+        name = labels.get(m.LABEL_PROTECTED_SERVICE)
+        if name:
+            self._request((str(_meta(body).get("namespace")), str(name)), Aspect.ENFORCEMENT)
+
+    def owned_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """An object we own changed: re-read the proxy's state; re-apply if it was tampered with."""
+        meta = _meta(body)
+        name = (meta.get("labels") or {}).get(m.LABEL_PROTECTED_SERVICE)
+        if not name:
+            return
+        key = (str(meta.get("namespace")), str(name))
+        aspects = Aspect.ENFORCEMENT
+        observed = self._observed.get(key)
+        if event_type == "DELETED":
+            aspects |= Aspect.INFRA
+        elif body.get("kind") == "ConfigMap" and str(meta.get("name", "")).endswith("-policy"):
+            served = (meta.get("annotations") or {}).get(m.POLICY_VERSION_ANNOTATION)
+            if observed is None or served == observed.version:
+                return
+            aspects = Aspect.POLICY | Aspect.INFRA  # someone else wrote our policy: restore it
+        self._request(key, aspects)
+
+    def network_event(self, namespace: str | None) -> None:
+        """NetworkPolicy/Service/Ingress/HTTPRoute/Pod/Namespace change: re-run bypass analysis."""
+        if namespace is None:  # a Namespace's labels matter to namespaceSelectors everywhere
+            for ns in list(self._services):
+                self._request_namespace(ns, Aspect.BYPASS)
+        else:
+            self._request_namespace(namespace, Aspect.BYPASS)
+
+    async def reconcile_issuer(self, body: Mapping[str, Any], *, force: bool) -> None:
+        """Fetch and validate an IdentityIssuer's keys when due; write its status."""
+        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
+        async with self._issuer_locks[(namespace, name)]:
+            await self._reconcile_issuer(body, force=force)
+
+    # =========================================================================================
+    # Requests
+
+    def _request(self, key: Key, aspects: Aspect) -> None:
+        future = self.queue.request(key, aspects)
+        future.add_done_callback(_retrieve)
+
+    def _request_namespace(self, namespace: str, aspects: Aspect) -> None:
+        for name in list(self._services.get(namespace, ())):
+            self._request((namespace, name), aspects)
+
+    def _spec_changed(self, kind: str, body: Mapping[str, Any]) -> bool:
+        meta = _meta(body)
+        key = (kind, str(meta.get("namespace")), str(meta.get("name")))
+        generation = int(meta.get("generation") or 0)
+        if self._generations.get(key) == generation and generation:
+            return False
+        self._generations[key] = generation
+        return True
+
+    # =========================================================================================
+    # The sync of one ProtectedService
+
+    async def _sync(self, key: Key, aspects: Aspect) -> None:
+        namespace, name = key
+        body = await self.client.get(PROTECTEDSERVICES, name, namespace)
+        if body is None or _meta(body).get("deletionTimestamp"):
+            self._observed.pop(key, None)
+            self.queue.forget(key)
+            await self._judge_orphan_grants(namespace, name)
+            return
+        self._services[namespace].add(name)
+        if key not in self._observed:
+            aspects = Aspect.ALL  # first sync in this process: observe everything
+        observed = self._observed.setdefault(key, _Observed())
+        try:
+            ps = ProtectedService.model_validate(body)
+        except ValidationError as exc:
+            await self._write_invalid_service(body, exc)
+            return
+        previous_version = observed.version
+        if aspects & Aspect.POLICY:
+            await self._compile_policy(ps, observed)
+        if aspects & Aspect.INFRA:
+            await self._apply_owned(ps, observed)
+        elif observed.version != previous_version and observed.deployment is not None:
+            await self._apply_deployment(ps, observed)  # keeps its policy-version annotation true
+        if aspects & (Aspect.ENFORCEMENT | Aspect.POLICY | Aspect.INFRA):
+            await self._observe_replicas(
+                ps, observed, deployment_known=bool(aspects & Aspect.INFRA)
+            )
+        if aspects & (Aspect.BYPASS | Aspect.INFRA):
+            await self._observe_bypass(ps, observed)
+        await self._write_service_status(ps, body, observed)
+        await self._write_grant_statuses(ps, observed)
+
+    # -- policy -----------------------------------------------------------------------------
+
+    async def _compile_policy(self, ps: ProtectedService, observed: _Observed) -> None:
+        now = self.clock()
+        namespace = ps.namespace
+        (issuer_bodies, _), (grant_bodies, _), (revocation_bodies, _) = await asyncio.gather(
+            self.client.list(IDENTITYISSUERS, namespace),
+            self.client.list(ROUTEGRANTS, namespace),
+            self.client.list(REVOCATIONS, namespace),
+        )
+        issuers = _parse_all(IdentityIssuer, issuer_bodies)
+        revocations = _parse_all(Revocation, revocation_bodies)
+        views: list[_GrantView] = []
+        accepted: list[RouteGrant] = []
+        for body in grant_bodies:
+            if _grant_target(body) != ps.name:
+                continue
+            self._grant_targets[(namespace, str(_meta(body).get("name")))] = ps.name
+            grant, verdict = self._judge_grant(body, ps, issuers)
+            views.append(_GrantView(body=body, accepted=verdict))
+            if grant is not None:
+                accepted.append(grant)
+        jwks = await self._kubernetes_issuer_keys(ps, issuers)
+        moment = datetime.fromtimestamp(now, tz=UTC)
+        observed.missing_issuers = missing_issuers(ps, issuers)
+        try:
+            document = build_policy_document(
+                ps, issuers, accepted, revocations, now=moment, issuer_jwks=jwks
+            )
+            data = encode_document(document)
+            manifest = m.build_policy_configmap(ps, data, document.version)
+        except ValueError as exc:  # e.g. too large for a ConfigMap: keep the last good policy
+            observed.policy_error = f"the policy cannot be compiled: {exc}"
+            self.log.error("%s/%s: %s", namespace, ps.name, observed.policy_error)
+            observed.grants = views
+            return
+        observed.policy_error = None
+        if document.version != observed.version:
+            await self.client.apply(manifest, field_manager=self.settings.field_manager)
+            self.log.info("%s/%s: policy %s applied", namespace, ps.name, document.version)
+        observed.version, observed.document = document.version, data
+        observed.contents[document.version] = {g.name: g for g in document.grants}
+        observed.contents.move_to_end(document.version)
+        while len(observed.contents) > _VERSIONS_KEPT:
+            observed.contents.popitem(last=False)
+        in_policy = observed.contents[document.version]
+        transitions: list[float] = []
+        for view in views:
+            spec = _spec(view.body)
+            not_before, expires_at = (
+                parse_time(spec.get("notBefore")),
+                parse_time(spec.get("expiresAt")),
+            )
+            view.active = grant_active(not_before, expires_at, now)
+            view.compiled = in_policy.get(view.key)
+            upcoming = next_transition(not_before, expires_at, now)
+            if upcoming is not None:
+                transitions.append(upcoming)
+        transitions += [r.until for r in document.revocations if r.until is not None]
+        observed.grants = views
+        key = (namespace, ps.name)
+        upcoming_all = [t for t in transitions if t > now]
+        if upcoming_all:  # flip Active / drop expired grants and revocations exactly on time
+            self.queue.request_at(key, Aspect.POLICY, min(upcoming_all), slot="validity")
+
+    def _judge_grant(
+        self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer]
+    ) -> tuple[RouteGrant | None, JSON]:
+        """Validate what CEL cannot: referenced issuers exist and the target can verify them."""
+        try:
+            grant = RouteGrant.model_validate(body)
+            compile_grant(grant)
+        except ValidationError as exc:
+            lines = describe_validation_error(exc)
+            return None, condition(c.ACCEPTED, False, c.REASON_INVALID_SPEC, "; ".join(lines))
+        except ValueError as exc:
+            return None, condition(c.ACCEPTED, False, c.REASON_INVALID_SPEC, str(exc))
+        problem = _subject_problem(grant, ps, issuers)
+        if problem is not None:
+            return None, condition(c.ACCEPTED, False, *problem)
+        return grant, condition(
+            c.ACCEPTED, True, c.REASON_ACCEPTED, f"accepted for ProtectedService {ps.name}"
+        )
+
+    async def _kubernetes_issuer_keys(
+        self, ps: ProtectedService, issuers: list[IdentityIssuer]
+    ) -> dict[str, JSON]:
+        """Keys of the service's `kubernetes` issuers (fetched now if never fetched)."""
+        keys: dict[str, JSON] = {}
+        for issuer in issuers:
+            if issuer.name not in ps.spec.issuers or issuer.spec.kubernetes is None:
+                continue
+            known = self._issuer_keys.get((issuer.namespace, issuer.name))
+            if known is None:
+                try:
+                    jwks = validate_jwks(await self.client.get_raw("/openid/v1/jwks"))
+                except (KubeError, InvalidJwks) as exc:
+                    self.log.warning("kubernetes issuer %s: %s", issuer.key, exc)
+                    continue
+                known = _IssuerKeys(jwks, len(jwks["keys"]), self.clock())
+                self._issuer_keys[(issuer.namespace, issuer.name)] = known
+            keys[issuer.name] = known.jwks
+        return keys
+
+    # -- owned objects ----------------------------------------------------------------------
+
+    async def _apply_owned(self, ps: ProtectedService, observed: _Observed) -> None:
+        manager = self.settings.field_manager
+        problems: list[Problem] = []
+        backend = await self.client.get(SERVICES, ps.spec.backend.service, ps.namespace)
+        observed.backend_found = backend is not None
+        backend_port = _service_port(backend, ps.spec.backend.port) if backend else None
+        if backend is None:
+            problems.append(
+                Problem(
+                    c.REASON_BACKEND_NOT_FOUND,
+                    f"spec.backend.service: Service {ps.spec.backend.service} not found",
+                )
+            )
+        elif backend_port is None:
+            problems.append(
+                Problem(
+                    c.REASON_BACKEND_NOT_FOUND,
+                    f"spec.backend.port: Service {ps.spec.backend.service} has no port "
+                    f"{ps.spec.backend.port}",
+                )
+            )
+        if observed.missing_issuers:
+            names = ", ".join(observed.missing_issuers)
+            problems.append(
+                Problem(
+                    c.REASON_ISSUER_NOT_FOUND, f"spec.issuers: IdentityIssuer not found: {names}"
+                )
+            )
+        manifests = [
+            m.build_service_account(ps),
+            m.build_role(ps),
+            m.build_role_binding(ps),
+            m.build_proxy_service(ps),
+            m.build_pod_disruption_budget(ps),
+        ]
+        if observed.document is not None and observed.version is not None:
+            manifests.append(m.build_policy_configmap(ps, observed.document, observed.version))
+        if m.assertion_enabled(ps):
+            manifests += await self._assertion_manifests(ps)
+        await asyncio.gather(*(self.client.apply(x, field_manager=manager) for x in manifests))
+        hpa = m.build_hpa(ps)
+        if hpa is not None:
+            await self.client.apply(hpa, field_manager=manager)
+        else:
+            await self.client.delete(HPAS, m.resource_name(ps), ps.namespace)
+        await self._apply_isolation(ps, backend, backend_port, problems)
+        await self._apply_deployment(ps, observed)
+        observed.problems = problems
+
+    async def _apply_deployment(self, ps: ProtectedService, observed: _Observed) -> None:
+        deployment = m.build_proxy_deployment(
+            ps, image=self.settings.proxy_image, policy_version=observed.version or ""
+        )
+        observed.deployment = await self.client.apply(
+            deployment, field_manager=self.settings.field_manager
+        )
+        observed.deployment_version = observed.version
+
+    async def _apply_isolation(
+        self,
+        ps: ProtectedService,
+        backend: JSON | None,
+        backend_port: JSON | None,
+        problems: list[Problem],
+    ) -> None:
+        name = m.isolation_policy_name(ps)
+        if ps.spec.isolation.mode != "Enforce":
+            await self.client.delete(NETWORKPOLICIES, name, ps.namespace)
+            return
+        if backend is None or backend_port is None:
+            return  # keep whatever isolation exists: never open a path because a read failed
+        selector = _spec(backend).get("selector") or {}
+        target_port: int | str = backend_port.get("targetPort") or ps.spec.backend.port
+        try:
+            policy = m.build_isolation_network_policy(
+                ps, selector, target_port, protocol=str(backend_port.get("protocol", "TCP"))
+            )
+        except ValueError as exc:
+            problems.append(Problem(c.REASON_ERROR, str(exc)))
+            return
+        if policy is not None:
+            await self.client.apply(policy, field_manager=self.settings.field_manager)
+
+    async def _assertion_manifests(self, ps: ProtectedService) -> list[JSON]:
+        """The assertion key Secret (generated once, then kept) and its public JWKS ConfigMap."""
+        secret = await self.client.get(SECRETS, m.assertion_key_secret_name(ps), ps.namespace)
+        pem: bytes | None = None
+        encoded = ((secret or {}).get("data") or {}).get(m.ASSERTION_KEY_FILE)
+        if encoded:
+            pem = base64.b64decode(encoded)
+            try:
+                public = assertion_public_jwks(pem)
+            except ValueError:
+                pem = None  # unusable: replace it
+        if pem is None:
+            pem = new_assertion_key()
+            public = assertion_public_jwks(pem)
+        return [
+            m.build_assertion_key_secret(ps, pem),
+            m.build_assertion_jwks_configmap(ps, public),
+        ]
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    async def _observe_replicas(
+        self, ps: ProtectedService, observed: _Observed, *, deployment_known: bool
+    ) -> None:
+        selector = f"{m.LABEL_PROTECTED_SERVICE}={ps.name}"
+        leases, _ = await self.client.list(LEASES, ps.namespace, label_selector=selector)
+        if not deployment_known:
+            observed.deployment = await self.client.get(
+                DEPLOYMENTS, m.resource_name(ps), ps.namespace
+            )
+        now = self.clock()
+        observed.replicas = live_replicas(leases, now)
+        expiry = next_replica_expiry(observed.replicas)
+        key = (ps.namespace, ps.name)
+        if expiry is not None:  # a replica that stops reporting sends no event: look again then
+            self.queue.request_at(
+                key, Aspect.ENFORCEMENT, expiry + _LEASE_EXPIRY_SLACK, slot="leases"
+            )
+
+    # -- bypass -----------------------------------------------------------------------------
+
+    async def _observe_bypass(self, ps: ProtectedService, observed: _Observed) -> None:
+        namespace = ps.namespace
+        backend = await self.client.get(SERVICES, ps.spec.backend.service, namespace)
+        observed.backend_found = backend is not None
+        if backend is None:
+            observed.bypass = None
+            return
+        served = await self._httproutes_are_served()
+        results = await asyncio.gather(
+            self.client.list(NETWORKPOLICIES, namespace),
+            self.client.list(SERVICES, namespace),
+            self.client.list(INGRESSES, namespace),
+            self.client.list(PODS, namespace),
+            self._list_or_empty(HTTPROUTES, namespace) if served else _empty(),
+            self._list_or_empty(NAMESPACES, None),
+        )
+        policies, services, ingresses, pods, routes, namespaces = (r[0] for r in results)
+        selector = _spec(backend).get("selector") or {}
+        backend_pods = [
+            p
+            for p in pods
+            if selector
+            and selector_matches({"matchLabels": selector}, _meta(p).get("labels") or {})
+        ]
+        paths = find_bypass_paths(
+            ps_namespace=namespace,
+            backend_service=backend,
+            backend_pods=backend_pods,
+            proxy_pod_labels=m.proxy_labels(ps),
+            isolation_policy_name=m.isolation_policy_name(ps),
+            allow_from=m.allow_from_peers(ps),
+            network_policies=policies,
+            services=services,
+            ingresses=ingresses,
+            http_routes=routes,
+            namespaces=namespaces,
+            backend_port=ps.spec.backend.port,
+        )
+        before = set(observed.bypass or ())
+        observed.bypass = paths
+        if ps.spec.isolation.mode == "Off":
+            return  # the user chose no isolation: report, but do not warn about each path
+        for path in paths:
+            if path not in before:
+                await self._post_event(
+                    _ref_body(ps),
+                    "Warning",
+                    "BypassFound",
+                    f"direct path to the backend: {path.kind} {path.namespace}/{path.name}: "
+                    f"{path.reason}",
+                )
+
+    async def _httproutes_are_served(self) -> bool:
+        now = self.clock()
+        if self._httproutes_served is None or now - self._httproutes_served[1] > 60:
+            try:
+                served = await self.client.resource_exists(
+                    HTTPROUTES.group, HTTPROUTES.version, HTTPROUTES.plural
+                )
+            except KubeError:
+                served = False
+            self._httproutes_served = (served, now)
+        return self._httproutes_served[0]
+
+    async def _list_or_empty(
+        self, ref: ResourceRef, namespace: str | None
+    ) -> tuple[list[JSON], str]:
+        try:
+            return await self.client.list(ref, namespace)
+        except KubeError as exc:
+            if exc.status in (403, 404):
+                self.log.warning("cannot list %s: %s", ref.plural, exc)
+                return [], ""
+            raise
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def _write_service_status(
+        self, ps: ProtectedService, body: JSON, observed: _Observed
+    ) -> None:
+        now = self.clock()
+        generation = ps.metadata.generation
+        available = proxy_available(observed.deployment)
+        enforced, ratio = policy_enforced(observed.replicas, observed.version)
+        problems = list(observed.problems)
+        if observed.policy_error:
+            problems.append(Problem(c.REASON_ERROR, observed.policy_error))
+        ready = service_ready(problems, available)
+        if observed.bypass is None:
+            blocked = condition(
+                c.DIRECT_PATH_BLOCKED,
+                c.UNKNOWN,
+                c.REASON_BACKEND_NOT_FOUND,
+                "the backend Service does not exist: nothing to analyse",
+            )
+        else:
+            blocked = direct_path_blocked(ps.spec.isolation.mode, observed.bypass)
+        previous = body.get("status") or {}
+        status: JSON = {
+            "conditions": merge_conditions(
+                previous.get("conditions"),
+                [ready, available, enforced, blocked],
+                now=now,
+                generation=generation,
+            ),
+            "bypassPaths": [p.as_status() for p in observed.bypass or ()],
+            "enforcedReplicas": ratio,
+            "endpoint": m.proxy_endpoint(ps),
+        }
+        if observed.version:
+            status["policyVersion"] = observed.version
+        if generation is not None:
+            status["observedGeneration"] = generation
+        await self._apply_status(PROTECTEDSERVICES, body, status)
+
+    async def _write_invalid_service(self, body: JSON, exc: ValidationError) -> None:
+        message = "; ".join(describe_validation_error(exc))
+        ready = condition(c.READY, False, c.REASON_ERROR, f"invalid spec: {message}")
+        generation = _meta(body).get("generation")
+        previous = body.get("status") or {}
+        status: JSON = {
+            "conditions": merge_conditions(
+                previous.get("conditions"), [ready], now=self.clock(), generation=generation
+            )
+        }
+        await self._apply_status(PROTECTEDSERVICES, body, status)
+
+    async def _write_grant_statuses(self, ps: ProtectedService, observed: _Observed) -> None:
+        now = self.clock()
+        limit = asyncio.Semaphore(_STATUS_WRITE_CONCURRENCY)
+
+        async def write(view: _GrantView) -> None:
+            accepted = view.accepted["status"] == c.TRUE
+            enforced, ratio = grant_enforced(
+                view.key,
+                view.compiled,
+                accepted=accepted,
+                replicas=observed.replicas,
+                contents=observed.contents,
+            )
+            spec = _spec(view.body)
+            active = view.active or grant_active(
+                parse_time(spec.get("notBefore")), parse_time(spec.get("expiresAt")), now
+            )
+            extra: JSON = {"enforcedReplicas": ratio}
+            if view.compiled is not None and observed.version:
+                extra["policyVersion"] = observed.version
+            async with limit:
+                await self._write_grant_status(view.body, [view.accepted, active, enforced], extra)
+
+        await asyncio.gather(*(write(v) for v in observed.grants))
+
+    async def _write_grant_status(
+        self, body: JSON, desired: list[JSON], extra: Mapping[str, Any]
+    ) -> None:
+        generation = _meta(body).get("generation")
+        previous = body.get("status") or {}
+        before = {str(x.get("type")): x for x in previous.get("conditions") or ()}
+        status: JSON = {
+            "conditions": merge_conditions(
+                previous.get("conditions"), desired, now=self.clock(), generation=generation
+            ),
+            **extra,
+        }
+        expires_at = _spec(body).get("expiresAt")
+        if expires_at:
+            status["expiresAt"] = expires_at
+        if generation is not None:
+            status["observedGeneration"] = generation
+        if not await self._apply_status(ROUTEGRANTS, body, status):
+            return
+        await self._grant_events(body, before, {d["type"]: d for d in desired})
+
+    async def _grant_events(
+        self, body: JSON, before: Mapping[str, Mapping[str, Any]], after: Mapping[str, JSON]
+    ) -> None:
+        """Events for accept/reject/expire transitions only (not on every write)."""
+        old, new = before.get(c.ACCEPTED), after.get(c.ACCEPTED)
+        if new is not None and (
+            old is None or old.get("status") != new["status"] or old.get("reason") != new["reason"]
+        ):
+            if new["status"] == c.TRUE:
+                await self._post_event(body, "Normal", "Accepted", new["message"])
+            else:
+                await self._post_event(body, "Warning", "Rejected", new["message"])
+        old, new = before.get(c.ACTIVE), after.get(c.ACTIVE)
+        if (
+            new is not None
+            and new["reason"] == c.REASON_EXPIRED
+            and (old is None or old.get("reason") != c.REASON_EXPIRED)
+        ):
+            await self._post_event(body, "Normal", "Expired", new["message"])
+
+    async def _judge_orphan_grants(self, namespace: str, name: str) -> None:
+        """Grants whose target does not exist: Accepted=False TargetNotFound."""
+        grants, _ = await self.client.list(ROUTEGRANTS, namespace)
+        now = self.clock()
+        for body in grants:
+            if _grant_target(body) != name:
+                continue
+            spec = _spec(body)
+            message = (
+                f"spec.target.protectedService: ProtectedService {name} not found "
+                f"in namespace {namespace}"
+            )
+            desired = [
+                condition(c.ACCEPTED, False, c.REASON_TARGET_NOT_FOUND, message),
+                grant_active(
+                    parse_time(spec.get("notBefore")), parse_time(spec.get("expiresAt")), now
+                ),
+                condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
+            ]
+            await self._write_grant_status(body, desired, {"enforcedReplicas": "0/0"})
+
+    async def _judge_revocation(self, body: Mapping[str, Any]) -> None:
+        namespace = str(_meta(body).get("namespace"))
+        try:
+            revocation = Revocation.model_validate(body)
+        except ValidationError as exc:
+            verdict = condition(
+                c.ACCEPTED, False, c.REASON_INVALID_SPEC, "; ".join(describe_validation_error(exc))
+            )
+        else:
+            target = revocation.spec.target
+            if target is not None and not await self.client.get(
+                PROTECTEDSERVICES, target.protected_service, namespace
+            ):
+                verdict = condition(
+                    c.ACCEPTED,
+                    False,
+                    c.REASON_TARGET_NOT_FOUND,
+                    f"spec.target.protectedService: ProtectedService {target.protected_service} "
+                    f"not found in namespace {namespace}",
+                )
+            else:
+                scope = (
+                    f"ProtectedService {target.protected_service}"
+                    if target
+                    else "every ProtectedService in the namespace"
+                )
+                verdict = condition(c.ACCEPTED, True, c.REASON_ACCEPTED, f"revoked for {scope}")
+        generation = _meta(body).get("generation")
+        previous = body.get("status") or {}
+        status: JSON = {
+            "conditions": merge_conditions(
+                previous.get("conditions"), [verdict], now=self.clock(), generation=generation
+            )
+        }
+        if generation is not None:
+            status["observedGeneration"] = generation
+        await self._apply_status(REVOCATIONS, dict(body), status)
+
+    async def _apply_status(self, ref: ResourceRef, body: Mapping[str, Any], status: JSON) -> bool:
+        """Write `status` unless it equals what is there; True when written."""
+        previous = body.get("status") or {}
+        if all(previous.get(k) == v for k, v in status.items()):
+            return False
+        meta = _meta(body)
+        patch = {
+            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+            "status": status,
+        }
+        try:
+            await self.client.apply_status(ref, patch, field_manager=self.settings.field_manager)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False  # deleted meanwhile
+            raise
+        return True
+
+    # -- issuers ----------------------------------------------------------------------------
+
+    async def _reconcile_issuer(self, body: Mapping[str, Any], *, force: bool) -> None:
+        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
+        now = self.clock()
+        status = body.get("status") or {}
+        known = self._issuer_keys.get((namespace, name))
+        try:
+            issuer = IdentityIssuer.model_validate(body)
+        except ValidationError as exc:
+            message = "invalid spec: " + "; ".join(describe_validation_error(exc))
+            await self._write_issuer_status(
+                body, False, c.REASON_INVALID_KEYS, message, known, None
+            )
+            return
+        interval = _seconds(issuer.spec.refresh_interval)
+        last = parse_time(status.get("lastRefreshTime"))
+        generation_seen = status.get("observedGeneration") == issuer.metadata.generation
+        due = (
+            force or known is None or not generation_seen or last is None or now - last >= interval
+        )
+        if not due:
+            return
+        try:
+            jwks = validate_jwks(await self._fetch_jwks(issuer))
+        except InvalidJwks as exc:
+            await self._issuer_failed(body, c.REASON_INVALID_KEYS, str(exc), known)
+            return
+        except (KubeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            await self._issuer_failed(body, c.REASON_FETCH_FAILED, str(exc) or repr(exc), known)
+            return
+        fresh = _IssuerKeys(jwks, len(jwks["keys"]), now)
+        self._issuer_keys[(namespace, name)] = fresh
+        count = fresh.count
+        message = f"{count} key{'s' if count != 1 else ''} loaded"
+        await self._write_issuer_status(body, True, c.REASON_KEYS_LOADED, message, fresh, now)
+        if known is None or known.jwks != jwks:
+            self._request_namespace(namespace, Aspect.POLICY)
+
+    async def _issuer_failed(
+        self, body: Mapping[str, Any], reason: str, message: str, known: _IssuerKeys | None
+    ) -> None:
+        if known is not None:
+            message += (
+                f"; still serving the {known.count} keys fetched at {format_time(known.fetched_at)}"
+            )
+        await self._write_issuer_status(body, False, reason, message, known, None)
+        self.log.warning(
+            "IdentityIssuer %s/%s: %s",
+            _meta(body).get("namespace"),
+            _meta(body).get("name"),
+            message,
+        )
+
+    async def _fetch_jwks(self, issuer: IdentityIssuer) -> bytes | JSON:
+        spec = issuer.spec
+        if spec.jwks is not None:
+            inline: JSON = spec.jwks.model_dump(mode="json", exclude_none=True)
+            return inline
+        if spec.kubernetes is not None:
+            return await self.client.get_raw("/openid/v1/jwks")
+        if spec.jwks_uri is None:
+            raise ValueError("no key source (jwksUri, jwks or kubernetes)")
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=self.settings.jwks_fetch_timeout)
+        async with self._http.get(spec.jwks_uri, timeout=timeout, allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise ValueError(f"GET {spec.jwks_uri}: HTTP {resp.status}")
+            data = await resp.content.read(self.settings.jwks_max_bytes + 1)
+            if len(data) > self.settings.jwks_max_bytes:
+                raise ValueError(
+                    f"GET {spec.jwks_uri}: larger than {self.settings.jwks_max_bytes} bytes"
+                )
+            return data
+
+    async def _write_issuer_status(
+        self,
+        body: Mapping[str, Any],
+        ok: bool,
+        reason: str,
+        message: str,
+        keys: _IssuerKeys | None,
+        refreshed_at: float | None,
+    ) -> None:
+        generation = _meta(body).get("generation")
+        previous = body.get("status") or {}
+        status: JSON = {
+            "conditions": merge_conditions(
+                previous.get("conditions"),
+                [condition(c.READY, ok, reason, message)],
+                now=self.clock(),
+                generation=generation,
+            ),
+            "keyCount": keys.count if keys is not None else 0,
+        }
+        if refreshed_at is not None:
+            status["lastRefreshTime"] = format_time(refreshed_at)
+        elif previous.get("lastRefreshTime"):
+            status["lastRefreshTime"] = previous["lastRefreshTime"]
+        if generation is not None:
+            status["observedGeneration"] = generation
+        await self._apply_status(IDENTITYISSUERS, body, status)
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def _post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
+    ) -> None:
+        """Post a core/v1 Event about `involved`; failures are logged, never raised."""
+        meta = _meta(involved)
+        now = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}",
+                "namespace": meta.get("namespace"),
+            },
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"),
+                "kind": involved.get("kind"),
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": "nhigate-controller"},
+            "reportingComponent": "nhigate.io/controller",
+            "reportingInstance": "nhigate-controller",
+        }
+        try:
+            await self.client.create(event)
+        except KubeError as exc:
+            self.log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+
+
+def _subject_problem(
+    grant: RouteGrant, ps: ProtectedService, issuers: list[IdentityIssuer]
+) -> tuple[str, str] | None:
+    """(reason, message naming the field) for the first subject the target cannot verify."""
+    by_name = {i.name: i for i in issuers}
+    trusted = set(ps.spec.issuers)
+    kubernetes_trusted = any(
+        by_name[n].spec.kubernetes is not None for n in trusted if n in by_name
+    )
+    target = f"ProtectedService {ps.name}"
+    for index, subject in enumerate(grant.spec.subjects):
+        where = f"spec.subjects[{index}]"
+        if subject.token is not None:
+            issuer = subject.token.issuer
+            if issuer not in by_name:
+                return c.REASON_ISSUER_NOT_FOUND, (
+                    f"{where}.token.issuer: IdentityIssuer {issuer!r} not found "
+                    f"in namespace {grant.namespace}"
+                )
+            if issuer not in trusted:
+                return c.REASON_ISSUER_NOT_FOUND, (
+                    f"{where}.token.issuer: {issuer!r} is not in {target}'s spec.issuers"
+                )
+        elif subject.service_account is not None and not kubernetes_trusted:
+            return c.REASON_ISSUER_NOT_FOUND, (
+                f"{where}.serviceAccount: {target} trusts no IdentityIssuer with kubernetes: {{}}"
+            )
+        elif subject.spiffe_id is not None and (
+            ps.spec.proxy.tls is None or ps.spec.proxy.tls.client_ca_secret_name is None
+        ):
+            return c.REASON_INVALID_SPEC, (
+                f"{where}.spiffeId: {target} has no spec.proxy.tls.clientCASecretName (mTLS)"
+            )
+    return None
+
+
+def _parse_all(model: Any, bodies: Iterable[JSON]) -> list[Any]:
+    parsed = []
+    for body in bodies:
+        try:
+            parsed.append(model.model_validate(body))
+        except ValidationError:
+            continue  # an invalid object counts as absent; its own status says why
+    return parsed
+
+
+def _service_port(service: JSON, port: int) -> JSON | None:
+    for entry in _spec(service).get("ports") or []:
+        if entry.get("port") == port:
+            found: JSON = entry
+            return found
+    return None
+
+
+def _ref_body(ps: ProtectedService) -> JSON:
+    return {
+        "apiVersion": ps.api_version,
+        "kind": ps.kind,
+        "metadata": {"name": ps.name, "namespace": ps.namespace, "uid": ps.metadata.uid},
+    }
+
+
+def _seconds(duration: str) -> float:
+    return parse_duration(duration).total_seconds()
+
+
+async def _empty() -> tuple[list[JSON], str]:
+    return [], ""
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,39 @@
+"""Settings of one controller process: passed in, never global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerSettings:
+    """Everything `nhigate controller` can be told."""
+
+    proxy_image: str
+    """Image for proxy Deployments (a ProtectedService's `spec.proxy.image` overrides it)."""
+    kubeconfig: str | None = None
+    """Kubeconfig file; None: in-cluster when running in a pod, else the default kubeconfig."""
+    namespaces: tuple[str, ...] = ()
+    """Namespaces (or kopf glob patterns) to serve; empty: the whole cluster."""
+    peering: bool = False
+    """Coordinate several controller replicas through kopf peering (needs the KopfPeering CRDs)."""
+    peering_name: str = "nhigate"
+    """The peering object's name when `peering` is on."""
+    liveness: str | None = None
+    """`HOST:PORT` for the liveness endpoint (`/healthz`); None: no endpoint."""
+    field_manager: str = "nhigate"
+    """Server-side apply field manager for everything the controller writes."""
+    annotation_prefix: str = "nhigate.io"
+    """Prefix of kopf's progress and diff-base annotations."""
+    drift_interval: float = 60.0
+    """Seconds between full re-applies of each ProtectedService (corrects manual drift)."""
+    issuer_check_interval: float = 15.0
+    """Seconds between checks whether an IdentityIssuer's `refreshInterval` has passed."""
+    jwks_fetch_timeout: float = 10.0
+    """Seconds allowed for one JWKS fetch."""
+    jwks_max_bytes: int = 1024 * 1024
+    """Largest JWK Set accepted from a `jwksUri`."""
+    retry_min: float = 0.5
+    """First retry delay after a failed sync (doubles up to `retry_max`)."""
+    retry_max: float = 30.0
+    """Longest retry delay after repeated failures."""
