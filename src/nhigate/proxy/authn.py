@@ -336,7 +336,10 @@ class Authenticator:
             candidates = state.keys.candidates(kid, alg)
         if not candidates:
             if kid is not None and state.keys.has_kid(kid):
-                return AuthnFailure(Reason.ALGORITHM_NOT_ALLOWED, f"{alg} does not fit key {kid}")
+                # (never echo the kid: it is attacker-controlled text)
+                return AuthnFailure(
+                    Reason.ALGORITHM_NOT_ALLOWED, f"{alg} does not fit the kid's key"
+                )
             return AuthnFailure(Reason.UNKNOWN_KEY, "no key for this kid")
         generation = state.generation
         for key in candidates[:MAX_KEYS_TRIED]:
@@ -431,17 +434,23 @@ class Authenticator:
         tick = max(0.05, min(self._min_refresh_interval, self._refresh_interval))
         while True:
             await asyncio.sleep(tick)
-            now = self._clock()
-            for state in list(self._states.values()):
-                if not self._fetchable(state) or state.inflight is not None:
-                    continue
-                last = state.last_attempt
-                elapsed = float("inf") if last is None or now < last else now - last
-                failing = state.last_error is not None or state.last_success is None
-                if elapsed >= self._refresh_interval or (
-                    failing and elapsed >= self._min_refresh_interval
-                ):
-                    self._start_refresh(state)
+            try:
+                self._start_due_refreshes()
+            except Exception:  # never let the schedule die silently
+                log.exception("JWKS refresh schedule failed")
+
+    def _start_due_refreshes(self) -> None:
+        now = self._clock()
+        for state in list(self._states.values()):
+            if not self._fetchable(state) or state.inflight is not None:
+                continue
+            last = state.last_attempt
+            elapsed = float("inf") if last is None or now < last else now - last
+            failing = state.last_error is not None or state.last_success is None
+            if elapsed >= self._refresh_interval or (
+                failing and elapsed >= self._min_refresh_interval
+            ):
+                self._start_refresh(state)
 
     def _evict_stale(self) -> None:
         """Drop cache entries whose issuer was retired or whose keys changed."""
