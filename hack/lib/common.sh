@@ -36,7 +36,7 @@ ensure_python_env() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     step "installing nhigate and pinned dependencies (pip)"
     "$PY" -m pip install -q --disable-pip-version-check --upgrade pip==25.3
-    "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
+    "$PY" -m pip install -q --disable-pip-version-check -e "${ROOT}[dev]"
     echo "$want" > "$stamp"
   fi
 }
