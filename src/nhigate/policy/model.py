@@ -187,7 +187,12 @@ class Facts:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The answer of `decide()`: `grant` names the grant that allowed the request."""
+    """The answer of `decide()`.
+
+    `grant` names the grant that allowed the request; on a denial for
+    `grant_expired`, `grant_not_yet_valid` or `tenant_mismatch` it names the
+    candidate grant behind that reason (None otherwise).
+    """
 
     allowed: bool
     reason: Reason
