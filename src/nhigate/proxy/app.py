@@ -1,6 +1,6 @@
 """The data-plane application: every request is authenticated, authorised, audited, forwarded.
 
-The pipeline, in order (one function each, `ProxyHandler.__call__` reads top to bottom):
+The pipeline, in order (one function each, `ProxyHandler.handle` reads top to bottom):
 
 1. request id;
 2. request target: CONNECT/TRACE and anything but origin-form refused, the path
@@ -259,7 +259,7 @@ class ProxyHandler:
         self._mtls = settings.client_ca is not None
         self._scheme = "https" if settings.tls_cert is not None else "http"
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
         state.inflight += 1
         ex = _Exchange(
@@ -654,7 +654,7 @@ def create_app(
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
-    app.router.add_route("*", "/{tail:.*}", ProxyHandler(state))
+    app.router.add_route("*", "/{tail:.*}", ProxyHandler(state).handle)
     return app
 
 

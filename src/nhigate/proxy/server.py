@@ -108,10 +108,15 @@ async def serve(
     stop: asyncio.Event,
     *,
     clock: Callable[[], float] = time.time,
+    holder: PolicyHolder | None = None,
     on_started: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Serve until `stop` is set, then shut down gracefully. `on_started(port, admin_port)`."""
-    app = create_app(settings, holder=PolicyHolder(), metrics=ProxyMetrics(), clock=clock)
+    """Serve until `stop` is set, then shut down gracefully. `on_started(port, admin_port)`.
+
+    `holder` may carry a pre-loaded policy (benchmarks, embedding); sources still feed it.
+    """
+    holder = holder if holder is not None else PolicyHolder()
+    app = create_app(settings, holder=holder, metrics=ProxyMetrics(), clock=clock)
     state = app[STATE]
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.drain_timeout
@@ -170,22 +175,22 @@ def _bound_port(site: web.TCPSite) -> int:
     return 0
 
 
-async def _main(settings: ProxySettings) -> None:
+async def _main(settings: ProxySettings, holder: PolicyHolder | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await serve(settings, stop)
+    await serve(settings, stop, holder=holder)
 
 
 def _worker(settings: ProxySettings) -> None:
     uvloop.run(_main(settings))
 
 
-def run(settings: ProxySettings) -> int:
-    """Run the proxy in the foreground (uvloop); `workers > 1` forks SO_REUSEPORT workers."""
+def run(settings: ProxySettings, *, holder: PolicyHolder | None = None) -> int:
+    """Run the proxy in the foreground (uvloop); `workers > 1` spawns SO_REUSEPORT workers."""
     if settings.workers == 1:
-        uvloop.run(_main(settings))
+        uvloop.run(_main(settings, holder))
         return 0
     context = multiprocessing.get_context("spawn")
     worker_settings = replace(settings)
