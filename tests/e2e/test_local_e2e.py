@@ -139,11 +139,26 @@ async def test_grant_allows_delete_denies_within_a_second(
 
     port, admin = free_port(), free_port()
     proxy_log = tmp_path / "proxy.log"
-    with proxy_log.open("wb") as log:
-        proxy = subprocess.Popen(
+    proxy = start_proxy(control_plane, ns, upstream, port, admin, tmp_path)
+    try:
+        await _scenario(control_plane, controller, kube, ns, port, admin, signing_key, proxy_log)
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+
+
+def start_proxy(
+    cp: ControlPlane, ns: str, upstream: int, port: int, admin: int, tmp_path: Path
+) -> subprocess.Popen[bytes]:
+    """`nhigate proxy --kube ...` as the proxy Deployment runs it, with the admin kubeconfig."""
+    with (tmp_path / "proxy.log").open("wb") as log:
+        return subprocess.Popen(
             [
                 sys.executable, "-m", "nhigate.cli.main", "proxy", "--kube",
-                "--kubeconfig", control_plane.kubeconfig,
+                "--kubeconfig", cp.kubeconfig,
                 "--namespace", ns,
                 "--policy-configmap", "nhigate-api-policy",
                 "--replica-name", "e2e-0",
@@ -154,16 +169,12 @@ async def test_grant_allows_delete_denies_within_a_second(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=control_plane.env(),
+            env=cp.env(),
         )  # fmt: skip
-    try:
-        await _scenario(control_plane, controller, kube, ns, port, admin, signing_key, proxy_log)
-    finally:
-        proxy.terminate()
-        try:
-            proxy.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
+
+
+def tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
 
 
 async def _scenario(
@@ -195,7 +206,7 @@ async def _scenario(
         try:
             await eventually(ready, within=60, what="proxy ready")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\nproxy log:\n{proxy_log.read_text()[-4000:]}") from None
+            raise AssertionError(f"{exc}\nproxy log:\n{tail(proxy_log)}") from None
         assert await status() == 403  # no grant yet: deny by default
 
         grant = route_grant(ns, "ci-deploy")
@@ -230,7 +241,7 @@ async def _scenario(
 
     latencies.sort()
     p50 = statistics.median(latencies)
-    p99 = latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))]
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
     print(
         f"revocation latency over {TRIALS} trials: p50 {p50 * 1000:.0f} ms, "
         f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
