@@ -82,7 +82,10 @@ def new_assertion_key() -> bytes:
 
 def assertion_public_jwks(private_pem: bytes) -> dict[str, Any]:
     """The public JWK Set for an EC P-256 assertion key (kid = RFC 7638 thumbprint)."""
-    loaded = serialization.load_pem_private_key(private_pem, password=None)
+    try:
+        loaded = serialization.load_pem_private_key(private_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"assertion key must be an EC P-256 private key: {exc}") from None
     if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(
         loaded.curve, ec.SECP256R1
     ):
