@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -152,7 +153,11 @@ class ProxyHarness:
         return {"Authorization": f"Bearer {self.token(sub, **extra)}"}
 
     def audit_records(self) -> list[dict[str, Any]]:
+        """Every record written so far (waits for the writer thread to catch up)."""
         self.audit.flush()
+        deadline = time.monotonic() + 2.0
+        while self.audit.backlog_bytes and time.monotonic() < deadline:
+            time.sleep(0.001)
         return [orjson.loads(line) for line in self.sink.getvalue().splitlines() if line]
 
     async def wait_audit(self, count: int, within: float = 2.0) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -654,8 +654,26 @@ def create_app(
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
-    app.router.add_route("*", "/{tail:.*}", ProxyHandler(state).handle)
+    setup_pipeline(app, ProxyHandler(state))
     return app
+
+
+def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:
+    """Route every request, whatever its target or method, through `pipeline`.
+
+    Installed as the only middleware with no routes, so requests the router cannot
+    match (CONNECT authority-form, `OPTIONS *`) are still refused and audited by the
+    pipeline instead of getting aiohttp's unaudited 404.
+    """
+
+    @web.middleware
+    async def nhigate_pipeline(
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],  # the router's: unused
+    ) -> web.StreamResponse:
+        return await pipeline.handle(request)
+
+    app.middlewares.append(nhigate_pipeline)
 
 
 async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -157,6 +157,12 @@ class AuditLog:
             self._warned = False
         self._queue.put(data)
 
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes handed to the writer thread and not yet written."""
+        with self._backlog_lock:
+            return self._backlog
+
     def _write_now(self, data: bytes) -> None:
         try:
             self._sink.write(data)
