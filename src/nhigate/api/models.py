@@ -960,7 +960,6 @@ _PS_NAME_RULE = CelRule(
     check=lambda ps: (
         re.fullmatch(_DNS1035_LABEL, ps.metadata.name) is not None and len(ps.metadata.name) <= 55
     ),
-    field_path=".metadata.name",
 )
 
 

@@ -108,7 +108,7 @@ def render_api_reference() -> str:
         out.append("### spec\n")
         out.extend(_table(root["properties"]["spec"]))
         rules = sorted(set(_validations(root["properties"]["spec"], "spec")))
-        rules += [(p, m) for p, m in _validations(root) if p.startswith("metadata")]
+        rules += [("metadata.name", r["message"]) for r in root.get("x-kubernetes-validations", [])]
         if rules:
             out.append("\nValidation rules:\n")
             out.extend(f"- `{path}`: {message}" for path, message in rules)
