@@ -1,0 +1,190 @@
+"""Controller logic over an in-memory API (fast; the real API server is in tests/integration)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from typing import Any
+
+import pytest
+
+from controller_harness import (
+    backend_pod,
+    backend_service,
+    condition,
+    issuer,
+    protected_service,
+    route_grant,
+)
+from nhigate.controller.reconcile import Controller
+from nhigate.controller.settings import ControllerSettings
+from nhigate.controller.workqueue import Aspect
+from nhigate.k8s import (
+    DEPLOYMENTS,
+    NETWORKPOLICIES,
+    PROTECTEDSERVICES,
+    SECRETS,
+    KubeError,
+    ResourceRef,
+    ref_of,
+)
+
+NS = "team"
+NOW = 1_900_000_000.0
+
+
+class MemoryApi:
+    """Just enough of KubeClient, over dicts: apply replaces spec/data and keeps uid."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.applied: list[tuple[str, str]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        ref = ref_of(obj)
+        meta = obj["metadata"]
+        key = (ref.plural, meta.get("namespace", ""), meta["name"])
+        old = self.objects.get(key)
+        new = copy.deepcopy(obj)
+        new["metadata"]["uid"] = (old or {}).get("metadata", {}).get("uid") or str(uuid.uuid4())
+        new["metadata"]["generation"] = (old or {}).get("metadata", {}).get("generation", 0) + 1
+        if old and "status" in old:
+            new["status"] = old["status"]
+        self.objects[key] = new
+        return copy.deepcopy(new)
+
+    async def get(self, ref: ResourceRef, name: str, namespace: str | None = None) -> Any:
+        found = self.objects.get((ref.plural, namespace or "", name))
+        return copy.deepcopy(found)
+
+    async def list(self, ref: ResourceRef, namespace: str | None = None, **kw: Any) -> Any:
+        selector = kw.get("label_selector")
+        items = []
+        for (plural, ns, _), obj in sorted(self.objects.items()):
+            if plural != ref.plural or (namespace and ns != namespace):
+                continue
+            if selector:
+                k, v = selector.split("=")
+                if (obj["metadata"].get("labels") or {}).get(k) != v:
+                    continue
+            items.append(copy.deepcopy(obj))
+        return items, "1"
+
+    async def apply(self, obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        self.applied.append((obj["kind"], obj["metadata"]["name"]))
+        return self.put(obj)
+
+    async def apply_status(self, ref: ResourceRef, obj: dict[str, Any], **kw: Any) -> Any:
+        key = (ref.plural, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if key not in self.objects:
+            raise KubeError(404, "NotFound", "gone")
+        self.objects[key]["status"] = copy.deepcopy(obj["status"])
+        return copy.deepcopy(self.objects[key])
+
+    async def delete(self, ref: ResourceRef, name: str, namespace: str | None = None) -> None:
+        self.objects.pop((ref.plural, namespace or "", name), None)
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.events.append(obj)
+        return obj
+
+    async def get_raw(self, path: str) -> bytes:
+        raise KubeError(404, "NotFound", path)
+
+    async def resource_exists(self, group: str, version: str, plural: str) -> bool:
+        return False
+
+
+@pytest.fixture
+def api() -> MemoryApi:
+    api = MemoryApi()
+    for obj in (issuer(NS), backend_service(NS), backend_pod(NS), protected_service(NS)):
+        api.put(obj)
+    return api
+
+
+@pytest.fixture
+async def controller(api: MemoryApi) -> Any:
+    ctl = Controller(api, ControllerSettings(proxy_image="img"), clock=lambda: NOW)  # type: ignore[arg-type]
+    yield ctl
+    await ctl.close()
+
+
+def policy(api: MemoryApi) -> dict[str, Any]:
+    cm = api.objects[("configmaps", NS, "nhigate-api-policy")]
+    doc: dict[str, Any] = json.loads(cm["data"]["policy.json"])
+    return doc
+
+
+async def test_sync_applies_owned_objects_and_judges_grants(
+    api: MemoryApi, controller: Controller
+) -> None:
+    api.put(route_grant(NS, "good"))
+    api.put(route_grant(NS, "stranger", issuer_name="nobody"))
+    await controller.reconcile_service(NS, "api")
+
+    assert [g["name"] for g in policy(api)["grants"]] == [f"{NS}/good"]
+    for ref, name in [(DEPLOYMENTS, "nhigate-api"), (NETWORKPOLICIES, "nhigate-api-isolation")]:
+        assert (ref.plural, NS, name) in api.objects
+    assert (SECRETS.plural, NS, "nhigate-api-assertion-key") not in api.objects  # not enabled
+    good = api.objects[("routegrants", NS, "good")]
+    assert condition(good, "Accepted")["status"] == "True"
+    assert condition(good, "Enforced")["reason"] == "NoReplicas"
+    bad = api.objects[("routegrants", NS, "stranger")]
+    assert condition(bad, "Accepted")["reason"] == "IssuerNotFound"
+    assert "spec.subjects[0].token.issuer" in condition(bad, "Accepted")["message"]
+    assert {e["reason"] for e in api.events} >= {"Accepted", "Rejected"}
+    ps = api.objects[("protectedservices", NS, "api")]
+    assert ps["status"]["policyVersion"] == policy(api)["version"]
+    assert condition(ps, "DirectPathBlocked")["status"] == "True"
+
+
+async def test_status_is_not_rewritten_when_nothing_changed(
+    api: MemoryApi, controller: Controller
+) -> None:
+    api.put(route_grant(NS, "good"))
+    await controller.reconcile_service(NS, "api")
+    before = copy.deepcopy(api.objects)
+    applied = len(api.applied)
+    await controller.queue.request((NS, "api"), Aspect.POLICY | Aspect.ENFORCEMENT)
+    assert api.objects == before
+    assert len(api.applied) == applied  # same version: the ConfigMap is not re-applied
+
+
+async def test_grant_enforced_follows_leases(api: MemoryApi, controller: Controller) -> None:
+    api.put(route_grant(NS, "good"))
+    await controller.reconcile_service(NS, "api")
+    version = policy(api)["version"]
+    renew = "2030-03-17T17:46:39.000000Z"  # NOW - 1
+    api.put(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": "nhigate-api-r1",
+                "namespace": NS,
+                "labels": {"nhigate.io/protected-service": "api"},
+                "annotations": {"nhigate.io/policy-version": version},
+            },
+            "spec": {"holderIdentity": "r1", "leaseDurationSeconds": 15, "renewTime": renew},
+        }
+    )
+    await controller.queue.request((NS, "api"), Aspect.ENFORCEMENT)
+    good = api.objects[("routegrants", NS, "good")]
+    assert condition(good, "Enforced")["status"] == "True", condition(good, "Enforced")
+    # the grant changes: the replica still serves the old version, so it is not enforced
+    api.put(route_grant(NS, "good", paths=["/other"]))
+    await controller.queue.request((NS, "api"), Aspect.POLICY)
+    good = api.objects[("routegrants", NS, "good")]
+    assert condition(good, "Enforced")["reason"] == "Pending"
+
+
+async def test_deleted_service_orphans_its_grants(api: MemoryApi, controller: Controller) -> None:
+    api.put(route_grant(NS, "good"))
+    await controller.reconcile_service(NS, "api")
+    await api.delete(PROTECTEDSERVICES, "api", NS)
+    await controller.queue.request((NS, "api"), Aspect.POLICY)
+    good = api.objects[("routegrants", NS, "good")]
+    assert condition(good, "Accepted")["reason"] == "TargetNotFound"
