@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
@@ -101,35 +102,40 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
 
 
-def _check_strings(value: Any, depth: int = 0) -> None:
-    """Reject lone surrogates (not encodable as UTF-8, they break audit output) and deep nesting."""
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+)  # built once: json.loads(**kwargs) would build a decoder per call
+
+
+def _check_depth(value: Any, depth: int = 0) -> None:
     if depth > _MAX_NESTING:
         raise ValueError("nesting too deep")
-    if isinstance(value, str):
-        value.encode("utf-8")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            key.encode("utf-8")
-            _check_strings(item, depth + 1)
+    if isinstance(value, dict):
+        for item in value.values():
+            if isinstance(item, dict | list):
+                _check_depth(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _check_strings(item, depth + 1)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("non-finite number")
+            if isinstance(item, dict | list):
+                _check_depth(item, depth + 1)
 
 
 def decode_json_object(raw: bytes) -> dict[str, Any]:
-    """Strict JSON object from UTF-8: no duplicate keys, no NaN/Infinity, no lone surrogates."""
+    """Strict JSON object from UTF-8 bytes.
+
+    orjson validates first (UTF-8 without BOM, no lone surrogates, which would
+    break audit output, no NaN/Infinity or overflowing numbers, no trailing
+    data); the stdlib decoder then parses the same text with a hook that
+    rejects duplicate keys at any depth. Nesting is capped at 16 levels.
+    """
     try:
-        text = raw.decode("utf-8")
-        value = json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-        _check_strings(value)
+        orjson.loads(raw)
+        value = _STRICT_DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError are ValueErrors
-        raise ValueError(str(exc) or type(exc).__name__) from None
+        raise ValueError(str(exc)[:80] or type(exc).__name__) from None
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
+    _check_depth(value)
     return value
 
 
