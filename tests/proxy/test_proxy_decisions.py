@@ -1,4 +1,4 @@
-"""Every deny reason: the right status, exactly one audit record, and nothing reaches the upstream."""
+"""Every deny reason: the right status, one audit record, and nothing reaches the upstream."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Allowed requests reach the upstream with the right headers, and nothing the caller may not send."""
+"""Allowed requests reach the upstream with the right headers and without the caller's secrets."""
 
 from __future__ import annotations
 

@@ -98,29 +98,12 @@ def _snapshot(directory: Path) -> tuple[tuple[str, int, int], ...]:
 
 
 def load_standalone_document(directory: Path, service: str | None, now: float) -> PolicyDocument:
-    """Compile the resources in `directory` into the policy document for `service`."""
+    """Compile the resources in `directory` into the policy document for `service`
+    (optional when the directory defines exactly one ProtectedService)."""
     from nhigate.api.resources import load_resources
 
     resources = load_resources(_resource_files(directory))
-    if service is None:
-        names = _service_names(resources)
-        if len(names) != 1:
-            raise ValueError(
-                f"{directory} defines {len(names)} ProtectedServices {sorted(names)}:"
-                " pass --service"
-            )
-        service = names[0]
-    document: PolicyDocument = resources.policy_document_for(service, now)
-    return document
-
-
-def _service_names(resources: Any) -> list[str]:
-    services = getattr(resources, "protected_services", None)
-    if services is None:
-        return []
-    if isinstance(services, dict):
-        return [str(name) for name in services]
-    return [str(getattr(s, "name", None) or s.metadata.name) for s in services]
+    return resources.policy_document_for(service, datetime.fromtimestamp(now, UTC))
 
 
 class StandaloneSource:
