@@ -19,6 +19,8 @@ export HELM_CACHE_HOME="${HELM_HOME_DIR}/cache" HELM_CONFIG_HOME="${HELM_HOME_DI
 export HELM_DATA_HOME="${HELM_HOME_DIR}/data"
 
 "${HACK_DIR}/sync-chart-crds.sh" --check
+# helm template assumes an old Kubernetes unless told; render for the pinned control plane's.
+KUBE_VERSION="${KUBERNETES_VERSION#v}"
 
 variants=("")
 for f in "${CHART}"/ci/*-values.yaml; do variants+=("${f}"); done
@@ -27,14 +29,14 @@ for values in "${variants[@]}"; do
   args=()
   [[ -n ${values} ]] && args=(--values "${values}")
   log "helm lint --strict ${values:+(${values#"${REPO_ROOT}/"})}"
-  "${HELM}" lint --strict "${CHART}" "${args[@]}"
+  "${HELM}" lint --strict --kube-version "${KUBE_VERSION}" "${CHART}" "${args[@]}"
   log "helm template ${values:+(${values#"${REPO_ROOT}/"})}"
-  count="$("${HELM}" template nhigate "${CHART}" --namespace nhigate-system "${args[@]}" | grep -c '^kind:')"
+  count="$("${HELM}" template nhigate "${CHART}" --kube-version "${KUBE_VERSION}" --namespace nhigate-system "${args[@]}" | grep -c '^kind:')"
   log "  rendered ${count} objects"
 done
 
 log "values.schema.json must reject an unknown value"
-if out="$("${HELM}" template nhigate "${CHART}" --set controller.replicas=2 2>&1)"; then
+if out="$("${HELM}" template nhigate "${CHART}" --kube-version "${KUBE_VERSION}" --set controller.replicas=2 2>&1)"; then
   log "FAILED: an unknown value (controller.replicas) was accepted"
   exit 1
 fi

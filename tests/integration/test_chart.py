@@ -31,6 +31,12 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 VARIANTS = [None, *CI_VALUES]
 VARIANT_IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
 HELM_TIMEOUT_S = 60
+# `helm template` assumes an old Kubernetes unless told; render for the pinned control plane's.
+KUBE_VERSION = next(
+    line.split("=", 1)[1].strip().removeprefix("v")
+    for line in (REPO_ROOT / "hack" / "versions.env").read_text().splitlines()
+    if line.startswith("KUBERNETES_VERSION=")
+)
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -48,6 +54,8 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     )
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        if args[0] in ("template", "lint"):
+            args = (args[0], "--kube-version", KUBE_VERSION, *args[1:])
         proc = subprocess.run(
             [str(binary), *args],
             capture_output=True,
@@ -171,7 +179,8 @@ def test_leader_election_follows_replicas(helm: Helm) -> None:
     assert not any(a.startswith("--peering") for a in args)
     assert "ClusterKopfPeering" not in kinds
     args, kinds = controller_args("replicas=2")
-    assert "--peering=nhigate" in args
+    assert "--peering" in args
+    assert "--peering-name=nhigate" in args
     assert "ClusterKopfPeering" in kinds
     proc = helm(
         "template",
@@ -297,6 +306,9 @@ MUST = [
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", False),
 ]
 MUST_NOT = [
+    ("delete", "deployments.apps", True),  # owned objects go with their owner (GC)
+    ("update", "secrets", True),
+    ("delete", "secrets", True),
     ("list", "secrets", True),  # it writes its own key Secret; it never reads others in bulk
     ("watch", "secrets", True),
     ("create", "routegrants.nhigate.io", True),  # users grant access, never the controller

@@ -5,43 +5,49 @@ every namespace, one Role per watched namespace otherwise); "nhigate.clusterRule
 cluster-scoped reads, always in a ClusterRole.
 */}}
 {{- define "nhigate.namespacedRules" -}}
-# The nhigate.io resources: watched, annotated by kopf (progress), never created or deleted.
+# The nhigate.io resources: watched; kopf patches its progress annotations. Never created or
+# deleted: users grant and revoke access, the controller only reports.
 - apiGroups: ["nhigate.io"]
   resources: ["identityissuers", "protectedservices", "routegrants", "revocations"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["nhigate.io"]
   resources: ["identityissuers/status", "protectedservices/status", "routegrants/status", "revocations/status"]
   verbs: ["get", "patch", "update"]
-# ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
+# Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
 - apiGroups: ["nhigate.io"]
   resources: ["protectedservices/finalizers"]
   verbs: ["update"]
-# What a ProtectedService is reconciled into (server-side apply; stale objects deleted).
+# What a ProtectedService is reconciled into, by server-side apply (create + patch). Owned
+# objects go away with their ProtectedService (garbage collection), so no delete, except for
+# the HPA and the isolation NetworkPolicy, removed when autoscaling / Enforce is turned off.
 - apiGroups: [""]
-  resources: ["serviceaccounts", "configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-# The proxy's identity-assertion signing key: written, never listed or watched.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get", "create", "update", "patch", "delete"]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-- apiGroups: ["policy"]
-  resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-- apiGroups: ["autoscaling"]
-  resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-- apiGroups: ["networking.k8s.io"]
-  resources: ["networkpolicies"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-# The proxy's Role and RoleBinding. RBAC forbids granting what one does not hold, so the
-# controller also holds what the proxy Role grants (configmaps read, leases write; below).
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create", "patch"]
+# Only nhigate-<name>-assertion-key is read or written; never listed or watched.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Proxy replicas report the policy version they serve in Leases; the controller reads them.
+# RBAC forbids granting what one does not hold, and the proxy Role grants leases
+# create/update/patch and configmaps get/list/watch, so the controller holds those too.
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["get", "list", "watch", "create", "update", "patch"]
@@ -55,11 +61,8 @@ cluster-scoped reads, always in a ClusterRole.
 - apiGroups: ["gateway.networking.k8s.io"]
   resources: ["httproutes"]
   verbs: ["get", "list", "watch"]
-# Events about reconciliation and bypass paths (kopf posts core events).
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
+# Events: accepted/rejected/expired grants, bypass paths (controller), handler failures (kopf).
+- apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- if and (include "nhigate.leaderElection" .) .Values.watchNamespaces }}
@@ -80,7 +83,7 @@ cluster-scoped reads, always in a ClusterRole.
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
 # IdentityIssuer `kubernetes: {}`: the cluster's own service-account signing keys.
-- nonResourceURLs: ["/openid/v1/jwks"]
+- nonResourceURLs: ["/openid/v1/jwks", "/.well-known/openid-configuration"]
   verbs: ["get"]
 {{- if and (include "nhigate.leaderElection" .) (not .Values.watchNamespaces) }}
 # Leader election among controller replicas (kopf peering, cluster-wide object).
