@@ -12,6 +12,7 @@ allowed, what it must not do is denied.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +26,26 @@ import pytest
 import yaml
 
 from cluster import REPO_ROOT, ControlPlane, build_binaries, create_namespace, delete_namespace
+from controller_harness import (
+    ControllerProcess,
+    apply_all,
+    backend_pod,
+    backend_service,
+    eventually,
+    issuer,
+    protected_service,
+    route_grant,
+)
+from nhigate.k8s import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    NETWORKPOLICIES,
+    PROTECTEDSERVICES,
+    ROLES,
+    ROUTEGRANTS,
+    SECRETS,
+    KubeClient,
+)
 
 CHART = REPO_ROOT / "charts" / "nhigate"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -408,3 +429,91 @@ def test_rbac_namespaced_is_confined_to_watched_namespaces(
     assert can_i(control_plane, user, "patch", "kopfpeerings.kopf.dev", namespace)
     assert not can_i(control_plane, user, "patch", "clusterkopfpeerings.kopf.dev", None)
     assert not can_i(control_plane, user, "list", "secrets", namespace)
+
+
+# --- the real controller under the chart's RBAC ---------------------------------------------------
+
+
+def service_account_kubeconfig(cp: ControlPlane, namespace: str, sa: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as ServiceAccount `sa` with a fresh bound token."""
+    token = cp.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "cp", "cluster": {"server": cp.server, "certificate-authority": cp.ca_file}}
+        ],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [
+            {"name": sa, "context": {"cluster": "cp", "user": sa, "namespace": namespace}}
+        ],
+        "current-context": sa,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+async def test_controller_reconciles_under_the_chart_rbac(
+    control_plane: ControlPlane,
+    crds_installed: list[str],
+    installed_rbac: Any,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """`nhigate controller` authenticated as the chart's ServiceAccount (not cluster-admin),
+    with the namespaced RBAC the chart renders for `watchNamespaces`, reconciles a
+    ProtectedService and a RouteGrant, and never hits a 403."""
+    user = installed_rbac(f"watchNamespaces={{{namespace}}}")
+    sa = user.rsplit(":", 1)[1]
+    kubeconfig = service_account_kubeconfig(
+        control_plane, namespace, sa, tmp_path / "sa.kubeconfig"
+    )
+    as_sa = dataclasses.replace(control_plane, kubeconfig=str(kubeconfig))
+    # The identity really is the ServiceAccount, not the admin.
+    who = as_sa.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout
+    assert who == user
+
+    admin = await KubeClient.connect(control_plane.kubeconfig)
+    controller = ControllerProcess(as_sa, namespace, tmp_path / "controller.log")
+    controller.start()
+    try:
+        ns = namespace
+        await apply_all(
+            admin,
+            issuer(ns),
+            backend_service(ns),
+            backend_pod(ns),
+            protected_service(ns, identityAssertion={"enabled": True}),
+            route_grant(ns, "deploy"),
+        )
+        for ref, name in [
+            (DEPLOYMENTS, "nhigate-api"),
+            (NETWORKPOLICIES, "nhigate-api-isolation"),
+            (ROLES, "nhigate-api"),
+            (SECRETS, "nhigate-api-assertion-key"),
+            (CONFIGMAPS, "nhigate-api-policy"),
+        ]:
+            await eventually(
+                lambda r=ref, n=name: admin.get(r, n, ns), what=f"{name}", controller=controller
+            )
+
+        async def accepted() -> dict[str, Any] | None:
+            grant = await admin.get(ROUTEGRANTS, "deploy", ns)
+            conditions = ((grant or {}).get("status") or {}).get("conditions") or []
+            ok = any(c["type"] == "Accepted" and c["status"] == "True" for c in conditions)
+            return grant if ok else None
+
+        await eventually(accepted, what="RouteGrant Accepted", controller=controller)
+        ps = await admin.get(PROTECTEDSERVICES, "api", ns)
+        assert ps is not None
+        assert ps["status"]["policyVersion"]
+    finally:
+        controller.stop()
+        await admin.close()
+    log = (tmp_path / "controller.log").read_text(errors="replace")
+    denied_markers = ("forbidden", "not enough permissions")
+    forbidden = [
+        line for line in log.splitlines() if any(m in line.lower() for m in denied_markers)
+    ]
+    assert not forbidden, "\n".join(forbidden[:20])
