@@ -17,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nhigate.policy.encoding import format_time
-from nhigate.policy.index import Policy, subject_matches
+from nhigate.policy.index import (
+    ALLOWED,
+    EXPIRED,
+    NOT_YET_VALID,
+    TENANT_MISMATCH,
+    Policy,
+    subject_matches,
+)
 from nhigate.policy.model import Decision, Facts, Grant, Reason, Subject
 from nhigate.policy.paths import PathPattern, is_canonical_path, normalise_path, path_segments
 
@@ -57,23 +64,21 @@ def decide(policy: Policy, facts: Facts) -> Decision:
     if not candidates:
         return _NO_MATCHING_GRANT
     best = _NO_MATCHING_GRANT
-    best_rank = 0
+    best_rank = ALLOWED
     grants = policy.grants
-    decisions = policy.decisions
     tenant = facts.tenant
     for pos in candidates:
         grant = grants[pos]
         if grant.not_before is not None and now < grant.not_before:
-            if best_rank < 2:
-                best, best_rank = decisions[pos].not_yet_valid, 2
+            rank = NOT_YET_VALID
         elif grant.expires_at is not None and now >= grant.expires_at:
-            if best_rank < 1:
-                best, best_rank = decisions[pos].expired, 1
+            rank = EXPIRED
         elif grant.tenant is not None and tenant != grant.tenant:
-            if best_rank < 3:
-                best, best_rank = decisions[pos].tenant_mismatch, 3
+            rank = TENANT_MISMATCH
         else:
-            return decisions[pos].allowed
+            return policy.decision(pos, ALLOWED)
+        if rank > best_rank:
+            best, best_rank = policy.decision(pos, rank), rank
     return best
 
 

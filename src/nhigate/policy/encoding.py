@@ -14,8 +14,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from functools import lru_cache
+from typing import Any, Final, NoReturn
 
+from nhigate.policy.allocation import gc_paused
 from nhigate.policy.document import (
     DOCUMENT_API_VERSION,
     IdentityAssertion,
@@ -63,14 +65,17 @@ def canonical_time(t: float) -> float:
     return _micros(t) / 1_000_000
 
 
+@lru_cache(maxsize=16384)
 def format_time(t: float) -> str:
     """Epoch seconds -> RFC 3339 UTC (``2026-01-02T03:04:05Z``, or ``...05.250000Z``)."""
+    # Cached: documents repeat expiry times, and encode/decode/version all format them.
     seconds, micros = divmod(_micros(t), 1_000_000)
     m = _EPOCH + timedelta(seconds=seconds)
     text = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
     return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
 
 
+@lru_cache(maxsize=16384)
 def parse_time(text: str) -> float:
     """RFC 3339 UTC as written by `format_time` -> epoch seconds; ValueError otherwise."""
     match = _TIME_RE.fullmatch(text)
@@ -201,14 +206,19 @@ def _canonical_bytes(obj: object) -> bytes:
     return text.encode("ascii")
 
 
-def _version_of(content: dict[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(_canonical_bytes(content)).hexdigest()[:16]
-
-
 # --- JSON -> model (strict) -----------------------------------------------------------------
 
 
+_KEYSETS: dict[tuple[str, ...], frozenset[str]] = {}
+
+
 def _obj(value: object, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    keyset = _KEYSETS.get(keys)
+    if keyset is None:
+        keyset = _KEYSETS[keys] = frozenset(keys)
+    # Fast path: exactly the expected keys (a set comparison in C); errors take the slow path.
+    if type(value) is dict and value.keys() == keyset:
+        return value
     if not isinstance(value, dict):
         _fail(where, f"expected an object, got {_type_name(value)}")
     missing = [k for k in keys if k not in value]
@@ -334,24 +344,156 @@ def _subject(value: object, where: str) -> Subject:
     _fail(f"{where}.{kind}", "unknown subject kind (serviceAccount, token, spiffeId)")
 
 
+@lru_cache(maxsize=1024)
+def _is_method(method: str) -> bool:
+    return method == "*" or _METHOD_RE.fullmatch(method) is not None
+
+
+_RULE_KEYS: Final = ("methods", "paths")
+
+
 def _rule(value: object, where: str) -> Rule:
-    obj = _obj(value, where, ("methods", "paths"))
+    obj = _obj(value, where, _RULE_KEYS)
     methods = _str_list(obj, "methods", where, empty_ok=False)
     for i, method in enumerate(methods):
-        if method != "*" and _METHOD_RE.fullmatch(method) is None:
+        if not _is_method(method):
             _fail(f"{where}.methods[{i}]", f"{method!r} is not an upper-case HTTP method or '*'")
     paths = _str_list(obj, "paths", where, empty_ok=False)
     for i, path in enumerate(paths):
         try:
-            PathPattern.compile(path)
+            PathPattern.compile(path)  # cached by pattern text
         except ValueError as exc:
             _fail(f"{where}.paths[{i}]", str(exc))
     return Rule(methods=frozenset(methods), paths=paths)
 
 
+_GRANT_KEYS: Final = (
+    "name",
+    "subjects",
+    "rules",
+    "tenant",
+    "notBefore",
+    "expiresAt",
+    "rateLimit",
+    "reason",
+)
+_GRANT_KEYSET: Final = frozenset(_GRANT_KEYS)
+_RULE_KEYSET: Final = frozenset(_RULE_KEYS)
+_TOKEN_KEYSET: Final = frozenset(("issuer", "subject", "claims"))
+_SERVICE_ACCOUNT_KEYSET: Final = frozenset(("namespace", "name"))
+
+
+@lru_cache(maxsize=65536)
+def _is_pattern(pattern: str) -> bool:
+    try:
+        PathPattern.compile(pattern)
+    except ValueError:
+        return False
+    return True
+
+
+def _opt_time_or_fail(value: object) -> float | None:
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise TypeError("not a time")
+    return parse_time(value)
+
+
+def _fast_subject(value: object) -> Subject | None:
+    """`_subject` for the valid case, without building error locations; None when in doubt."""
+    if type(value) is not dict or len(value) != 1:
+        return None
+    ((kind, body),) = value.items()
+    if type(body) is str:
+        if kind == "spiffeId" and body.startswith("spiffe://") and len(body) > 9:
+            return SpiffeSubject(body)
+        return None
+    if type(body) is not dict:
+        return None
+    if kind == "token":
+        if body.keys() != _TOKEN_KEYSET:
+            return None
+        issuer, subject, claims = body["issuer"], body["subject"], body["claims"]
+        if type(issuer) is not str or not issuer or type(claims) is not dict:
+            return None
+        if subject is not None and (type(subject) is not str or not subject):
+            return None
+        if not claims:
+            return None if subject is None else TokenSubject(issuer, subject, ())
+        for name, claim in claims.items():
+            if not name or type(claim) is not str:
+                return None
+        return TokenSubject(issuer, subject, tuple(sorted(claims.items())))
+    if kind == "serviceAccount" and body.keys() == _SERVICE_ACCOUNT_KEYSET:
+        namespace, name = body["namespace"], body["name"]
+        if type(namespace) is str and namespace and type(name) is str and name:
+            return ServiceAccountSubject(namespace, name)
+    return None
+
+
+def _fast_rule(value: object) -> Rule | None:
+    """`_rule` for the valid case, without building error locations; None when in doubt."""
+    if type(value) is not dict or value.keys() != _RULE_KEYSET:
+        return None
+    methods, paths = value["methods"], value["paths"]
+    if type(methods) is not list or not methods or type(paths) is not list or not paths:
+        return None
+    for method in methods:
+        if type(method) is not str or not _is_method(method):
+            return None
+    for path in paths:
+        if type(path) is not str or not _is_pattern(path):
+            return None
+    return Rule(methods=frozenset(methods), paths=tuple(paths))
+
+
+def _fast_grant(value: object) -> Grant | None:
+    """`_grant` for the valid case, without building error locations; None when in doubt.
+
+    It accepts a subset of what `_grant` accepts and builds the same `Grant` (a
+    differential test holds it to that); anything it is unsure of goes to `_grant`,
+    which names the offending field.
+    """
+    if type(value) is not dict or value.keys() != _GRANT_KEYSET:
+        return None
+    name, tenant, reason = value["name"], value["tenant"], value["reason"]
+    if type(name) is not str or not name or type(reason) is not str:
+        return None
+    if tenant is not None and (type(tenant) is not str or not tenant):
+        return None
+    subjects_json, rules_json = value["subjects"], value["rules"]
+    if type(subjects_json) is not list or not subjects_json:
+        return None
+    if type(rules_json) is not list or not rules_json:
+        return None
+    try:
+        not_before = _opt_time_or_fail(value["notBefore"])
+        expires_at = _opt_time_or_fail(value["expiresAt"])
+        rate_limit = _rate_limit(value["rateLimit"], "rateLimit")
+    except (ValueError, TypeError):  # PolicyDocumentError is a ValueError
+        return None
+    if not_before is not None and expires_at is not None and expires_at <= not_before:
+        return None
+    subjects = []
+    for item in subjects_json:
+        subject = _fast_subject(item)
+        if subject is None:
+            return None
+        subjects.append(subject)
+    rules = []
+    for item in rules_json:
+        rule = _fast_rule(item)
+        if rule is None:
+            return None
+        rules.append(rule)
+    return Grant(
+        name, tuple(subjects), tuple(rules), tenant, not_before, expires_at, rate_limit, reason
+    )
+
+
 def _grant(value: object, where: str) -> Grant:
-    keys = ("name", "subjects", "rules", "tenant", "notBefore", "expiresAt", "rateLimit", "reason")
-    obj = _obj(value, where, keys)
+    obj = _obj(value, where, _GRANT_KEYS)
     subjects = _list(obj, "subjects", where, empty_ok=False)
     rules = _list(obj, "rules", where, empty_ok=False)
     not_before = _opt_time_field(obj, "notBefore", where)
@@ -490,7 +632,9 @@ def _parse_content(obj: dict[str, Any], version: str) -> PolicyDocument:
     if obj.get("apiVersion") != DOCUMENT_API_VERSION:
         _fail("apiVersion", f"expected {DOCUMENT_API_VERSION!r}, got {obj.get('apiVersion')!r}")
     issuers = tuple(_issuer(v, f"issuers[{i}]") for i, v in enumerate(_list(obj, "issuers", "")))
-    grants = tuple(_grant(v, f"grants[{i}]") for i, v in enumerate(_list(obj, "grants", "")))
+    grants = tuple(
+        _fast_grant(v) or _grant(v, f"grants[{i}]") for i, v in enumerate(_list(obj, "grants", ""))
+    )
     revocations = tuple(
         _revocation(v, f"revocations[{i}]") for i, v in enumerate(_list(obj, "revocations", ""))
     )
@@ -583,40 +727,51 @@ def make_document(
     microseconds. Raises `PolicyDocumentError` (naming the field) when the
     result would not pass `decode_document`.
     """
-    canonical = _content_json(
-        service,
-        sorted(map(_canonical_issuer, issuers), key=lambda i: i.name),
-        sorted(map(_canonical_grant, grants), key=lambda g: g.name),
-        sorted(
-            (
-                Revocation(
-                    r.name,
-                    r.issuer,
-                    r.subject,
-                    r.token_id,
-                    r.service_account_uid,
-                    _opt_canonical_time(r.until),
-                )
-                for r in revocations
-            ),
-            key=lambda r: r.name,
-        ),
-    )
-    # Parse our own JSON back: one validator for producer and consumer.
-    round_tripped = json.loads(_canonical_bytes(canonical))
-    return _parse_content(round_tripped, _version_of(canonical))
+    with gc_paused():
+        canonical = _content_json(
+            service,
+            sorted(map(_canonical_issuer, issuers), key=_by_name),
+            sorted(map(_canonical_grant, grants), key=_by_name),
+            sorted(map(_canonical_revocation, revocations), key=_by_name),
+        )
+        content = _canonical_bytes(canonical)
+        # Parse our own JSON back: one validator for producer and consumer.
+        return _parse_content(json.loads(content), _version_of_bytes(content))
+
+
+def _by_name(item: IssuerConfig | Grant | Revocation) -> str:
+    return item.name
+
+
+def _canonical_revocation(r: Revocation) -> Revocation:
+    until = _opt_canonical_time(r.until)
+    if until == r.until:
+        return r
+    return Revocation(r.name, r.issuer, r.subject, r.token_id, r.service_account_uid, until)
+
+
+def _version_of_bytes(content: bytes) -> str:
+    return "sha256:" + hashlib.sha256(content).hexdigest()[:16]
+
+
+def _content_bytes(doc: PolicyDocument) -> bytes:
+    return _canonical_bytes(_content_json(doc.service, doc.issuers, doc.grants, doc.revocations))
+
+
+def _with_version(content: bytes, version: str) -> bytes:
+    # "version" sorts after every other top-level key, so it is the last member.
+    return content[:-1] + b',"version":"' + version.encode("ascii") + b'"}'
 
 
 def document_content_version(doc: PolicyDocument) -> str:
     """The version `doc`'s content hashes to (equal to `doc.version` for a valid document)."""
-    return _version_of(_content_json(doc.service, doc.issuers, doc.grants, doc.revocations))
+    return _version_of_bytes(_content_bytes(doc))
 
 
 def encode_document(doc: PolicyDocument) -> bytes:
     """Canonical JSON bytes of `doc` (sorted keys, no spaces, ASCII, times in RFC 3339 UTC)."""
-    content = _content_json(doc.service, doc.issuers, doc.grants, doc.revocations)
-    content["version"] = doc.version
-    return _canonical_bytes(content)
+    with gc_paused():
+        return _with_version(_content_bytes(doc), doc.version)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -636,6 +791,40 @@ def decode_document(data: bytes) -> PolicyDocument:
     """Parse and strictly validate a policy document; raise `PolicyDocumentError` naming the
     field on unknown apiVersion, missing/unknown/ill-typed fields, invalid patterns, or a
     `version` that does not match the content."""
+    with gc_paused():
+        doc = _decode_canonical(data)
+        return doc if doc is not None else _decode_any(data)
+
+
+_TOP_KEYS: Final = ("apiVersion", "version", "service", "issuers", "grants", "revocations")
+_TOP_KEYSET: Final = frozenset(_TOP_KEYS)
+
+
+def _decode_canonical(data: bytes) -> PolicyDocument | None:
+    """The fast path for documents exactly as `encode_document` writes them, else None.
+
+    The same validator runs; the only check it skips is the duplicate-key hook, which is
+    redundant here: the input is byte-for-byte the canonical encoding of what was parsed,
+    and a canonical encoding has no duplicate keys (nor NaN, nor whitespace). Anything
+    else, valid or not, goes through `_decode_any`, which reports the precise error.
+    """
+    try:
+        obj = json.loads(data)
+        if type(obj) is not dict or obj.keys() != _TOP_KEYSET:
+            return None
+        version = obj["version"]
+        if type(version) is not str or _VERSION_RE.fullmatch(version) is None:
+            return None
+        doc = _parse_content(obj, version)
+        content = _content_bytes(doc)
+    except Exception:  # the strict path reports it
+        return None
+    if _with_version(content, version) != data or _version_of_bytes(content) != version:
+        return None
+    return doc
+
+
+def _decode_any(data: bytes) -> PolicyDocument:
     try:
         obj = json.loads(
             data, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
@@ -644,10 +833,9 @@ def decode_document(data: bytes) -> PolicyDocument:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise PolicyDocumentError(f"document: not valid JSON: {exc}") from None
-    keys = ("apiVersion", "version", "service", "issuers", "grants", "revocations")
     if isinstance(obj, dict) and obj.get("apiVersion") != DOCUMENT_API_VERSION:
         _fail("apiVersion", f"expected {DOCUMENT_API_VERSION!r}, got {obj.get('apiVersion')!r}")
-    obj = _obj(obj, "", keys)
+    obj = _obj(obj, "", _TOP_KEYS)
     version = obj["version"]
     if not isinstance(version, str) or _VERSION_RE.fullmatch(version) is None:
         _fail("version", "expected 'sha256:' followed by 16 lower-case hex digits")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nhigate.policy.allocation import gc_paused
 from nhigate.policy.document import PolicyDocument
 from nhigate.policy.model import (
     Decision,
@@ -35,17 +36,26 @@ _Entry = tuple[int, Claims]
 _ANY_METHOD = "*"
 
 
+_NO_CHILDREN: dict[str, _Node] = {}
+_NO_ENTRIES: dict[str, list[_Entry]] = {}
+"""Shared empty tables for nodes that have none (never mutated: `insert` replaces them)."""
+
+
 class _Node:
-    """A segment-trie node: literal children, a `*` child, and entries by method."""
+    """A segment-trie node: literal children, a `*` child, and entries by method.
+
+    Most nodes are leaves holding one kind of entry, so the tables start as shared
+    empty dicts and are created on first insert (a 10k-grant index has ~60k nodes).
+    """
 
     __slots__ = ("children", "exact", "star", "subtree")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
+        self.children: dict[str, _Node] = _NO_CHILDREN
         self.star: _Node | None = None
-        self.exact: dict[str, list[_Entry]] = {}
+        self.exact: dict[str, list[_Entry]] = _NO_ENTRIES
         """Entries whose pattern ends exactly at this node."""
-        self.subtree: dict[str, list[_Entry]] = {}
+        self.subtree: dict[str, list[_Entry]] = _NO_ENTRIES
         """Entries whose pattern is this node's prefix followed by `/**`."""
 
     def insert(self, pattern: PathPattern, methods: frozenset[str], entry: _Entry) -> None:
@@ -58,12 +68,25 @@ class _Node:
             else:
                 child = node.children.get(segment)
                 if child is None:
+                    if node.children is _NO_CHILDREN:
+                        node.children = {}
                     child = node.children[segment] = _Node()
                 node = child
-        target = node.subtree if pattern.subtree else node.exact
+        if pattern.subtree:
+            if node.subtree is _NO_ENTRIES:
+                node.subtree = {}
+            target = node.subtree
+        else:
+            if node.exact is _NO_ENTRIES:
+                node.exact = {}
+            target = node.exact
         for method in methods:
-            bucket = target.setdefault(method, [])
-            if entry not in bucket:
+            bucket = target.get(method)
+            if bucket is None:
+                target[method] = [entry]
+            elif bucket[-1] != entry:
+                # A grant inserts all entries for one subject before the next subject and
+                # grant, so a repeat can only be the last entry: O(1), not a bucket scan.
                 bucket.append(entry)
 
     def collect(self, segments: list[str], depth: int, method: str, out: list[_Entry]) -> None:
@@ -151,29 +174,14 @@ def _add_revocation(table: dict[Any, _RevocationHit], key: object, rev: Revocati
         table[key] = _RevocationHit(until, rev.name)
 
 
-@dataclass(frozen=True, slots=True)
-class GrantDecisions:
-    """The four decisions a grant can produce, built once at compile time (decide() allocates
-    nothing on its hot path)."""
-
-    allowed: Decision
-    not_yet_valid: Decision
-    expired: Decision
-    tenant_mismatch: Decision
-
-
-def _grant_decisions(grant: Grant) -> GrantDecisions:
-    def deny(reason: Reason) -> Decision:
-        return Decision(allowed=False, reason=reason, grant=grant.name)
-
-    return GrantDecisions(
-        allowed=Decision(
-            allowed=True, reason=Reason.ALLOWED, grant=grant.name, rate_limit=grant.rate_limit
-        ),
-        not_yet_valid=deny(Reason.GRANT_NOT_YET_VALID),
-        expired=deny(Reason.GRANT_EXPIRED),
-        tenant_mismatch=deny(Reason.TENANT_MISMATCH),
-    )
+ALLOWED, EXPIRED, NOT_YET_VALID, TENANT_MISMATCH = range(4)
+"""Outcome ranks for `Policy.decision`; among denials a higher rank is more specific."""
+_OUTCOME_REASONS = (
+    Reason.ALLOWED,
+    Reason.GRANT_EXPIRED,
+    Reason.GRANT_NOT_YET_VALID,
+    Reason.TENANT_MISMATCH,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +195,8 @@ class Policy:
     grants: tuple[Grant, ...]
     patterns: tuple[tuple[tuple[PathPattern, ...], ...], ...]
     """Per grant, per rule, the compiled path patterns (same order as the document)."""
-    decisions: tuple[GrantDecisions, ...] = field(repr=False)
-    """Per grant, its precomputed decisions."""
+    _decisions: list[Decision | None] = field(repr=False, compare=False)
+    """Per grant and outcome rank, the shared `Decision` (built on first use, then reused)."""
     _by_service_account: Mapping[tuple[str, str], _Node] = field(repr=False)
     _by_subject: Mapping[str, Mapping[str, _Node]] = field(repr=False)
     """issuer -> token subject -> trie."""
@@ -204,6 +212,21 @@ class Policy:
     def version(self) -> str:
         """The document's content-hash version, e.g. ``sha256:0123456789abcdef``."""
         return self.document.version
+
+    def decision(self, pos: int, outcome: int) -> Decision:
+        """The shared, immutable decision grant `pos` produces for an outcome rank
+        (`ALLOWED`, `EXPIRED`, `NOT_YET_VALID`, `TENANT_MISMATCH`)."""
+        slot = pos * 4 + outcome
+        decision = self._decisions[slot]
+        if decision is None:
+            # Built lazily: compiling a 10k-grant policy should not allocate 40k decisions.
+            grant = self.grants[pos]
+            if outcome == ALLOWED:
+                decision = Decision(True, Reason.ALLOWED, grant.name, grant.rate_limit)
+            else:
+                decision = Decision(False, _OUTCOME_REASONS[outcome], grant.name)
+            self._decisions[slot] = decision
+        return decision
 
     def candidates(self, identity: Identity, method: str, segments: list[str]) -> list[int]:
         """Positions of grants with a subject matching `identity` and a rule matching
@@ -271,15 +294,18 @@ def compile_policy(doc: PolicyDocument) -> Policy:
     Raises ValueError when a grant carries an invalid path pattern; documents
     from `decode_document`/`make_document` are already validated.
     """
+    with gc_paused():
+        return _compile(doc)
+
+
+def _compile(doc: PolicyDocument) -> Policy:
     by_sa: dict[tuple[str, str], _Node] = {}
     by_subject: dict[str, dict[str, _Node]] = {}
     by_issuer: dict[str, _Node] = {}
     by_spiffe: dict[str, _Node] = {}
     patterns: list[tuple[tuple[PathPattern, ...], ...]] = []
     for pos, grant in enumerate(doc.grants):
-        compiled_rules = tuple(
-            tuple(PathPattern.compile(p) for p in rule.paths) for rule in grant.rules
-        )
+        compiled_rules = tuple(tuple(map(PathPattern.compile, rule.paths)) for rule in grant.rules)
         patterns.append(compiled_rules)
         for subject in grant.subjects:
             claims: Claims = ()
@@ -311,7 +337,7 @@ def compile_policy(doc: PolicyDocument) -> Policy:
         document=doc,
         grants=doc.grants,
         patterns=tuple(patterns),
-        decisions=tuple(_grant_decisions(g) for g in doc.grants),
+        _decisions=[None] * (4 * len(doc.grants)),
         _by_service_account=by_sa,
         _by_subject=by_subject,
         _by_issuer=by_issuer,
@@ -324,7 +350,10 @@ def compile_policy(doc: PolicyDocument) -> Policy:
 
 
 __all__ = [
-    "GrantDecisions",
+    "ALLOWED",
+    "EXPIRED",
+    "NOT_YET_VALID",
+    "TENANT_MISMATCH",
     "Policy",
     "claim_matches",
     "claims_match",
