@@ -29,6 +29,7 @@ from nhigate.proxy.policy_source import (
     PolicyHolder,
     StandaloneSource,
 )
+from nhigate.proxy.rejects import rejected_request_audit
 from nhigate.proxy.settings import ProxySettings
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,10 @@ async def serve(
     app = create_app(settings, holder=holder, metrics=ProxyMetrics(), clock=clock)
     state = app[STATE]
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.drain_timeout
+        app,
+        handle_signals=False,
+        shutdown_timeout=settings.drain_timeout,
+        **rejected_request_audit(app),  # parser-refused requests are audited too
     )
     admin_runner = web.AppRunner(create_admin_app(app), handle_signals=False, access_log=None)
     await runner.setup()

@@ -1,0 +1,82 @@
+"""Audit the requests aiohttp's HTTP parser refuses before they reach the pipeline.
+
+Smuggling shapes (duplicate `Content-Length`, `Transfer-Encoding` with `Content-Length`,
+obs-fold, bare LF, header names with spaces, NUL or raw non-ASCII bytes in the target,
+oversized or too many headers) never become a `web.Request`: aiohttp answers 400 itself and
+closes the connection, so the pipeline's audit line is never written. DESIGN.md invariant 6
+says every decision is audited, and a refused smuggling attempt is exactly the decision an
+operator wants to see. aiohttp's one hook on that path is the access logger, which it calls
+for every response, refused ones included; `rejected_request_audit(app)` returns the runner
+options that install one which writes a deny record for parser refusals only (requests the
+pipeline handled already wrote theirs).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from aiohttp import web, web_protocol
+from aiohttp.abc import AbstractAccessLogger
+
+from nhigate.policy import Reason
+from nhigate.proxy.app import STATE, ProxyState
+from nhigate.proxy.audit import AuditEvent
+
+log = logging.getLogger(__name__)
+
+_PARSER_ERROR_MESSAGE = getattr(web_protocol, "ERROR", None)
+"""The placeholder message aiohttp builds a request from when its parser refused the bytes."""
+
+
+def _first_line(response: web.StreamResponse) -> str:
+    # The parser's message echoes the offending header line, which may hold a credential:
+    # keep only its first line ("Invalid header token:", "Duplicate Content-Length", ...).
+    text = getattr(response, "text", None)
+    if not isinstance(text, str) or not text:
+        return "malformed HTTP request"
+    first = text.split("\n", 1)[0].split(": b'", 1)[0].split(' b"', 1)[0]
+    return first.strip().rstrip(":")[:80] or "malformed HTTP request"
+
+
+def _logger_class(state: ProxyState) -> type[AbstractAccessLogger]:
+    class RejectedRequestAudit(AbstractAccessLogger):
+        """Writes one deny record for each request the HTTP parser refused."""
+
+        def log(self, request: Any, response: web.StreamResponse, time: float) -> None:
+            if getattr(request, "_message", None) is not _PARSER_ERROR_MESSAGE:
+                return  # the pipeline handled (and audited) this request
+            policy = state.holder.current
+            reason = Reason.REQUEST_REJECTED
+            detail = f"refused by the HTTP parser: {_first_line(response)}"
+            state.audit.write(
+                AuditEvent(
+                    time=state.clock(),
+                    request_id=secrets.token_hex(8),
+                    decision="deny",
+                    reason=reason.value,
+                    method="-",
+                    path="",
+                    upstream=state.settings.upstream.url,
+                    status=response.status,
+                    duration_ms=time * 1000.0,
+                    policy_version=policy.version if policy is not None else None,
+                    detail=detail,
+                    peer=request.remote,
+                )
+            )
+            state.metrics.observe_request("deny", reason.value, None, time)
+
+    return RejectedRequestAudit
+
+
+def rejected_request_audit(app: web.Application) -> dict[str, Any]:
+    """Keyword arguments for `web.AppRunner(app, ...)` that audit parser-refused requests.
+
+    Use instead of `access_log=None`: `web.AppRunner(app, **rejected_request_audit(app))`.
+    """
+    if _PARSER_ERROR_MESSAGE is None:  # pragma: no cover - guards an aiohttp upgrade
+        log.error("aiohttp has no parser-error placeholder: parser refusals are not audited")
+        return {"access_log": None}
+    return {"access_log_class": _logger_class(app[STATE]), "access_log": log}
