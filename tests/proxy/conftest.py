@@ -33,7 +33,7 @@ from nhigate.policy import (
     compile_policy,
     make_document,
 )
-from nhigate.proxy.app import create_app
+from nhigate.proxy.app import ProxyRunner, create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
@@ -228,7 +228,7 @@ async def start_proxy(
     sink = io.BytesIO()
     audit = AuditLog(sink)
     app = create_app(settings, holder=holder, metrics=metrics, audit=audit, clock=clock)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    runner = ProxyRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -28,6 +28,10 @@ import httptools
 MAX_BUFFERED_BODY = 256 * 1024
 """Upstream bytes buffered before reading from the upstream socket pauses."""
 
+MAX_RESPONSE_HEAD = 64 * 1024
+"""Largest upstream response head (status line + headers); a larger one is a 502, not
+unbounded memory (llhttp itself buffers a header line of any length)."""
+
 
 class UpstreamError(Exception):
     """The upstream could not produce a complete response."""
@@ -49,6 +53,7 @@ class _Connection(asyncio.Protocol):
         "_buffered",
         "_drain_waiter",
         "_has_length",
+        "_head_bytes",
         "_head_done",
         "_headers",
         "_is_head",
@@ -89,6 +94,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused_reading = False
         self._head_done = False
+        self._head_bytes = 0
         self._has_length = False
         self._is_head = False
         self.message_done = False
@@ -115,12 +121,21 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamUnavailableError(f"malformed upstream response: {exc}"))
+            return
+        if not self._head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                detail = f"upstream response head over {MAX_RESPONSE_HEAD} bytes"
+                self._fail(UpstreamUnavailableError(detail))
 
     def eof_received(self) -> bool | None:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.active and not self.message_done and self.error is None:
             if self._head_done and not self._has_length and not self._is_head:
                 self.message_done = True  # the body was delimited by the connection close
@@ -195,13 +210,16 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self.active or self.message_done:
-            return
+        if not self.active or self.message_done or self.closed:
+            return  # idle now: the next exchange arms a new timer
         idle = self._loop.time() - self._last_activity
         if idle >= self._timeout:
             self._fail(UpstreamTimeoutError(f"no upstream bytes for {self._timeout:g}s"))
@@ -214,14 +232,14 @@ class _Connection(asyncio.Protocol):
         self._is_head = is_head
         self.active = True
         self._last_activity = self._loop.time()
-        self._timer = self._loop.call_later(self._timeout, self._on_timer)
+        if self._timer is None:
+            # A timer left by an earlier exchange stays armed: when it fires it re-arms
+            # itself from `_last_activity`, so a timer per exchange is not needed.
+            self._timer = self._loop.call_later(self._timeout, self._on_timer)
 
     def finish(self) -> bool:
         """End the exchange; True when the connection may be reused."""
         self.active = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         reusable = self.message_done and self.keep_alive and not self.closed and self.error is None
         if not reusable:
             self._close()

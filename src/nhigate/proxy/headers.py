@@ -54,6 +54,10 @@ RESPONSE_DROPPED: frozenset[str] = HOP_BY_HOP | frozenset({"content-length"})
 
 Header = tuple[str, str]
 
+_ALWAYS_DROPPED = HOP_BY_HOP | FRAMING | PROXY_OWNED
+_DROPPED_UNTRUSTED = _ALWAYS_DROPPED | FORWARDING
+_OWNED_PREFIXES = (OWNED_PREFIX, "proxy-")
+
 
 def connection_tokens(values: Iterable[str]) -> frozenset[str]:
     """The header names listed in `Connection` header values, lower-cased."""
@@ -80,33 +84,42 @@ def filter_request_headers(
     headers, lower-case), and client-address headers unless the peer is a
     trusted proxy.
     """
-    items = list(headers)
-    named = connection_tokens(v for k, v in items if k.lower() == "connection")
-    kept: list[Header] = []
-    for name, value in items:
+    dropped = _ALWAYS_DROPPED if trusted_peer else _DROPPED_UNTRUSTED
+    connection: list[str] | None = None
+    kept: list[tuple[str, str, str]] = []
+    for name, value in headers:
         lower = name.lower()
-        if (
-            lower in HOP_BY_HOP
-            or lower in FRAMING
-            or lower in PROXY_OWNED
-            or lower in owned
-            or lower in named
-            or lower.startswith(OWNED_PREFIX)
-            or lower.startswith("proxy-")
-            or (lower in FORWARDING and not trusted_peer)
-        ):
+        if lower in dropped or lower in owned or lower.startswith(_OWNED_PREFIXES):
+            if lower == "connection":
+                if connection is None:
+                    connection = []
+                connection.append(value)
             continue
-        kept.append((name, value))
-    return kept
+        kept.append((lower, name, value))
+    if connection is None:
+        return [(name, value) for _, name, value in kept]
+    named = connection_tokens(connection)
+    return [(name, value) for lower, name, value in kept if lower not in named]
 
 
 def filter_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[Header]:
     """Upstream response headers to copy to the caller (minus hop-by-hop and `Connection`-named)."""
-    items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
-    named = connection_tokens(v for k, v in items if k.lower() == "connection")
-    return [
-        (k, v) for k, v in items if (low := k.lower()) not in RESPONSE_DROPPED and low not in named
-    ]
+    connection: list[str] | None = None
+    kept: list[tuple[str, str, str]] = []
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
+        lower = name.lower()
+        if lower in RESPONSE_DROPPED:
+            if lower == "connection":
+                if connection is None:
+                    connection = []
+                connection.append(raw_value.decode("latin-1"))
+            continue
+        kept.append((lower, name, raw_value.decode("latin-1")))
+    if connection is None:
+        return [(name, value) for _, name, value in kept]
+    named = connection_tokens(connection)
+    return [(name, value) for lower, name, value in kept if lower not in named]
 
 
 def safe_header_value(value: str) -> str:

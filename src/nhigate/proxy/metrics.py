@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
@@ -44,31 +45,81 @@ class _RefreshCollector(Collector):
         yield family
 
 
+class LatencyHistogram:
+    """A Prometheus histogram for the request path: one list increment per observation.
+
+    `prometheus_client.Histogram` takes a lock and walks every bucket in Python on each
+    `observe()`; here a binary search finds the one bucket to bump and the cumulative
+    counts are computed at scrape time. Observations and scrapes both happen on the
+    event-loop thread, so no lock is needed.
+    """
+
+    __slots__ = ("_bounds", "_counts", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Record one duration (`le` buckets: a value on a bound counts in that bucket)."""
+        self._counts[bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        """`(le, cumulative count)` pairs including `+Inf`, and the sum."""
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self._bounds, float("inf")), self._counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+        return buckets, self._sum
+
+
+class _RequestCollector(Collector):
+    """Exposes the per-request counters and histograms kept by `ProxyMetrics`."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "nhigate_proxy_requests",
+            "Requests by decision, reason and grant.",
+            labels=["decision", "reason", "grant"],
+        )
+        for key, value in sorted(m._request_counts.items()):
+            requests.add_metric(list(key), float(value))
+        yield requests
+        duration = HistogramMetricFamily(
+            "nhigate_proxy_request_duration_seconds",
+            "Time from request arrival to response head (or deny), by decision.",
+            labels=["decision"],
+        )
+        for decision, hist in sorted(m._durations.items()):
+            buckets, total = hist.cumulative()
+            duration.add_metric([decision], buckets, total)
+        yield duration
+        buckets, total = m.upstream_duration.cumulative()
+        yield HistogramMetricFamily(
+            "nhigate_proxy_upstream_duration_seconds",
+            "Time from sending upstream to the response head.",
+            buckets=buckets,
+            sum_value=total,
+        )
+
+
 class ProxyMetrics:
-    """All proxy metrics, with labelled children cached for the per-request path."""
+    """All proxy metrics; the per-request ones are plain counters exported at scrape time."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "nhigate_proxy_requests",
-            "Requests by decision, reason and grant.",
-            ["decision", "reason", "grant"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "nhigate_proxy_request_duration_seconds",
-            "Time from request arrival to response head (or deny), by decision.",
-            ["decision"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "nhigate_proxy_upstream_duration_seconds",
-            "Time from sending upstream to the response head.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self._request_counts: dict[tuple[str, str, str], int] = {}
+        self._durations: dict[str, LatencyHistogram] = {}
+        self.upstream_duration = LatencyHistogram(_LATENCY_BUCKETS)
+        r.register(_RequestCollector(self))
         self.policy_version = Gauge(
             "nhigate_proxy_policy_version_info",
             "The policy version this replica serves (value 1).",
@@ -90,8 +141,6 @@ class ProxyMetrics:
             registry=r,
         )
         self.ready = Gauge("nhigate_proxy_ready", "1 when serving with a valid policy.", registry=r)
-        self._request_children: dict[tuple[str, str, str], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
         self._version: str | None = None
 
     def watch_jwks_refreshes(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
@@ -101,18 +150,18 @@ class ProxyMetrics:
     def observe_request(
         self, decision: str, reason: str, grant: str | None, seconds: float
     ) -> None:
-        """Count one decision and its latency."""
+        """Count one decision and its latency (call on the event-loop thread)."""
         key = (decision, reason, grant or "")
-        child = self._request_children.get(key)
-        if child is None:
-            child = self.requests.labels(*key)
-            self._request_children[key] = child
-        child.inc()
-        hist = self._duration_children.get(decision)
+        counts = self._request_counts
+        counts[key] = counts.get(key, 0) + 1
+        hist = self._durations.get(decision)
         if hist is None:
-            hist = self.request_duration.labels(decision)
-            self._duration_children[decision] = hist
+            hist = self._durations[decision] = LatencyHistogram(_LATENCY_BUCKETS)
         hist.observe(seconds)
+
+    def request_count(self, decision: str, reason: str, grant: str | None = None) -> int:
+        """How many requests ended with this decision, reason and grant."""
+        return self._request_counts.get((decision, reason, grant or ""), 0)
 
     def set_policy_version(self, version: str) -> None:
         """Record the version now served."""

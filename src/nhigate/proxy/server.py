@@ -21,7 +21,7 @@ import uvloop
 from aiohttp import web
 
 from nhigate.proxy.admin import create_admin_app
-from nhigate.proxy.app import STATE, ProxyState, create_app
+from nhigate.proxy.app import STATE, ProxyRunner, ProxyState, create_app
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import (
     ClusterSource,
@@ -119,7 +119,7 @@ async def serve(
     holder = holder if holder is not None else PolicyHolder()
     app = create_app(settings, holder=holder, metrics=ProxyMetrics(), clock=clock)
     state = app[STATE]
-    runner = web.AppRunner(
+    runner = ProxyRunner(
         app,
         handle_signals=False,
         shutdown_timeout=settings.drain_timeout,
