@@ -20,6 +20,8 @@ from nhigate.policy.encoding import (
     decode_document,
     encode_document,
     make_document,
+    pack_document,
+    unpack_document,
 )
 from nhigate.policy.index import Policy, compile_policy
 from nhigate.policy.model import (
@@ -75,5 +77,7 @@ __all__ = [
     "explain",
     "make_document",
     "normalise_path",
+    "pack_document",
+    "unpack_document",
     "who_can",
 ]
