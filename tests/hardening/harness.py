@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import socket
+import struct
 import sys
 import threading
 import time
@@ -46,7 +47,7 @@ from nhigate.policy import (
     compile_policy,
     make_document,
 )
-from nhigate.proxy.app import create_app
+from nhigate.proxy.app import STATE, ProxyState, create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
@@ -241,9 +242,9 @@ def raw_exchange(
 # -- the recording upstream -------------------------------------------------------------------
 
 UpstreamMode = str
-"""`ok` (200 echoing the target), `reset` (RST after half a response), `hang` (never answer),
-`garbage` (non-HTTP bytes), `huge_header` (a 1 MiB response header), `close_early`
-(close after the head of a Content-Length response)."""
+"""`ok` (200 echoing the target), `rst` (RST on the request), `reset` (RST after half a
+response), `hang` (never answer), `garbage` (non-HTTP bytes), `huge_header` (a 1 MiB response
+header), `close_early` (close after the head of a Content-Length response)."""
 
 
 class _UpstreamConnection(asyncio.Protocol):
@@ -297,13 +298,13 @@ class _UpstreamConnection(asyncio.Protocol):
             return
         body = orjson.dumps({"target": message.target})
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        if mode == "rst":
+            _set_linger_zero(transport)
+            transport.abort()
+            return
         if mode == "reset":
             transport.write(head % (len(body) + 1000) + body[:5])
-            sock = transport.get_extra_info("socket")
-            if sock is not None:  # SO_LINGER 0: close with RST
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
+            _set_linger_zero(transport)
             transport.abort()
             return
         if mode == "close_early":
@@ -311,6 +312,12 @@ class _UpstreamConnection(asyncio.Protocol):
             transport.close()
             return
         transport.write(head % len(body) + (b"" if message.method == "HEAD" else body))
+
+
+def _set_linger_zero(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:  # SO_LINGER 0: the close sends RST
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @dataclass
@@ -399,6 +406,7 @@ class ProxyThread:
         *,
         mode: UpstreamMode = "ok",
         upstream_port: int | None = None,
+        app_options: dict[str, Any] | None = None,
         **settings: Any,
     ) -> None:
         self.key = key
@@ -406,11 +414,13 @@ class ProxyThread:
         self.upstream = RawUpstream(mode=mode)
         self._upstream_port = upstream_port
         self._settings = settings
+        self._app_options = app_options or {}
         self.sink = io.BytesIO()
         self.holder = PolicyHolder()
         self.metrics = ProxyMetrics()
         self.audit = AuditLog(self.sink)
         self.port = 0
+        self.app: web.Application | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -456,7 +466,14 @@ class ProxyThread:
             admin_port=0,
             **self._settings,
         )
-        app = create_app(settings, holder=self.holder, metrics=self.metrics, audit=self.audit)
+        app = create_app(
+            settings,
+            holder=self.holder,
+            metrics=self.metrics,
+            audit=self.audit,
+            **self._app_options,
+        )
+        self.app = app
         runner = web.AppRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -485,6 +502,11 @@ class ProxyThread:
             return fn()
 
         return self.call(wrapper())
+
+    def app_state(self) -> ProxyState:
+        """The running app's shared state (authenticator, pool, ...)."""
+        assert self.app is not None
+        return self.app[STATE]
 
     def token(self, sub: str = SUBJECT, **extra: Any) -> str:
         return str(sign(self.key, claims_for(ISSUER, AUDIENCE, sub, **extra)))
@@ -535,3 +557,93 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class UpstreamThread:
+    """A `RawUpstream` alone on a background loop (for proxies run as subprocesses)."""
+
+    def __init__(self, mode: UpstreamMode = "ok") -> None:
+        self.upstream = RawUpstream(mode=mode)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hardening-upstream", daemon=True)
+
+    def __enter__(self) -> RawUpstream:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("upstream thread did not start")
+        return self.upstream
+
+    def __exit__(self, *exc: object) -> None:
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        await self.upstream.start()
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.upstream.stop()
+
+
+def resource_documents(
+    key: TestKey,
+    grants: dict[str, tuple[str, list[str], list[str]]],
+    *,
+    jwks: dict[str, Any] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Standalone resource files: an IdentityIssuer (inline JWKS of `key`), a ProtectedService
+    and one RouteGrant per `grants` entry (name -> (subject, methods, paths))."""
+    namespace = "payments"
+    issuer = {
+        "apiVersion": "nhigate.io/v1alpha1",
+        "kind": "IdentityIssuer",
+        "metadata": {"name": ISSUER_NAME, "namespace": namespace},
+        "spec": {
+            "issuer": ISSUER,
+            "audiences": [AUDIENCE],
+            "algorithms": ["ES256"],
+            "maxTokenLifetime": "1h",
+            "jwks": jwks if jwks is not None else jwks_for(key),
+        },
+    }
+    service = {
+        "apiVersion": "nhigate.io/v1alpha1",
+        "kind": "ProtectedService",
+        "metadata": {"name": "payments-api", "namespace": namespace},
+        "spec": {"backend": {"service": "payments-api", "port": 8080}, "issuers": [ISSUER_NAME]},
+    }
+    docs: dict[str, list[dict[str, Any]]] = {"issuer.yaml": [issuer], "service.yaml": [service]}
+    for name, (subject, methods, paths) in grants.items():
+        docs[f"grant-{name}.yaml"] = [
+            {
+                "apiVersion": "nhigate.io/v1alpha1",
+                "kind": "RouteGrant",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "target": {"protectedService": "payments-api"},
+                    "subjects": [{"token": {"issuer": ISSUER_NAME, "subject": subject}}],
+                    "rules": [{"methods": methods, "paths": paths}],
+                },
+            }
+        ]
+    return docs
+
+
+def write_resources(directory: Path, documents: dict[str, list[dict[str, Any]]]) -> None:
+    """Write each file atomically (rename), so a poller never reads half a file."""
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, docs in documents.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(yaml.safe_dump_all(docs))
+        tmp.replace(directory / name)
