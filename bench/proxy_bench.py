@@ -1,13 +1,25 @@
 """Proxy overhead in one run: direct upstream vs nginx reverse proxy vs nhigate.
 
-    .venv/bin/python bench/proxy_bench.py [--duration 5] [--grants 1000]
+    .venv/bin/python bench/proxy_bench.py [--duration 4] [--repeat 1] [--grants 1000]
+        [--connections 1,32] [--json results.json]
 
-Loopback only, bounded (`duration` seconds per case). The upstream is an nginx
-returning a small fixed body; the proxy under test (nginx or nhigate) is pinned
-to CPU 0, wrk and the upstream to CPU 1. nhigate runs with a 1k-grant policy,
-a valid ES256 token (verified once, then served from the token cache) and
-audit lines written to a file. Needs `nginx` and `wrk` on PATH (Debian: apt-get
-install -y nginx wrk) and `taskset` (util-linux).
+Loopback only, bounded (`duration` seconds per run, `repeat` runs per case, the
+median kept). The upstream is an nginx returning a small fixed body; the proxy
+under test is pinned to CPU 0, wrk and the upstream to CPU 1. Cases:
+
+- `direct`: wrk straight at the upstream;
+- `nginx`: an nginx reverse proxy (keep-alive upstream pool, one worker);
+- `nhigate`: one nhigate process with a 1k-grant policy and a valid ES256 token
+  (verified once, then served from the token cache); audit records serialised
+  and written to /dev/null;
+- `nhigate+audit`: the same with audit lines appended to a file and `/metrics`
+  scraped every second.
+
+Reported per case: req/s, p50/p99/p99.9 latency, the proxy's CPU (user + system,
+from /proc) per request and the req/s one core would serve at that cost (robust on
+a busy machine, unlike wall-clock req/s), the load average, and ratios to direct
+and to nginx (added latency = case minus direct). Needs `nginx` and `wrk` on PATH
+(Debian: apt-get install -y nginx wrk) and `taskset` (util-linux).
 """
 
 from __future__ import annotations
@@ -15,14 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +121,19 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    p999_ms: float
+    requests: int
     non2xx: int
+    errors: int
     cpu_us: float = 0.0
-    """CPU time of the proxy process(es) per request (robust on a busy machine)."""
+    """CPU time (user + system) of the proxy process(es) per request: robust on a busy machine."""
+    load: float = 0.0
+    """1-minute load average when the case ran (2 means both cores busy)."""
+
+    @property
+    def rps_per_core(self) -> float:
+        """Requests per second one core would serve at this CPU cost."""
+        return 1e6 / self.cpu_us if self.cpu_us else 0.0
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -129,27 +152,54 @@ def with_children(pid: int) -> list[int]:
     return [pid, *(int(c) for c in children)]
 
 
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+WRK_SCRIPT = """
+wrk.headers["Authorization"] = "Bearer {token}"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("NHIGATE %d %d %d %d %d %d %d %d\\n", summary.requests,
+    summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max))
+end
+"""
+"""wrk's `done` hook prints the counts and the latency percentiles (microseconds) on one line."""
 
 
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
-    if not match:
-        raise ValueError(text)
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def run_wrk(name: str, url: str, connections: int, duration: int, script: Path) -> Result:
+def run_wrk(name: str, url: str, connections: int, duration: float, script: Path) -> Result:
     wrk = shutil.which("wrk") or "/usr/bin/wrk"
-    cmd = ["taskset", "-c", LOAD_CPU, wrk, "-t1", f"-c{connections}", f"-d{duration}s"]
-    cmd += ["--latency", "-s", str(script), url]
+    cmd = ["taskset", "-c", LOAD_CPU, wrk, "-t1", f"-c{connections}", f"-d{duration:g}s"]
+    cmd += ["-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration + 30)
-    text = out.stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"\s50%\s+(\S+)", text).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"\s99%\s+(\S+)", text).group(1))  # type: ignore[union-attr]
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    return Result(name, connections, rps, p50, p99, int(bad.group(1)) if bad else 0)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("NHIGATE "))
+    requests, micros, errors, non2xx, p50, p99, p999, _ = (int(v) for v in line.split()[1:])
+    return Result(
+        name,
+        connections,
+        rps=requests / (micros / 1e6),
+        p50_ms=p50 / 1000,
+        p99_ms=p99 / 1000,
+        p999_ms=p999 / 1000,
+        requests=requests,
+        non2xx=non2xx,
+        errors=errors,
+    )
+
+
+def measure(
+    name: str, url: str, pids: list[int], connections: int, duration: float, script: Path
+) -> Result:
+    """One wrk run against `url`, with the CPU the proxy `pids` spent serving it."""
+    before = cpu_seconds(pids)
+    result = run_wrk(name, url, connections, duration, script)
+    used = cpu_seconds(pids) - before
+    result.cpu_us = used * 1e6 / max(1, result.requests)
+    result.load = os.getloadavg()[0]
+    return result
+
+
+def median_result(runs: list[Result]) -> Result:
+    """The run with the median CPU per request (a busy machine only ever adds CPU)."""
+    ordered = sorted(runs, key=lambda r: r.cpu_us)
+    return ordered[len(ordered) // 2]
 
 
 def serve_nhigate(upstream_port: int, port: int, admin_port: int, grants: int, audit: str) -> None:
@@ -208,11 +258,59 @@ def serve_nhigate(upstream_port: int, port: int, admin_port: int, grants: int, a
     server.run(settings, holder=holder)
 
 
+def start_nhigate(
+    up_port: int, port: int, admin: int, grants: int, audit: str
+) -> tuple[subprocess.Popen[str], str]:
+    """An nhigate child process pinned to the proxy CPU; returns it and its valid token."""
+    serve = [str(up_port), str(port), str(admin), audit]
+    process = subprocess.Popen(
+        [
+            *("taskset", "-c", PROXY_CPU, sys.executable, __file__),
+            *("--grants", str(grants), "--serve-nhigate", *serve),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    token = str(json.loads(process.stdout.readline())["token"])
+    return process, token
+
+
+class MetricsScraper:
+    """Scrapes nhigate's `/metrics` once a second while a case runs (as Prometheus would)."""
+
+    def __init__(self, admin_port: int) -> None:
+        self._url = f"http://127.0.0.1:{admin_port}/metrics"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.scrapes = 0
+
+    def __enter__(self) -> MetricsScraper:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            with urllib.request.urlopen(self._url, timeout=5) as resp:
+                resp.read()
+            self.scrapes += 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per run")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case (median kept)")
     parser.add_argument("--grants", type=int, default=1000)
     parser.add_argument("--connections", default="1,32")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--serve-nhigate", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_nhigate:
@@ -222,57 +320,64 @@ def main() -> int:
     connections = [int(c) for c in args.connections.split(",")]
     processes: list[subprocess.Popen[Any]] = []
     results: list[Result] = []
+    audit_lines = 0
+    scrapes = 0
     with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp:
         workdir = Path(tmp)
+        audit = workdir / "audit.jsonl"
         try:
-            up_port, nginx_port, nh_port, nh_admin = (free_port() for _ in range(4))
+            up_port, nginx_port, nh_port, nh_admin, nha_port, nha_admin = (
+                free_port() for _ in range(6)
+            )
             processes.append(
                 start_nginx(workdir, "upstream", UPSTREAM_BODY.format(port=up_port), LOAD_CPU)
             )
             body = PROXY_BODY.format(port=nginx_port, upstream=up_port)
             processes.append(start_nginx(workdir, "proxy", body, PROXY_CPU))
-            audit = workdir / "audit.jsonl"
-            serve = [str(up_port), str(nh_port), str(nh_admin), str(audit)]
-            nh = subprocess.Popen(
-                [
-                    *("taskset", "-c", PROXY_CPU, sys.executable, __file__),
-                    *("--grants", str(args.grants), "--serve-nhigate", *serve),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
+            # "nhigate": audit records serialised and written to /dev/null, metrics never scraped.
+            nh, token = start_nhigate(up_port, nh_port, nh_admin, args.grants, os.devnull)
             processes.append(nh)
-            assert nh.stdout is not None
-            token = json.loads(nh.stdout.readline())["token"]
-            for port in (up_port, nginx_port, nh_port):
+            # "nhigate+audit": audit lines appended to a file, /metrics scraped every second.
+            nha, token_a = start_nhigate(up_port, nha_port, nha_admin, args.grants, str(audit))
+            processes.append(nha)
+            for port in (up_port, nginx_port, nh_port, nha_port):
                 wait_port(port)
             script = workdir / "auth.lua"
-            script.write_text(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+            script.write_text(WRK_SCRIPT.format(token=token))
+            script_a = workdir / "auth-a.lua"
+            script_a.write_text(WRK_SCRIPT.format(token=token_a))
             path = "/v1/items/123"
             cases = [
-                ("direct", f"http://127.0.0.1:{up_port}{path}"),
-                ("nginx", f"http://127.0.0.1:{nginx_port}{path}"),
-                ("nhigate", f"http://127.0.0.1:{nh_port}{path}"),
+                ("direct", f"http://127.0.0.1:{up_port}{path}", script),
+                ("nginx", f"http://127.0.0.1:{nginx_port}{path}", script),
+                ("nhigate", f"http://127.0.0.1:{nh_port}{path}", script),
+                ("nhigate+audit", f"http://127.0.0.1:{nha_port}{path}", script_a),
             ]
-            for name, url in cases:  # warm up: token cache, keep-alive pools
-                run_wrk(name, url, 4, 1, script)
+            for name, url, lua in cases:  # warm up: token cache, keep-alive pools
+                run_wrk(name, url, 4, 1, lua)
             watched = {
                 "direct": with_children(processes[0].pid),
                 "nginx": with_children(processes[1].pid),
                 "nhigate": [nh.pid],
+                "nhigate+audit": [nha.pid],
             }
+            scraper = MetricsScraper(nha_admin)
             for conns in connections:
-                for name, url in cases:
-                    before = cpu_seconds(watched[name])
-                    result = run_wrk(name, url, conns, args.duration, script)
-                    used = cpu_seconds(watched[name]) - before
-                    result.cpu_us = used * 1e6 / max(1.0, result.rps * args.duration)
-                    results.append(result)
-            audit_lines = sum(1 for _ in audit.open("rb")) if audit.exists() else 0
+                for name, url, lua in cases:
+                    runs = []
+                    for _ in range(args.repeat):
+                        if name == "nhigate+audit":
+                            with scraper:
+                                runs.append(
+                                    measure(name, url, watched[name], conns, args.duration, lua)
+                                )
+                        else:
+                            runs.append(
+                                measure(name, url, watched[name], conns, args.duration, lua)
+                            )
+                    results.append(median_result(runs))
+            scrapes = scraper.scrapes
         finally:
-            if os.environ.get("NHIGATE_BENCH_KEEP_AUDIT"):
-                shutil.copy(audit, os.environ["NHIGATE_BENCH_KEEP_AUDIT"])
             for process in processes:
                 process.terminate()
             for process in processes:
@@ -280,31 +385,71 @@ def main() -> int:
                     process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     process.kill()
-    report(results, audit_lines)
+            if audit.exists():
+                audit_lines = sum(1 for _ in audit.open("rb"))
+                if os.environ.get("NHIGATE_BENCH_KEEP_AUDIT"):
+                    shutil.copy(audit, os.environ["NHIGATE_BENCH_KEEP_AUDIT"])
+    summary = report(results, audit_lines, scrapes)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
-def report(results: list[Result], audit_lines: int) -> None:
+def ratios(results: list[Result]) -> list[dict[str, Any]]:
+    """Per connection count: each proxy against direct and against nginx."""
+    by = {(r.name, r.connections): r for r in results}
+    out: list[dict[str, Any]] = []
+    for conns in sorted({r.connections for r in results}):
+        direct, nginx = by[("direct", conns)], by[("nginx", conns)]
+        for name in ("nginx", "nhigate", "nhigate+audit"):
+            r = by[(name, conns)]
+            out.append(
+                {
+                    "case": name,
+                    "connections": conns,
+                    "rps_vs_direct": r.rps / direct.rps,
+                    "rps_vs_nginx": r.rps / nginx.rps,
+                    "rps_per_core_vs_nginx": r.rps_per_core / nginx.rps_per_core,
+                    "cpu_vs_nginx": r.cpu_us / nginx.cpu_us,
+                    "added_p50_ms": r.p50_ms - direct.p50_ms,
+                    "added_p99_ms": r.p99_ms - direct.p99_ms,
+                    "added_p999_ms": r.p999_ms - direct.p999_ms,
+                    "added_p99_vs_nginx": (r.p99_ms - direct.p99_ms)
+                    / max(1e-3, nginx.p99_ms - direct.p99_ms),
+                }
+            )
+    return out
+
+
+def report(results: list[Result], audit_lines: int, scrapes: int) -> dict[str, Any]:
+    """Print the table and the ratios; return everything as a JSON-ready dict."""
     print(
-        f"{'case':<10}{'conns':>6}{'req/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}"
-        f"{'cpu us/req':>12}{'req/s/core':>12}"
+        f"{'case':<15}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}"
+        f"{'non2xx':>8}{'cpu us/req':>12}{'req/s/core':>12}{'load':>6}"
     )
     for r in results:
-        per_core = 1e6 / r.cpu_us if r.cpu_us else 0.0
         print(
-            f"{r.name:<10}{r.connections:>6}{r.rps:>11.0f}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}"
-            f"{r.non2xx:>8}{r.cpu_us:>12.1f}{per_core:>12.0f}"
+            f"{r.name:<15}{r.connections:>6}{r.rps:>9.0f}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}"
+            f"{r.p999_ms:>10.3f}{r.non2xx + r.errors:>8}{r.cpu_us:>12.1f}"
+            f"{r.rps_per_core:>12.0f}{r.load:>6.1f}"
         )
-    by = {(r.name, r.connections): r for r in results}
-    for conns in sorted({r.connections for r in results}):
-        direct, nginx, nh = (by[(n, conns)] for n in ("direct", "nginx", "nhigate"))
+    rows = ratios(results)
+    for row in rows:
         print(
-            f"c={conns}: nhigate/nginx req/s = {nh.rps / nginx.rps:.2f}, "
-            f"added p50 nhigate {nh.p50_ms - direct.p50_ms:.3f} ms vs nginx "
-            f"{nginx.p50_ms - direct.p50_ms:.3f} ms, added p99 nhigate "
-            f"{nh.p99_ms - direct.p99_ms:.3f} ms vs nginx {nginx.p99_ms - direct.p99_ms:.3f} ms"
+            f"c={row['connections']:<3} {row['case']:<14} req/s x{row['rps_vs_direct']:.2f} direct"
+            f" x{row['rps_vs_nginx']:.2f} nginx; req/s/core x{row['rps_per_core_vs_nginx']:.2f}"
+            f" nginx; added p50 {row['added_p50_ms']:.3f} ms, p99 {row['added_p99_ms']:.3f} ms,"
+            f" p99.9 {row['added_p999_ms']:.3f} ms"
         )
-    print(f"audit lines written by nhigate: {audit_lines}")
+    print(f"audit lines written by nhigate+audit: {audit_lines}; metrics scrapes: {scrapes}")
+    return {
+        "benchmark": "proxy",
+        "cpus": {"proxy": PROXY_CPU, "load_and_upstream": LOAD_CPU},
+        "results": [{**asdict(r), "rps_per_core": r.rps_per_core} for r in results],
+        "ratios": rows,
+        "audit_lines": audit_lines,
+        "metrics_scrapes": scrapes,
+    }
 
 
 if __name__ == "__main__":
