@@ -237,6 +237,28 @@ def test_controller_pod_is_restricted(helm: Helm) -> None:
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
 
 
+def test_rendered_crds_are_the_source_crds(helm: Helm) -> None:
+    """The CRDs the chart renders equal crds/ exactly, plus the keep annotation (crds.keep).
+
+    Guards against re-serialising them: Helm's YAML 1.1 parser turns JWK keys `n`/`y` into
+    booleans."""
+    sources = [yaml.safe_load(p.read_text()) for p in sorted((REPO_ROOT / "crds").glob("*.yaml"))]
+    for keep in (True, False):
+        objs = render(
+            helm, "x", "x", "--show-only", "templates/crds.yaml", "--set", f"crds.keep={keep}"
+        )
+        by_name = {o["metadata"]["name"]: o for o in objs}
+        assert set(by_name) == {s["metadata"]["name"] for s in sources}
+        for source in sources:
+            rendered = by_name[source["metadata"]["name"]]
+            annotations = rendered["metadata"].pop("annotations", {})
+            assert annotations == ({"helm.sh/resource-policy": "keep"} if keep else {})
+            assert rendered == source
+    assert render(helm, "x", "x", *values_args(None, "crds.enabled=false", "tests.enabled=false"))
+    kinds = {o["kind"] for o in render(helm, "x", "x", "--set", "crds.enabled=false")}
+    assert "CustomResourceDefinition" not in kinds
+
+
 # --- against the real API server -----------------------------------------------------------------
 
 
@@ -288,6 +310,9 @@ def test_rendered_chart_passes_server_side_dry_run(
         "--server-side",
         "--dry-run=server",
         "--field-manager=helm",
+        # The CRDs were applied for real by another field manager; a dry-run of the same CRDs
+        # must not fail on ownership, only on validity.
+        "--force-conflicts",
         "-o",
         "name",
         "-f",
