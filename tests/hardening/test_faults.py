@@ -244,7 +244,7 @@ def test_corrupted_resources_keep_the_last_good_policy_and_say_why(tmp_path: Pat
         assert proxy.probe("/v1/items/1") == 200
         assert proxy.probe("/admin") == 403
 
-        corruptions = {
+        corruptions: dict[str, Callable[[], object]] = {
             "invalid YAML": lambda: (directory / "grant-read.yaml").write_text("spec: [: : {\n"),
             "half-written file": lambda: (directory / "grant-read.yaml").write_text(
                 "apiVersion: nhigate.io/v1alpha1\nkind: RouteGrant\nmetadata:\n  name: re"
