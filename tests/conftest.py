@@ -1,0 +1,73 @@
+"""Shared pytest fixtures: a real local Kubernetes control plane (see tests/cluster.py).
+
+``control_plane`` (session) builds the pinned binaries if needed and runs etcd, kube-apiserver and
+kube-controller-manager once per session; ``namespace`` gives each test a fresh namespace;
+``crds_installed`` applies every manifest in ``crds/``. Any test that uses ``control_plane``
+(directly or through another fixture) is marked ``cluster`` automatically. If the control plane
+cannot be built or started the test fails with the log tail; it never skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cluster import (
+    CRDS_DIR,
+    ControlPlane,
+    ControlPlaneError,
+    build_binaries,
+    crd_manifests,
+    create_namespace,
+    delete_namespace,
+    install_crds,
+    start_control_plane,
+    stop_control_plane,
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the control plane, so ``-m cluster`` selects exactly those."""
+    for item in items:
+        if "control_plane" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A running etcd + kube-apiserver + kube-controller-manager, shared by the session."""
+    state_dir = tmp_path_factory.mktemp("control-plane")
+    try:
+        cp = start_control_plane(state_dir, build_binaries())
+    except ControlPlaneError as exc:
+        pytest.fail(f"the control plane did not start:\n{exc}", pytrace=False)
+    try:
+        yield cp
+    finally:
+        stop_control_plane(cp)
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane) -> Iterator[str]:
+    """A fresh, uniquely named namespace (with its default ServiceAccount), deleted after."""
+    try:
+        name = create_namespace(control_plane)
+    except ControlPlaneError as exc:
+        pytest.fail(f"{exc}\n{control_plane.log_tail()}", pytrace=False)
+    try:
+        yield name
+    finally:
+        delete_namespace(control_plane, name)
+
+
+@pytest.fixture(scope="session")
+def crds_installed(control_plane: ControlPlane) -> list[str]:
+    """Every CRD in ``crds/`` applied server-side and Established; returns the CRD names."""
+    manifests = crd_manifests()
+    if not manifests:
+        pytest.fail(f"no CRD manifests in {CRDS_DIR}", pytrace=False)
+    try:
+        return install_crds(control_plane, manifests)
+    except ControlPlaneError as exc:
+        pytest.fail(str(exc), pytrace=False)
