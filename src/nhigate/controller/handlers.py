@@ -119,13 +119,13 @@ def build_registry(
         await ctl().reconcile_service(str(namespace), name)
 
     @kopf.on.event(*_selector(PROTECTEDSERVICES), registry=registry)
-    def service_event(event: Mapping[str, Any], **_: Any) -> None:
+    async def service_event(event: Mapping[str, Any], **_: Any) -> None:
         ctl().service_event(str(event.get("type")), _raw(event))
 
     # -- RouteGrant, Revocation ----------------------------------------------------------
 
     @kopf.on.event(*_selector(ROUTEGRANTS), registry=registry)
-    def grant_event(event: Mapping[str, Any], **_: Any) -> None:
+    async def grant_event(event: Mapping[str, Any], **_: Any) -> None:
         ctl().grant_event(str(event.get("type")), _raw(event))
 
     @kopf.on.event(*_selector(REVOCATIONS), registry=registry)
@@ -145,7 +145,7 @@ def build_registry(
         await ctl().reconcile_issuer(dict(body), force=False)
 
     @kopf.on.event(*_selector(IDENTITYISSUERS), registry=registry)
-    def issuer_event(event: Mapping[str, Any], **_: Any) -> None:
+    async def issuer_event(event: Mapping[str, Any], **_: Any) -> None:
         ctl().issuer_event(str(event.get("type")), _raw(event))
 
     # -- what the proxies report, and what we own ----------------------------------------
@@ -153,7 +153,7 @@ def build_registry(
     @kopf.on.event(
         *_selector(LEASES), labels={m.LABEL_PROTECTED_SERVICE: kopf.PRESENT}, registry=registry
     )
-    def lease_event(event: Mapping[str, Any], **_: Any) -> None:
+    async def lease_event(event: Mapping[str, Any], **_: Any) -> None:
         ctl().lease_event(_raw(event))
 
     owned: dict[str, Any] = {
@@ -163,7 +163,7 @@ def build_registry(
 
     @kopf.on.event(*_selector(DEPLOYMENTS), labels=owned, registry=registry)
     @kopf.on.event(*_selector(CONFIGMAPS), labels=owned, registry=registry)
-    def owned_event(event: Mapping[str, Any], **_: Any) -> None:
+    async def owned_event(event: Mapping[str, Any], **_: Any) -> None:
         ctl().owned_event(str(event.get("type")), _raw(event))
 
     # -- bypass detection inputs ---------------------------------------------------------
@@ -173,11 +173,11 @@ def build_registry(
     @kopf.on.event(*_selector(INGRESSES), registry=registry)
     @kopf.on.event(*_selector(HTTPROUTES), registry=registry)
     @kopf.on.event(*_selector(PODS), registry=registry)
-    def network_event(namespace: str | None, **_: Any) -> None:
+    async def network_event(namespace: str | None, **_: Any) -> None:
         ctl().network_event(namespace)
 
     @kopf.on.event(*_selector(NAMESPACES), registry=registry)
-    def namespace_event(**_: Any) -> None:
+    async def namespace_event(**_: Any) -> None:
         ctl().network_event(None)
 
     return registry

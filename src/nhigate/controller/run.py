@@ -49,5 +49,7 @@ def main(settings: ControllerSettings) -> int:
         level=logging.INFO,
         format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
     )
+    # kopf logs every handler success at INFO; watch events make that one line per event
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     asyncio.run(run_controller(settings))
     return 0
