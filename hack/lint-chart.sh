@@ -7,11 +7,14 @@
 # usage: hack/lint-chart.sh        (uses the helm built by hack/build-control-plane.sh)
 set -euo pipefail
 
-# shellcheck source=hack/lib.sh
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "${HACK_DIR}/.." && pwd)"
+# shellcheck disable=SC1091 # shellcheck runs without -x in hack/test.sh
+source "${HACK_DIR}/versions.env"
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 CHART="${REPO_ROOT}/charts/nhigate"
-HELM="${HELM:-$("${HACK_DIR}/build-control-plane.sh")/helm}"
+HELM="${HELM:-$("${HACK_DIR}/build-control-plane.sh" | tail -n1)/helm}"
 # Keep helm's cache and config out of $HOME.
 HELM_HOME_DIR="$(mktemp -d)"
 trap 'rm -rf "${HELM_HOME_DIR}"' EXIT
