@@ -264,3 +264,37 @@ def test_gc_paused_restores_the_collector_state(enabled: bool) -> None:
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+# --- make / encode --------------------------------------------------------------------------
+
+
+def test_encode_of_a_made_document_reuses_its_canonical_bytes_while_it_lives() -> None:
+    d = doc()
+    fresh = encoding._with_version(encoding._content_bytes(d), d.version)
+    assert encode_document(d) is encode_document(d)  # the bytes make_document produced
+    assert encode_document(d) == fresh
+    decoded = decode_document(fresh)
+    assert encoding._known_encoding(decoded) is None  # only make_document's output is kept
+    assert encode_document(decoded) == fresh
+    key = id(d)
+    assert key in encoding._ENCODED
+    del d
+    gc.collect()
+    assert key not in encoding._ENCODED  # forgotten with the document
+
+
+def test_already_canonical_grants_are_reused_and_others_rebuilt() -> None:
+    canonical = make_document(SERVICE, [], GRANTS, []).grants
+    assert all(encoding._canonical_grant(g) is g for g in canonical)
+    messy = Grant(
+        "ns/messy",
+        (TokenSubject("idp", "b"), TokenSubject("idp", "a"), TokenSubject("idp", "b")),
+        (Rule(frozenset({"GET"}), ("/z", "/a", "/z")), Rule(frozenset({"GET"}), ("/a", "/z"))),
+        expires_at=NOW + 0.0000004,
+    )
+    tidy = encoding._canonical_grant(messy)
+    assert tidy.subjects == (TokenSubject("idp", "a"), TokenSubject("idp", "b"))
+    assert tidy.rules == (Rule(frozenset({"GET"}), ("/a", "/z")),)
+    assert tidy.expires_at == NOW
+    assert encoding._canonical_grant(tidy) is tidy

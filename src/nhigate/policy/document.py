@@ -76,7 +76,7 @@ class ServiceConfig:
     identity_assertion: IdentityAssertion | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class PolicyDocument:
     """Everything one proxy replica enforces. `version` is derived from the content."""
 

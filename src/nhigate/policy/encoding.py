@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -665,7 +666,7 @@ def _subject_key(subject: Subject) -> tuple[str, ...]:
 
 
 def _canonical_subject(subject: Subject) -> Subject:
-    if not isinstance(subject, TokenSubject):
+    if not isinstance(subject, TokenSubject) or not subject.claims:
         return subject
     claims = dict(subject.claims)
     if len(claims) != len(subject.claims):
@@ -674,7 +675,10 @@ def _canonical_subject(subject: Subject) -> Subject:
                 raise PolicyDocumentError(
                     f"claims.{name}: conflicting required values for one claim"
                 )
-    return TokenSubject(subject.issuer, subject.subject, tuple(sorted(claims.items())))
+    ordered = tuple(sorted(claims.items()))
+    if ordered == subject.claims:
+        return subject
+    return TokenSubject(subject.issuer, subject.subject, ordered)
 
 
 def _opt_canonical_time(t: float | None) -> float | None:
@@ -685,18 +689,49 @@ def _opt_canonical_time(t: float | None) -> float | None:
     return canonical_time(t)
 
 
+def _canonical_subjects(subjects: tuple[Subject, ...]) -> tuple[Subject, ...]:
+    if len(subjects) == 1:
+        only = _canonical_subject(subjects[0])
+        return subjects if only is subjects[0] else (only,)
+    unique = {_subject_key(s): s for s in map(_canonical_subject, subjects)}
+    ordered = tuple(unique[k] for k in sorted(unique))
+    return subjects if ordered == subjects else ordered
+
+
+def _canonical_rule(rule: Rule) -> Rule:
+    paths = tuple(sorted(set(rule.paths)))
+    return rule if paths == rule.paths else Rule(methods=rule.methods, paths=paths)
+
+
+def _rule_key(rule: Rule) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (tuple(sorted(rule.methods)), rule.paths)
+
+
+def _canonical_rules(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    canonical = {_rule_key(r): r for r in map(_canonical_rule, rules)}
+    ordered = tuple(canonical[k] for k in sorted(canonical))
+    return rules if ordered == rules else ordered
+
+
 def _canonical_grant(grant: Grant) -> Grant:
-    subjects = {_subject_key(s): s for s in map(_canonical_subject, grant.subjects)}
-    rules = {
-        (tuple(sorted(r.methods)), tuple(sorted(set(r.paths)))): r.methods for r in grant.rules
-    }
+    subjects = _canonical_subjects(grant.subjects)
+    rules = _canonical_rules(grant.rules)
+    not_before = _opt_canonical_time(grant.not_before)
+    expires_at = _opt_canonical_time(grant.expires_at)
+    if (
+        subjects is grant.subjects
+        and rules is grant.rules
+        and not_before == grant.not_before
+        and expires_at == grant.expires_at
+    ):
+        return grant  # already canonical (immutable, so it can be shared)
     return Grant(
         name=grant.name,
-        subjects=tuple(subjects[k] for k in sorted(subjects)),
-        rules=tuple(Rule(methods=rules[k], paths=k[1]) for k in sorted(rules)),
+        subjects=subjects,
+        rules=rules,
         tenant=grant.tenant,
-        not_before=_opt_canonical_time(grant.not_before),
-        expires_at=_opt_canonical_time(grant.expires_at),
+        not_before=not_before,
+        expires_at=expires_at,
         rate_limit=grant.rate_limit,
         reason=grant.reason,
     )
@@ -737,8 +772,30 @@ def make_document(
             sorted(map(_canonical_revocation, revocations), key=_by_name),
         )
         content = _canonical_bytes(canonical)
+        version = _version_of_bytes(content)
         # Parse our own JSON back: one validator for producer and consumer.
-        return _parse_content(json.loads(content), _version_of_bytes(content))
+        doc = _parse_content(json.loads(content), version)
+    _remember_encoding(doc, _with_version(content, version))
+    return doc
+
+
+_ENCODED: dict[int, tuple[weakref.ref[PolicyDocument], bytes]] = {}
+"""Canonical bytes of documents `make_document` built, while they live (the controller
+encodes what it just made; the bytes are already known)."""
+
+
+def _remember_encoding(doc: PolicyDocument, data: bytes) -> None:
+    key = id(doc)
+
+    def forget(_: weakref.ref[PolicyDocument]) -> None:
+        _ENCODED.pop(key, None)  # runs when `doc` dies, before its id can be reused
+
+    _ENCODED[key] = (weakref.ref(doc, forget), data)
+
+
+def _known_encoding(doc: PolicyDocument) -> bytes | None:
+    hit = _ENCODED.get(id(doc))
+    return hit[1] if hit is not None and hit[0]() is doc else None
 
 
 def _by_name(item: IssuerConfig | Grant | Revocation) -> str:
@@ -772,6 +829,9 @@ def document_content_version(doc: PolicyDocument) -> str:
 
 def encode_document(doc: PolicyDocument) -> bytes:
     """Canonical JSON bytes of `doc` (sorted keys, no spaces, ASCII, times in RFC 3339 UTC)."""
+    known = _known_encoding(doc)
+    if known is not None:
+        return known
     with gc_paused():
         return _with_version(_content_bytes(doc), doc.version)
 

@@ -193,8 +193,10 @@ class Policy:
 
     document: PolicyDocument
     grants: tuple[Grant, ...]
-    patterns: tuple[tuple[tuple[PathPattern, ...], ...], ...]
-    """Per grant, per rule, the compiled path patterns (same order as the document)."""
+    _patterns: list[tuple[tuple[tuple[PathPattern, ...], ...], ...]] = field(
+        repr=False, compare=False
+    )
+    """Holds `patterns` once something (explain, who_can) has asked for it."""
     _decisions: list[Decision | None] = field(repr=False, compare=False)
     """Per grant and outcome rank, the shared `Decision` (built on first use, then reused)."""
     _by_service_account: Mapping[tuple[str, str], _Node] = field(repr=False)
@@ -212,6 +214,18 @@ class Policy:
     def version(self) -> str:
         """The document's content-hash version, e.g. ``sha256:0123456789abcdef``."""
         return self.document.version
+
+    @property
+    def patterns(self) -> tuple[tuple[tuple[PathPattern, ...], ...], ...]:
+        """Per grant, per rule, the compiled path patterns (same order as the document)."""
+        if not self._patterns:  # built on first use: decide() walks the trie instead
+            self._patterns.append(
+                tuple(
+                    tuple(tuple(map(PathPattern.compile, rule.paths)) for rule in grant.rules)
+                    for grant in self.grants
+                )
+            )
+        return self._patterns[0]
 
     def decision(self, pos: int, outcome: int) -> Decision:
         """The shared, immutable decision grant `pos` produces for an outcome rank
@@ -303,26 +317,32 @@ def _compile(doc: PolicyDocument) -> Policy:
     by_subject: dict[str, dict[str, _Node]] = {}
     by_issuer: dict[str, _Node] = {}
     by_spiffe: dict[str, _Node] = {}
-    patterns: list[tuple[tuple[PathPattern, ...], ...]] = []
+    compile_pattern = PathPattern.compile  # cached by pattern text
     for pos, grant in enumerate(doc.grants):
-        compiled_rules = tuple(tuple(map(PathPattern.compile, rule.paths)) for rule in grant.rules)
-        patterns.append(compiled_rules)
         for subject in grant.subjects:
             claims: Claims = ()
             if isinstance(subject, ServiceAccountSubject):
-                node = by_sa.setdefault((subject.namespace, subject.name), _Node())
+                key = (subject.namespace, subject.name)
+                node = by_sa.get(key) or by_sa.setdefault(key, _Node())
             elif isinstance(subject, TokenSubject):
                 claims = subject.claims
                 if subject.subject is None:
-                    node = by_issuer.setdefault(subject.issuer, _Node())
+                    node = by_issuer.get(subject.issuer) or by_issuer.setdefault(
+                        subject.issuer, _Node()
+                    )
                 else:
                     per_issuer = by_subject.setdefault(subject.issuer, {})
-                    node = per_issuer.setdefault(subject.subject, _Node())
+                    node = per_issuer.get(subject.subject) or per_issuer.setdefault(
+                        subject.subject, _Node()
+                    )
             else:
-                node = by_spiffe.setdefault(subject.spiffe_id, _Node())
-            for rule, rule_patterns in zip(grant.rules, compiled_rules, strict=True):
-                for pattern in rule_patterns:
-                    node.insert(pattern, rule.methods, (pos, claims))
+                node = by_spiffe.get(subject.spiffe_id) or by_spiffe.setdefault(
+                    subject.spiffe_id, _Node()
+                )
+            entry = (pos, claims)
+            for rule in grant.rules:
+                for path in rule.paths:
+                    node.insert(compile_pattern(path), rule.methods, entry)
     by_pair: dict[tuple[str, str], _RevocationHit] = {}
     by_token: dict[str, _RevocationHit] = {}
     by_uid: dict[str, _RevocationHit] = {}
@@ -336,7 +356,7 @@ def _compile(doc: PolicyDocument) -> Policy:
     return Policy(
         document=doc,
         grants=doc.grants,
-        patterns=tuple(patterns),
+        _patterns=[],
         _decisions=[None] * (4 * len(doc.grants)),
         _by_service_account=by_sa,
         _by_subject=by_subject,
