@@ -565,7 +565,9 @@ class ProxySpec(SpecModel):
 
     cel_rules = (
         CelRule(
-            rule="self.port != self.adminPort",
+            # has() guards: the API server also checks this rule against the `{}` default of
+            # `proxy`, where the nested defaults have not been applied yet.
+            rule="!has(self.port) || !has(self.adminPort) || self.port != self.adminPort",
             message="port and adminPort must differ",
             check=lambda p: p.port != p.admin_port,
         ),
