@@ -39,10 +39,17 @@ pid_of() {
   [[ -f "${f}" ]] && cat "${f}"
 }
 
+# running PID: the process exists and is not a zombie (PID 1 in a container may never reap).
+running() {
+  local state
+  state="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+  [[ -n "${state}" && "${state}" != Z* ]]
+}
+
 alive() {
   local pid
   pid="$(pid_of "$1")" || return 1
-  [[ -n "${pid}" ]] && kill -0 "${pid}" 2>/dev/null
+  [[ -n "${pid}" ]] && running "${pid}"
 }
 
 # --- certificates ---------------------------------------------------------------------------------
@@ -135,28 +142,26 @@ wait_for() {
   return 1
 }
 
-stop_all() {
-  local name pid i
-  # Reverse order: controller manager, API server, then etcd.
+# stop_one NAME: SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
+stop_one() {
+  local pid
+  pid="$(pid_of "$1" || true)"
   # The watchdog is skipped when it is the process running this stop.
-  local order=(watchdog)
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    order+=("${COMPONENTS[i]}")
+  [[ -n "${pid}" && "${pid}" != "$$" ]] || return 0
+  kill -TERM "${pid}" 2>/dev/null || return 0
+  for _ in $(seq 1 40); do
+    running "${pid}" || return 0
+    sleep 0.25
   done
-  for name in "${order[@]}"; do
-    pid="$(pid_of "${name}" || true)"
-    if [[ -n "${pid}" && "${pid}" != "$$" ]]; then
-      kill -TERM "${pid}" 2>/dev/null || true
-    fi
-  done
-  for name in "${order[@]}"; do
-    pid="$(pid_of "${name}" || true)"
-    [[ -n "${pid}" && "${pid}" != "$$" ]] || continue
-    for _ in $(seq 1 40); do
-      kill -0 "${pid}" 2>/dev/null || break
-      sleep 0.25
-    done
-    kill -KILL "${pid}" 2>/dev/null || true
+  log "$1 (pid ${pid}) ignored SIGTERM for 10 s; killing it"
+  kill -KILL "${pid}" 2>/dev/null || true
+}
+
+stop_all() {
+  # One at a time, dependents first: the API server shuts down slowly once etcd is gone.
+  local name
+  for name in watchdog kube-controller-manager kube-apiserver etcd; do
+    stop_one "${name}"
   done
 }
 
