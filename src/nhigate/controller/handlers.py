@@ -114,9 +114,9 @@ def build_registry(
         except Exception as exc:
             raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=5) from exc
 
-    @kopf.timer(*_selector(PROTECTEDSERVICES), interval=ours.drift_interval, registry=registry)
-    async def correct_drift(namespace: str | None, name: str, **_: Any) -> None:
-        await ctl().reconcile_service(str(namespace), name)
+    # No kopf timers: kopf puts a finalizer on objects with timers, and a finalizer would
+    # block deletion while the controller is down. Drift correction and issuer refresh are
+    # timers of the controller's own work queue instead.
 
     @kopf.on.event(*_selector(PROTECTEDSERVICES), registry=registry)
     async def service_event(event: Mapping[str, Any], **_: Any) -> None:
@@ -137,12 +137,8 @@ def build_registry(
     @kopf.on.resume(*_selector(IDENTITYISSUERS), registry=registry)
     @kopf.on.create(*_selector(IDENTITYISSUERS), registry=registry)
     @kopf.on.update(*_selector(IDENTITYISSUERS), registry=registry)
-    async def reconcile_issuer(body: kopf.Body, **_: Any) -> None:
-        await ctl().reconcile_issuer(dict(body), force=True)
-
-    @kopf.timer(*_selector(IDENTITYISSUERS), interval=ours.issuer_check_interval, registry=registry)
-    async def refresh_issuer(body: kopf.Body, **_: Any) -> None:
-        await ctl().reconcile_issuer(dict(body), force=False)
+    async def reconcile_issuer(namespace: str | None, name: str, **_: Any) -> None:
+        await ctl().reconcile_issuer(str(namespace), name)  # then refreshed on its own timer
 
     @kopf.on.event(*_selector(IDENTITYISSUERS), registry=registry)
     async def issuer_event(event: Mapping[str, Any], **_: Any) -> None:

@@ -168,6 +168,12 @@ class Controller:
             retry_max=settings.retry_max,
             logger=self.log,
         )
+        self.issuer_queue = WorkQueue(
+            self._sync_issuer,
+            retry_min=settings.retry_min,
+            retry_max=settings.retry_max,
+            logger=self.log,
+        )
         self._services: defaultdict[str, set[str]] = defaultdict(set)
         self._observed: dict[Key, _Observed] = {}
         self._issuer_keys: dict[tuple[str, str], _IssuerKeys] = {}
@@ -175,11 +181,11 @@ class Controller:
         self._grant_targets: dict[tuple[str, str], str] = {}
         self._httproutes_served: tuple[bool, float] | None = None
         self._http: aiohttp.ClientSession | None = None
-        self._issuer_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def close(self) -> None:
         """Stop every worker and timer; close the JWKS HTTP session."""
         await self.queue.close()
+        await self.issuer_queue.close()
         if self._http is not None:
             await self._http.close()
 
@@ -237,6 +243,7 @@ class Controller:
         if event_type == "DELETED":
             self._issuer_keys.pop((namespace, name), None)
             self._generations.pop(("IdentityIssuer", namespace, name), None)
+            self.issuer_queue.forget((namespace, name))
         elif not self._spec_changed("IdentityIssuer", body):
             return
         self._request_namespace(namespace, Aspect.POLICY | Aspect.INFRA)
@@ -274,11 +281,18 @@ class Controller:
         else:
             self._request_namespace(namespace, Aspect.BYPASS)
 
-    async def reconcile_issuer(self, body: Mapping[str, Any], *, force: bool) -> None:
-        """Fetch and validate an IdentityIssuer's keys when due; write its status."""
-        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
-        async with self._issuer_locks[(namespace, name)]:
-            await self._reconcile_issuer(body, force=force)
+    async def reconcile_issuer(self, namespace: str, name: str) -> None:
+        """Fetch and validate an IdentityIssuer's keys now; write its status; keep refreshing."""
+        await self.issuer_queue.request((namespace, name), Aspect.INFRA)
+
+    async def _sync_issuer(self, key: Key, aspects: Aspect) -> None:
+        body = await self.client.get(IDENTITYISSUERS, key[1], key[0])
+        if body is None:
+            self.issuer_queue.forget(key)
+            return
+        await self._reconcile_issuer(body, force=bool(aspects & Aspect.INFRA))
+        when = self.clock() + self.settings.issuer_check_interval
+        self.issuer_queue.request_at(key, Aspect.POLICY, when, slot="refresh")
 
     # =========================================================================================
     # Requests
@@ -335,6 +349,9 @@ class Controller:
             await self._observe_bypass(ps, observed)
         await self._write_service_status(ps, body, observed)
         await self._write_grant_statuses(ps, observed)
+        if aspects & Aspect.INFRA:  # level-based drift correction, without a kopf timer
+            when = self.clock() + self.settings.drift_interval
+            self.queue.request_at(key, Aspect.ALL, when, slot="drift")
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -737,6 +754,7 @@ class Controller:
             status["observedGeneration"] = generation
         if not await self._apply_status(ROUTEGRANTS, body, status):
             return
+        body["status"] = {**previous, **status}  # what we wrote is the new baseline
         await self._grant_events(body, before, {d["type"]: d for d in desired})
 
     async def _grant_events(

@@ -121,6 +121,7 @@ class KubeClient:
         query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
         client_timeout: aiohttp.ClientTimeout = _REQUEST_TIMEOUT,
     ) -> aiohttp.ClientResponse:
         """Send one request; the caller owns (and must release) the response."""
@@ -129,7 +130,7 @@ class KubeClient:
                 path,
                 method,
                 query_params=list(query or []),
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={"Content-Type": content_type, "Accept": accept},
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
@@ -147,9 +148,12 @@ class KubeClient:
         query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> bytes:
         """Send one request and return its body; KubeError on non-2xx."""
-        response = await self._open(method, path, query=query, body=body, content_type=content_type)
+        response = await self._open(
+            method, path, query=query, body=body, content_type=content_type, accept=accept
+        )
         try:
             try:
                 data = await response.read()
@@ -277,7 +281,7 @@ class KubeClient:
 
     async def get_raw(self, path: str) -> bytes:
         """GET any API path (e.g. "/openid/v1/jwks") and return the body bytes."""
-        return await self._request("GET", path)
+        return await self._request("GET", path, accept="*/*")
 
     # -- beyond the contract: small conveniences the controller uses ---------------------------
 
