@@ -2,8 +2,9 @@
 
 `decide()` must not scan every grant: grants are bucketed by subject key
 (service account, issuer + subject, issuer-only claim matchers, SPIFFE ID),
-and within a bucket by path in a segment trie whose nodes index entries by
-method. A lookup costs O(identity buckets x path depth x matching entries),
+and within a bucket by path in a segment trie whose nodes hold the entries
+(rule methods, grant, required claims) of the patterns ending there. A lookup
+costs O(identity buckets x path depth + entries on the matched nodes),
 independent of how many grants other identities hold.
 """
 
@@ -30,22 +31,27 @@ from nhigate.policy.model import (
 from nhigate.policy.paths import PathPattern
 
 Claims = tuple[tuple[str, str], ...]
-_Entry = tuple[int, Claims]
-"""(position of the grant in `Policy.grants`, claims the identity must also carry)."""
+_Entry = tuple[frozenset[str], int, Claims]
+"""(a rule's methods, position of its grant in `Policy.grants`, claims the identity must
+also carry): one shared tuple per (grant, subject, rule), referenced from each of the
+rule's patterns."""
 
 _ANY_METHOD = "*"
 
 
 _NO_CHILDREN: dict[str, _Node] = {}
-_NO_ENTRIES: dict[str, list[_Entry]] = {}
+_NO_ENTRIES: list[_Entry] = []
 """Shared empty tables for nodes that have none (never mutated: `insert` replaces them)."""
 
 
 class _Node:
-    """A segment-trie node: literal children, a `*` child, and entries by method.
+    """A segment-trie node: literal children, a `*` child, and the entries ending here.
 
-    Most nodes are leaves holding one kind of entry, so the tables start as shared
-    empty dicts and are created on first insert (a 10k-grant index has ~60k nodes).
+    Most nodes are leaves holding one or two entries, so the tables start as shared
+    empty ones and are created on first insert, and a node's entries are one list
+    (each entry names its methods) rather than a table of lists per method: a
+    10k-grant index has ~60k nodes, and every object it allocates costs a reload
+    time and the garbage collector a visit.
     """
 
     __slots__ = ("children", "exact", "star", "subtree")
@@ -53,12 +59,12 @@ class _Node:
     def __init__(self) -> None:
         self.children: dict[str, _Node] = _NO_CHILDREN
         self.star: _Node | None = None
-        self.exact: dict[str, list[_Entry]] = _NO_ENTRIES
+        self.exact: list[_Entry] = _NO_ENTRIES
         """Entries whose pattern ends exactly at this node."""
-        self.subtree: dict[str, list[_Entry]] = _NO_ENTRIES
+        self.subtree: list[_Entry] = _NO_ENTRIES
         """Entries whose pattern is this node's prefix followed by `/**`."""
 
-    def insert(self, pattern: PathPattern, methods: frozenset[str], entry: _Entry) -> None:
+    def insert(self, pattern: PathPattern, entry: _Entry) -> None:
         node = self
         for segment in pattern.segments:
             if segment == "*":
@@ -74,20 +80,15 @@ class _Node:
                 node = child
         if pattern.subtree:
             if node.subtree is _NO_ENTRIES:
-                node.subtree = {}
-            target = node.subtree
-        else:
-            if node.exact is _NO_ENTRIES:
-                node.exact = {}
-            target = node.exact
-        for method in methods:
-            bucket = target.get(method)
-            if bucket is None:
-                target[method] = [entry]
-            elif bucket[-1] != entry:
-                # A grant inserts all entries for one subject before the next subject and
-                # grant, so a repeat can only be the last entry: O(1), not a bucket scan.
-                bucket.append(entry)
+                node.subtree = [entry]
+            elif node.subtree[-1] is not entry:
+                node.subtree.append(entry)
+        elif node.exact is _NO_ENTRIES:
+            node.exact = [entry]
+        elif node.exact[-1] is not entry:
+            # An entry is inserted for all its patterns before the next one is made, so
+            # a repeat (one rule listing a pattern twice) can only be the last: O(1).
+            node.exact.append(entry)
 
     def collect(self, segments: list[str], depth: int, method: str, out: list[_Entry]) -> None:
         if self.subtree:
@@ -104,14 +105,11 @@ class _Node:
             self.star.collect(segments, depth + 1, method, out)
 
 
-def _extend(by_method: dict[str, list[_Entry]], method: str, out: list[_Entry]) -> None:
-    entries = by_method.get(method)
-    if entries:
-        out.extend(entries)
-    if method != _ANY_METHOD:
-        entries = by_method.get(_ANY_METHOD)
-        if entries:
-            out.extend(entries)
+def _extend(entries: list[_Entry], method: str, out: list[_Entry]) -> None:
+    for entry in entries:
+        methods = entry[0]
+        if method in methods or _ANY_METHOD in methods:
+            out.append(entry)
 
 
 def claim_matches(required: str, actual: object) -> bool:
@@ -269,11 +267,11 @@ class Policy:
         if not found:
             return []
         if len(found) == 1:
-            pos, required = found[0]
+            _, pos, required = found[0]
             return [pos] if not required or claims_match(required, identity.claims) else []
         claims = identity.claims
         positions = {
-            pos for pos, required in found if not required or claims_match(required, claims)
+            pos for _, pos, required in found if not required or claims_match(required, claims)
         }
         return sorted(positions)
 
@@ -339,10 +337,10 @@ def _compile(doc: PolicyDocument) -> Policy:
                 node = by_spiffe.get(subject.spiffe_id) or by_spiffe.setdefault(
                     subject.spiffe_id, _Node()
                 )
-            entry = (pos, claims)
             for rule in grant.rules:
+                entry = (rule.methods, pos, claims)
                 for path in rule.paths:
-                    node.insert(compile_pattern(path), rule.methods, entry)
+                    node.insert(compile_pattern(path), entry)
     by_pair: dict[tuple[str, str], _RevocationHit] = {}
     by_token: dict[str, _RevocationHit] = {}
     by_uid: dict[str, _RevocationHit] = {}
