@@ -8,6 +8,8 @@ the tests exactly as a proxy replica would write them.
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -89,7 +91,9 @@ async def policy_of(kube: KubeClient, ns: str, ps: str = "api") -> dict[str, Any
     cm = await kube.get(CONFIGMAPS, f"nhigate-{ps}-policy", ns)
     if cm is None:
         return None
-    doc: dict[str, Any] = json.loads(cm["data"]["policy.json"])
+    doc: dict[str, Any] = json.loads(
+        gzip.decompress(base64.b64decode(cm["binaryData"]["policy.json.gz"]))
+    )
     doc["_annotation"] = cm["metadata"]["annotations"]["nhigate.io/policy-version"]
     return doc
 

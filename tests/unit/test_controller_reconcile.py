@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import gzip
 import json
 import uuid
 from typing import Any
@@ -114,7 +116,9 @@ async def controller(api: MemoryApi) -> Any:
 
 def policy(api: MemoryApi) -> dict[str, Any]:
     cm = api.objects[("configmaps", NS, "nhigate-api-policy")]
-    doc: dict[str, Any] = json.loads(cm["data"]["policy.json"])
+    doc: dict[str, Any] = json.loads(
+        gzip.decompress(base64.b64decode(cm["binaryData"]["policy.json.gz"]))
+    )
     return doc
 
 

@@ -25,7 +25,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         description="Identity-aware proxy and operator for non-human identities.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = {COMMAND_MODULES[command]} if command in COMMAND_MODULES else set(COMMAND_MODULES.values())
+    modules = (
+        {COMMAND_MODULES[command]} if command in COMMAND_MODULES else set(COMMAND_MODULES.values())
+    )
     for module_name in sorted(modules):
         importlib.import_module(module_name).add_parser(subparsers)
     return parser

@@ -40,7 +40,7 @@ def add_parser(subparsers: Any) -> None:
     src.add_argument("--kube", action="store_true", help="cluster: watch the policy ConfigMap")
     src.add_argument("--kubeconfig", help="cluster: kubeconfig (default: in-cluster or ~/.kube)")
     src.add_argument("--namespace", help="cluster: namespace of the ConfigMap and Lease")
-    src.add_argument("--policy-configmap", help="cluster: ConfigMap holding policy.json")
+    src.add_argument("--policy-configmap", help="cluster: ConfigMap holding policy.json.gz")
     src.add_argument("--replica-name", help="cluster: this replica's name (pod name) for its Lease")
     p.add_argument("--assertion-key", type=Path, help="EC P-256 PEM key for identity assertions")
     p.add_argument("--tls-cert", type=Path, help="server certificate for the proxied port")

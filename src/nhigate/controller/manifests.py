@@ -25,7 +25,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PROTECTED_SERVICE = "nhigate.io/protected-service"
 PROXY_APP_NAME = "nhigate-proxy"
 
-POLICY_KEY = "policy.json"
+POLICY_KEY = "policy.json.gz"
 """ConfigMap key holding the encoded PolicyDocument."""
 POLICY_VERSION_ANNOTATION = "nhigate.io/policy-version"
 ASSERTION_KEY_FILE = "key.pem"
@@ -203,22 +203,24 @@ def build_role_binding(ps: ProtectedService) -> Manifest:
 # --- policy and assertion keys --------------------------------------------------------
 
 
-def build_policy_configmap(ps: ProtectedService, document_json: bytes, version: str) -> Manifest:
-    """The compiled policy: key `policy.json`, annotation `nhigate.io/policy-version`.
+def build_policy_configmap(ps: ProtectedService, packed_document: bytes, version: str) -> Manifest:
+    """The compiled policy: `binaryData["policy.json.gz"]` (from `pack_document`) and the
+    annotation `nhigate.io/policy-version`.
 
-    Raises `ValueError` when the document is not UTF-8 or would not fit in a ConfigMap.
+    Gzip keeps a 10k-grant document (~3 MiB of JSON) well inside a ConfigMap. Raises
+    `ValueError` when even the packed document would not fit.
     """
-    text = document_json.decode("utf-8")
-    if len(document_json) >= CONFIGMAP_MAX_BYTES:
+    encoded = base64.b64encode(packed_document).decode("ascii")
+    if len(encoded) >= CONFIGMAP_MAX_BYTES:
         raise ValueError(
-            f"compiled policy for {ps.key} is {len(document_json)} bytes; "
+            f"compiled policy for {ps.key} is {len(encoded)} bytes packed; "
             f"a ConfigMap holds less than {CONFIGMAP_MAX_BYTES}"
         )
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(ps, policy_configmap_name(ps), {POLICY_VERSION_ANNOTATION: version}),
-        "data": {POLICY_KEY: text},
+        "binaryData": {POLICY_KEY: encoded},
     }
 
 

@@ -79,7 +79,7 @@ from nhigate.k8s import (
     KubeError,
     ResourceRef,
 )
-from nhigate.policy import Grant, encode_document
+from nhigate.policy import Grant, pack_document
 
 JSON = dict[str, Any]
 _VERSIONS_KEPT = 32
@@ -382,7 +382,7 @@ class Controller:
             document = build_policy_document(
                 ps, issuers, accepted, revocations, now=moment, issuer_jwks=jwks
             )
-            data = encode_document(document)
+            data = pack_document(document)
             manifest = m.build_policy_configmap(ps, data, document.version)
         except ValueError as exc:  # e.g. too large for a ConfigMap: keep the last good policy
             observed.policy_error = f"the policy cannot be compiled: {exc}"

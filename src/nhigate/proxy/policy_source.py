@@ -6,7 +6,7 @@ feed it:
 
 - `StandaloneSource`: a directory of resource YAML, polled for mtime changes
   every `interval` seconds and compiled by the same code the controller uses.
-- `ClusterSource`: the policy ConfigMap (`policy.json`), listed and then
+- `ClusterSource`: the policy ConfigMap (`binaryData["policy.json.gz"]`), listed and then
   watched through `nhigate.k8s.KubeClient` from the list's resourceVersion;
   reconnects with capped exponential backoff and relists on `WatchExpired`.
 
@@ -22,6 +22,7 @@ patch on leases in the namespace, no broad RBAC.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 from collections.abc import Callable
@@ -29,7 +30,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nhigate.policy import Policy, PolicyDocument, PolicyDocumentError, compile_policy
+from nhigate.policy import (
+    Policy,
+    PolicyDocument,
+    PolicyDocumentError,
+    compile_policy,
+    unpack_document,
+)
 from nhigate.policy import decode_document as decode_policy_document
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 PolicyListener = Callable[[Policy], None]
 
 RESOURCE_SUFFIXES = (".yaml", ".yml", ".json")
+POLICY_CONFIGMAP_KEY = "policy.json.gz"
+"""Key in the policy ConfigMap's binaryData: the gzipped document (`pack_document`)."""
 
 
 class PolicyHolder:
@@ -187,7 +196,7 @@ class Backoff:
 
 
 class ClusterSource:
-    """Lists and watches the policy ConfigMap; swaps in each valid `policy.json`."""
+    """Lists and watches the policy ConfigMap; swaps in each valid packed policy."""
 
     def __init__(
         self,
@@ -213,13 +222,17 @@ class ClusterSource:
         if rv is not None and rv == self._seen_rv:
             return
         self._seen_rv = rv
-        data = (configmap.get("data") or {}).get("policy.json")
-        if not isinstance(data, str):
-            log.error("ConfigMap %s has no policy.json: keeping the last good policy", self._name)
+        packed = (configmap.get("binaryData") or {}).get(POLICY_CONFIGMAP_KEY)
+        if not isinstance(packed, str):
+            log.error(
+                "ConfigMap %s has no %s: keeping the last good policy",
+                self._name,
+                POLICY_CONFIGMAP_KEY,
+            )
             self._on_reload("error")
             return
         try:
-            policy = compile_document_bytes(data.encode("utf-8"))
+            policy = compile_policy(unpack_document(base64.b64decode(packed, validate=True)))
         except (PolicyDocumentError, ValueError) as exc:
             log.error(
                 "ConfigMap %s holds an invalid policy, keeping the last one: %s", self._name, exc

@@ -88,7 +88,7 @@ class ProxySettings:
     namespace: str | None = None
     """Cluster mode: namespace of the policy ConfigMap and the replica Lease."""
     policy_configmap: str | None = None
-    """Cluster mode: name of the policy ConfigMap (key `policy.json`)."""
+    """Cluster mode: name of the policy ConfigMap (binaryData key `policy.json.gz`)."""
     replica_name: str | None = None
     """Cluster mode: this replica's name (the pod name), used for its Lease."""
     lease_interval: float = 5.0
