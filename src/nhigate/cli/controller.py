@@ -40,6 +40,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--peering-name", default="nhigate", help="peering object name")
     p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="level of the controller's own log lines",
+    )
+    p.add_argument(
         "--drift-interval",
         type=float,
         default=60.0,
@@ -62,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering_name,
         liveness=args.liveness,
         drift_interval=args.drift_interval,
+        log_level=args.log_level,
     )
     return main(settings)

@@ -191,6 +191,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: ControllerSet
     kopf_settings.posting.level = logging.WARNING  # handler failures, not every success
     kopf_settings.peering.standalone = not settings.peering
     kopf_settings.peering.name = settings.peering_name
+    kopf_settings.peering.priority = settings.peering_priority
     kopf_settings.peering.clusterwide = not settings.namespaces
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330

@@ -37,6 +37,7 @@ async def run_controller(
         namespaces=list(settings.namespaces),
         standalone=not settings.peering,
         peering_name=settings.peering_name if settings.peering else None,
+        priority=settings.peering_priority,
         liveness_endpoint=liveness_url(settings.liveness),
         stop_flag=stop_flag,
         ready_flag=ready_flag,
@@ -46,7 +47,7 @@ async def run_controller(
 def main(settings: ControllerSettings) -> int:
     """Blocking entry point for `nhigate controller`; returns the exit code."""
     logging.basicConfig(
-        level=logging.INFO,
+        level=settings.log_level.upper(),
         format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
     )
     # kopf logs every handler success at INFO; watch events make that one line per event

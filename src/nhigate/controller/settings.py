@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,13 @@ class ControllerSettings:
     """Coordinate several controller replicas through kopf peering (needs the KopfPeering CRDs)."""
     peering_name: str = "nhigate"
     """The peering object's name when `peering` is on."""
+    peering_priority: int = field(default_factory=lambda: secrets.randbelow(1 << 30) + 1)
+    """This replica's kopf peering priority: the highest serves, the others stand by.
+
+    Distinct per replica by default: kopf pauses *every* replica whose priority ties with
+    another's, so equal priorities would stop all reconciling."""
+    log_level: str = "INFO"
+    """Level of the controller's own log lines (kopf's per-object lines stay at WARNING)."""
     liveness: str | None = None
     """`HOST:PORT` for the liveness endpoint (`/healthz`); None: no endpoint."""
     field_manager: str = "nhigate"
