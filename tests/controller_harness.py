@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
 import subprocess
 import sys
@@ -87,6 +88,87 @@ class ControllerProcess:
         return "\n".join(text[-lines:])
 
 
+class ProxyProcess:
+    """`nhigate proxy --kube ...` as the proxy Deployment runs it, with the admin kubeconfig.
+
+    It watches ConfigMap `policy_configmap` in `namespace` through the API, reports through
+    its Lease, forwards to `upstream` and writes its audit lines to `audit_path`.
+    """
+
+    def __init__(
+        self,
+        cp: ControlPlane,
+        namespace: str,
+        policy_configmap: str,
+        *,
+        upstream: str,
+        port: int,
+        admin_port: int,
+        work_dir: Path,
+        replica: str = "e2e-0",
+    ) -> None:
+        self.cp = cp
+        self.namespace = namespace
+        self.policy_configmap = policy_configmap
+        self.upstream = upstream
+        self.port = port
+        self.admin_port = admin_port
+        self.replica = replica
+        self.log_path = work_dir / f"proxy-{replica}.log"
+        self.audit_path = work_dir / f"audit-{replica}.jsonl"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the proxy process."""
+        env = self.cp.env()
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("PYTHONWARNINGS", None)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "nhigate.cli.main", "proxy", "--kube",
+                    "--kubeconfig", self.cp.kubeconfig,
+                    "--namespace", self.namespace,
+                    "--policy-configmap", self.policy_configmap,
+                    "--replica-name", self.replica,
+                    "--upstream", self.upstream,
+                    "--listen", f"127.0.0.1:{self.port}",
+                    "--admin-listen", f"127.0.0.1:{self.admin_port}",
+                    "--audit-log", str(self.audit_path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )  # fmt: skip
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 20 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The proxy log's last lines."""
+        if not self.log_path.exists():
+            return "(no proxy log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def audit_records(self) -> list[JSON]:
+        """Every complete audit line written so far."""
+        if not self.audit_path.exists():
+            return []
+        records: list[JSON] = []
+        for line in self.audit_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and line.endswith("}"):
+                records.append(json.loads(line))
+        return records
+
+
 async def eventually(
     probe: Callable[[], Awaitable[T | None]],
     *,
@@ -97,7 +179,6 @@ async def eventually(
 ) -> T:
     """Poll `probe` until it returns something truthy; fail with the controller log otherwise."""
     deadline = time.monotonic() + within
-    last: Any = None
     while True:
         last = await probe()
         if last:
