@@ -192,3 +192,33 @@ async def test_deleted_service_orphans_its_grants(api: MemoryApi, controller: Co
     await controller.queue.request((NS, "api"), Aspect.POLICY)
     good = api.objects[("routegrants", NS, "good")]
     assert condition(good, "Accepted")["reason"] == "TargetNotFound"
+
+
+async def test_uncompilable_policy_fails_closed(
+    api: MemoryApi, controller: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api.put(route_grant(NS, "good"))
+    await controller.reconcile_service(NS, "api")
+    assert [g["name"] for g in policy(api)["grants"]] == [f"{NS}/good"]
+
+    # A policy with grants no longer fits (or otherwise fails): the last good one, which
+    # still holds grants that may since have been deleted, must not stay in force.
+    from nhigate.controller import manifests
+
+    real = manifests.build_policy_configmap
+
+    def refuse_grants(ps: Any, packed: bytes, version: str) -> dict[str, Any]:
+        if json.loads(gzip.decompress(packed))["grants"]:
+            raise ValueError("compiled policy is too large")
+        return real(ps, packed, version)
+
+    monkeypatch.setattr(manifests, "build_policy_configmap", refuse_grants)
+    api.put(route_grant(NS, "good", paths=["/changed"]))
+    await controller.queue.request((NS, "api"), Aspect.POLICY)
+
+    assert policy(api)["grants"] == []
+    ps = api.objects[("protectedservices", NS, "api")]
+    ready = condition(ps, "Ready")
+    assert ready["status"] == "False"
+    assert "every request is denied" in ready["message"]
+    assert ps["status"]["policyVersion"] == policy(api)["version"]

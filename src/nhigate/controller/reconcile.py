@@ -384,12 +384,29 @@ class Controller:
             )
             data = pack_document(document)
             manifest = m.build_policy_configmap(ps, data, document.version)
-        except ValueError as exc:  # e.g. too large for a ConfigMap: keep the last good policy
-            observed.policy_error = f"the policy cannot be compiled: {exc}"
+            observed.policy_error = None
+        except ValueError as exc:  # e.g. too large even packed
+            # Fail closed: keeping the last good policy would keep grants deleted since then
+            # alive, so publish one with no grants (issuers and revocations kept) instead.
+            observed.policy_error = (
+                f"the policy cannot be compiled ({exc}); every request is denied until it can"
+            )
             self.log.error("%s/%s: %s", namespace, ps.name, observed.policy_error)
-            observed.grants = views
-            return
-        observed.policy_error = None
+            try:
+                document = build_policy_document(
+                    ps, issuers, [], revocations, now=moment, issuer_jwks=jwks
+                )
+                data = pack_document(document)
+                manifest = m.build_policy_configmap(ps, data, document.version)
+            except ValueError as deny_all_exc:
+                self.log.error(
+                    "%s/%s: not even a deny-all policy can be published: %s",
+                    namespace,
+                    ps.name,
+                    deny_all_exc,
+                )
+                observed.grants = views
+                return
         if document.version != observed.version:
             await self.client.apply(manifest, field_manager=self.settings.field_manager)
             self.log.info("%s/%s: policy %s applied", namespace, ps.name, document.version)
