@@ -532,11 +532,11 @@ class ProxyHandler:
         self, request: web.Request, ex: _Exchange, upstream: UpstreamResponse
     ) -> web.StreamResponse:
         headers = filter_response_headers(upstream.headers)  # the response copies the list
-        length = _content_length(upstream.headers)
         if upstream.body is not None and ex.method != "HEAD":
             response = web.Response(status=upstream.status, body=upstream.body, headers=headers)
             self._audit_allowed(ex, upstream.status)
             return response
+        length = _content_length(upstream.headers)
         stream = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
             stream.content_length = length
