@@ -236,6 +236,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
             "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
             "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
+            "--shutdown-delay", "5",
         ],
     ),
     (
@@ -245,6 +246,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
             "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
             "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
+            "--shutdown-delay", "5",
             "--assertion-key", "/var/run/nhigate/assertion/key.pem",
             "--tls-cert", "/var/run/nhigate/tls/tls.crt",
             "--tls-key", "/var/run/nhigate/tls/tls.key",
@@ -258,6 +260,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
             "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
             "--listen", "0.0.0.0:8080", "--admin-listen", "0.0.0.0:8081",
+            "--shutdown-delay", "5",
         ],
     ),
 ]  # fmt: skip

@@ -26,6 +26,7 @@ LABEL_PROTECTED_SERVICE = "nhigate.io/protected-service"
 PROXY_APP_NAME = "nhigate-proxy"
 
 POLICY_KEY = "policy.json.gz"
+PROXY_SHUTDOWN_DELAY_SECONDS = 5
 """ConfigMap key holding the encoded PolicyDocument."""
 POLICY_VERSION_ANNOTATION = "nhigate.io/policy-version"
 ASSERTION_KEY_FILE = "key.pem"
@@ -270,6 +271,10 @@ def proxy_args(ps: ProtectedService) -> list[str]:
         f"0.0.0.0:{proxy.port}",
         "--admin-listen",
         f"0.0.0.0:{proxy.admin_port}",
+        # Unready first, then close: endpoints stop routing to the pod before it stops
+        # listening, so a rollout drops no connection (well inside the 30 s grace period).
+        "--shutdown-delay",
+        str(PROXY_SHUTDOWN_DELAY_SECONDS),
     ]
     if assertion_enabled(ps):
         args += ["--assertion-key", f"{ASSERTION_DIR}/{ASSERTION_KEY_FILE}"]
