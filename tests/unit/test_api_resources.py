@@ -140,3 +140,14 @@ def test_timestamps_stay_strings_so_naive_times_are_rejected(tmp_path: Path) -> 
     path = _write(tmp_path, "g.yaml", (GRANT % "/x") + "  expiresAt: 2026-01-01T00:00:00\n")
     with pytest.raises(ResourceError, match=r"spec\.expiresAt: .*timezone"):
         load_resources([path])
+
+
+def test_kubectl_list_output_is_read_item_by_item(tmp_path: Path) -> None:
+    # `kubectl get routegrants -o yaml` writes a v1 List; its items are the resources.
+    item = "\n".join("    " + line for line in (GRANT % "/v1/more").splitlines())
+    listing = f"apiVersion: v1\nkind: List\nmetadata: {{}}\nitems:\n  -\n{item}\n"
+    resources = load_resources([_write(tmp_path, "grants.yaml", listing)])
+    assert [g.key for g in resources.grants] == ["payments/ci-deploy"]
+    bad = listing.replace("/v1/more", "v1/more")
+    with pytest.raises(ResourceError, match=r"spec\.rules\[0\]\.paths\[1\]"):
+        load_resources([_write(tmp_path, "bad.yaml", bad)])

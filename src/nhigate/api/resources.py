@@ -143,12 +143,25 @@ def _documents(path: Path) -> list[Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ResourceError(f"{path}: cannot read: {exc}") from None
     try:
-        return [d for d in yaml.load_all(text, Loader=_StringTimestampLoader) if d is not None]
+        loaded = [d for d in yaml.load_all(text, Loader=_StringTimestampLoader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ResourceError(f"{path}: invalid YAML{where}: {problem}") from None
+    return [item for document in loaded for item in _list_items(document)]
+
+
+def _list_items(document: Any) -> list[Any]:
+    """A `kind: List` (what `kubectl get -o yaml` writes) stands for its items."""
+    if (
+        isinstance(document, dict)
+        and document.get("kind") == "List"
+        and document.get("apiVersion") == "v1"
+        and isinstance(document.get("items"), list)
+    ):
+        return [item for item in document["items"] if item is not None]
+    return [document]
 
 
 def parse_resource(document: Any, where: str) -> Resource | None:
