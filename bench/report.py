@@ -1,0 +1,727 @@
+"""Turn `results.json` (written by bench/run.py) into `report.md` and PNG plots.
+
+    .venv/bin/python bench/report.py OUT/results.json [--out DIR]
+
+Pure functions over the results dict: `targets()`, `render_markdown()`, one `plot_*()` per
+figure, and `write_report()` that writes them all. A part that failed or was not run is
+reported as "not measured" with its reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+JSON = dict[str, Any]
+MIB_PER_MB = 1e6 / 2**20
+
+PLOTS = {
+    "overhead": "overhead.png",
+    "decide": "decide_p99.png",
+    "revocation": "revocation_cdf.png",
+    "scale": "scale_rps.png",
+}
+"""File name of each plot under the output directory."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 7 and where this run stands on it."""
+
+    name: str
+    target: str
+    measured: str
+    met: bool | None
+    """None when the part was not measured."""
+
+
+def part(results: JSON, name: str) -> JSON | None:
+    """The result dict of a part that ran successfully, else None."""
+    entry = (results.get("parts") or {}).get(name) or {}
+    if entry.get("status") != "ok":
+        return None
+    result = entry.get("result")
+    return result if isinstance(result, dict) else None
+
+
+def proxy_row(proxy: JSON, case: str, connections: int) -> JSON | None:
+    """The proxy bench result row for `case` at `connections`."""
+    for row in proxy.get("results") or ():
+        if row.get("name") == case and row.get("connections") == connections:
+            found: JSON = row
+            return found
+    return None
+
+
+def proxy_ratio(proxy: JSON, case: str, connections: int) -> JSON | None:
+    """The proxy bench ratio row for `case` at `connections`."""
+    for row in proxy.get("ratios") or ():
+        if row.get("case") == case and row.get("connections") == connections:
+            found: JSON = row
+            return found
+    return None
+
+
+def decide_case(decide: JSON, grants: int, case: str = "spread") -> JSON | None:
+    """The decide bench row for `grants` grants of kind `case`."""
+    for row in decide.get("cases") or ():
+        if row.get("grants") == grants and row.get("case") == case:
+            found: JSON = row
+            return found
+    return None
+
+
+def _target(
+    name: str, target: str, value: float | None, fmt: Callable[[float], str], ok: bool
+) -> Target:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return Target(name, target, "not measured", None)
+    return Target(name, target, fmt(value), ok)
+
+
+def added_p99_target(proxy: JSON) -> Target:
+    """nhigate's p99 minus direct's at 1 connection; a negative difference is noise."""
+    name, goal = "added p99 latency at 1 connection", "<= 1 ms"
+    ratio = proxy_ratio(proxy, "nhigate", 1)
+    mine, direct = proxy_row(proxy, "nhigate", 1), proxy_row(proxy, "direct", 1)
+    if ratio is None or mine is None or direct is None:
+        return Target(name, goal, "not measured", None)
+    added = float(ratio["added_p99_ms"])
+    detail = f"(nhigate p99 {mine['p99_ms']:.2f} ms, direct {direct['p99_ms']:.2f} ms)"
+    if added < 0:
+        return Target(name, goal, f"≤ 0 ms, within noise {detail}", True)
+    return Target(name, goal, f"{added:.2f} ms {detail}", added <= 1.0)
+
+
+def targets(results: JSON) -> list[Target]:
+    """Issue 7's targets against this run's numbers."""
+    out: list[Target] = []
+    proxy = part(results, "proxy") or {}
+    for conns in (32, 1):
+        ratio = proxy_ratio(proxy, "nhigate", conns)
+        value = ratio.get("rps_per_core_vs_nginx") if ratio else None
+        out.append(
+            _target(
+                f"authorised req/s per core vs nginx ({conns} conn)",
+                ">= 25%",
+                value,
+                lambda v: f"{v * 100:.0f}%",
+                value is not None and value >= 0.25,
+            )
+        )
+    out.append(added_p99_target(proxy))
+    decide = part(results, "decide") or {}
+    row = decide_case(decide, 10_000)
+    p99 = row.get("p99_us") if row else None
+    out.append(
+        _target(
+            "decide() p99 at 10k grants",
+            "<= 20 µs",
+            p99,
+            lambda v: f"{v:.1f} µs",
+            p99 is not None and p99 <= 20,
+        )
+    )
+    reload = None
+    if row:
+        reload = row.get("reload_packed_ms", row.get("reload_ms"))
+    out.append(
+        _target(
+            "reload of 10k grants (ConfigMap: gunzip + decode + compile)",
+            "<= 200 ms",
+            reload,
+            lambda v: f"{v:.0f} ms",
+            reload is not None and reload <= 200,
+        )
+    )
+    scale = part(results, "scale") or {}
+    failed = (scale.get("reload") or {}).get("failed_requests")
+    out.append(
+        _target(
+            "requests failed during 10k-grant reloads",
+            "0",
+            None if failed is None else float(failed),
+            lambda v: (
+                f"{v:.0f} of {(scale['reload'].get('under_reload') or {}).get('requests', 0)}"
+            ),
+            failed == 0,
+        )
+    )
+    revocation = part(results, "revocation") or {}
+    for key, label in (("delete_grant", "delete RouteGrant"), ("revoke_jti", "Revocation (jti)")):
+        p99 = (revocation.get(key) or {}).get("p99_ms")
+        out.append(
+            _target(
+                f"revocation p99: {label}",
+                "<= 1 s",
+                p99,
+                lambda v: f"{v:.0f} ms",
+                p99 is not None and p99 <= 1000,
+            )
+        )
+    reconcile = part(results, "reconcile") or {}
+    grants = reconcile.get("grants", 1000)
+    enforced = reconcile.get("all_enforced_s")
+    if reconcile and enforced is None:
+        out.append(
+            Target(
+                f"{grants} grants Accepted and Enforced",
+                "<= 60 s",
+                f"not within {reconcile.get('timeout_s', 0):.0f} s "
+                f"({reconcile.get('enforced_reached', 0)} enforced)",
+                False,
+            )
+        )
+    else:
+        out.append(
+            _target(
+                f"{grants} grants Accepted and Enforced",
+                "<= 60 s",
+                enforced,
+                lambda v: f"{v:.1f} s",
+                enforced is not None and enforced <= 60,
+            )
+        )
+    rss = reconcile.get("controller_peak_rss_mib")
+    out.append(
+        _target(
+            "controller peak RSS during that reconcile",
+            "<= 250 MB",
+            rss,
+            lambda v: f"{v / MIB_PER_MB:.0f} MB ({v:.0f} MiB)",
+            rss is not None and rss / MIB_PER_MB <= 250,
+        )
+    )
+    return out
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def plot_overhead(results: JSON, path: Path) -> bool:
+    """Bars: req/s per core (from CPU per request) for each proxy case, per connection count."""
+    proxy = part(results, "proxy")
+    if not proxy:
+        return False
+    rows = proxy.get("results") or []
+    cases = list(dict.fromkeys(r["name"] for r in rows))
+    conns = sorted({r["connections"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(conns))
+    for i, c in enumerate(conns):
+        values = [(proxy_row(proxy, case, c) or {}).get("rps_per_core", 0.0) for case in cases]
+        xs = [x + i * width for x in range(len(cases))]
+        bars = ax.bar(xs, values, width, label=f"{c} connection{'s' if c > 1 else ''}")
+        ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" for v in values], fontsize=8)
+    ax.set_xticks([x + width * (len(conns) - 1) / 2 for x in range(len(cases))], cases)
+    ax.set_ylabel("requests/s per core (1e6 / CPU µs per request)")
+    ax.set_title("Proxy overhead: req/s one core serves (higher is better)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_decide(results: JSON, path: Path) -> bool:
+    """decide() p50/p99 (µs) against grant count, log x."""
+    decide = part(results, "decide")
+    if not decide:
+        return False
+    rows = sorted(
+        (r for r in decide.get("cases") or () if r.get("case") == "spread"),
+        key=lambda r: r["grants"],
+    )
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = [r["grants"] for r in rows]
+    ax.plot(xs, [r["p99_us"] for r in rows], "o-", label="p99")
+    ax.plot(xs, [r["p50_us"] for r in rows], "s--", label="p50")
+    ax.axhline(20, color="red", linestyle=":", label="target p99 at 10k: 20 µs")
+    ax.set_xscale("log")
+    ax.set_xlabel("grants in the policy")
+    ax.set_ylabel("decide() time, µs")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Authorisation decision time vs policy size")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_revocation(results: JSON, path: Path) -> bool:
+    """CDF of revocation latency for both scenarios."""
+    revocation = part(results, "revocation")
+    if not revocation:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, label in (("delete_grant", "delete RouteGrant"), ("revoke_jti", "Revocation (jti)")):
+        samples = sorted((revocation.get(key) or {}).get("samples_ms") or [])
+        if samples:
+            ys = [(i + 1) / len(samples) for i in range(len(samples))]
+            ax.step(samples, ys, where="post", label=f"{label} (n={len(samples)})")
+    ax.axvline(1000, color="red", linestyle=":", label="target p99: 1 s")
+    ax.set_xlabel("API call returned → first 403 at the proxy, ms")
+    ax.set_ylabel("fraction of trials")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.set_title("Revocation latency on a real API server (CDF)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_scale(results: JSON, path: Path) -> bool:
+    """Proxy req/s and RSS against grant count."""
+    scale = part(results, "scale")
+    if not scale or not scale.get("throughput"):
+        return False
+    rows = sorted(scale["throughput"], key=lambda r: r["grants"])
+    xs = [r["grants"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(
+        xs,
+        [1e6 / r["cpu_us"] if r.get("cpu_us") else 0 for r in rows],
+        "o-",
+        label="req/s per core",
+    )
+    ax.plot(xs, [r["rps"] for r in rows], "s--", label="req/s (wall clock)")
+    ax.set_xscale("log")
+    ax.set_xlabel("grants in the policy")
+    ax.set_ylabel("requests/s")
+    ax.set_ylim(bottom=0)
+    twin = ax.twinx()
+    twin.plot(xs, [r["rss_mib"] for r in rows], "^:", color="gray", label="RSS (MiB)")
+    twin.set_ylabel("proxy RSS, MiB")
+    twin.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left")
+    ax.set_title("nhigate proxy throughput and memory vs policy size")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _not_measured(results: JSON, name: str) -> list[str]:
+    entry = (results.get("parts") or {}).get(name)
+    if not entry:
+        return ["_Not run in this invocation._", ""]
+    reason = entry.get("error") or entry.get("status", "unknown")
+    return [f"_Not measured: {entry.get('status')}: {str(reason).strip()[-400:]}_", ""]
+
+
+def _fmt(value: Any, spec: str = ".1f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _machine(results: JSON) -> list[str]:
+    m = results.get("machine") or {}
+    v = results.get("versions") or {}
+    lines = ["## Machine and versions", ""]
+    lines += _table(
+        ["what", "value"],
+        [
+            ["CPU", f"{m.get('cpu_model', '?')} — {m.get('cores', '?')} cores"],
+            ["memory", f"{_fmt(m.get('mem_total_gib'))} GiB"],
+            ["kernel", str(m.get("kernel", "?"))],
+            [
+                "load average (1/5/15 min) before",
+                " / ".join(f"{x:.2f}" for x in m.get("load_before") or ()),
+            ],
+            [
+                "load average (1/5/15 min) after",
+                " / ".join(f"{x:.2f}" for x in m.get("load_after") or ()),
+            ],
+            *[[name, str(version)] for name, version in sorted(v.items())],
+        ],
+    )
+    lines += [
+        "",
+        "A load average above the core count means other work shared the machine: wall-clock "
+        "req/s then understates what a quiet core does; CPU time per request (and req/s per core "
+        "derived from it) is the steadier figure.",
+        "",
+    ]
+    return lines
+
+
+def _proxy_section(results: JSON) -> list[str]:
+    lines = ["## Proxy overhead", ""]
+    proxy = part(results, "proxy")
+    if not proxy:
+        return lines + _not_measured(results, "proxy")
+    lines += [
+        "Direct upstream vs nginx reverse proxy vs nhigate (valid token, 1k-grant policy) vs "
+        "nhigate with an audit file and /metrics scrapes. Proxy on CPU 0; wrk and the upstream "
+        "on CPU 1. Each row is the median of the repeats. req/s per core = 1e6 / the proxy's CPU "
+        "µs per request (for `direct`, the upstream's own CPU).",
+        "",
+        f"![proxy overhead]({PLOTS['overhead']})",
+        "",
+    ]
+    rows = []
+    for r in proxy.get("results") or ():
+        rows.append(
+            [
+                r["name"],
+                str(r["connections"]),
+                f"{r['rps']:.0f}",
+                f"{r.get('rps_per_core', 0):.0f}",
+                f"{r.get('cpu_us', 0):.1f}",
+                f"{r['p50_ms']:.3f}",
+                f"{r['p99_ms']:.3f}",
+                f"{r.get('p999_ms', 0):.3f}",
+                str(r.get("non2xx", 0) + r.get("errors", 0)),
+            ]
+        )
+    lines += _table(
+        [
+            "case",
+            "conns",
+            "req/s",
+            "req/s/core",
+            "CPU µs/req",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "failed",
+        ],
+        rows,
+    )
+    lines += ["", "Ratios:", ""]
+    rows = []
+    for r in proxy.get("ratios") or ():
+        rows.append(
+            [
+                r["case"],
+                str(r["connections"]),
+                f"{r['rps_vs_direct']:.2f}",
+                f"{r['rps_vs_nginx']:.2f}",
+                f"{r.get('rps_per_core_vs_nginx', 0):.2f}",
+                f"{r['added_p50_ms']:.3f}",
+                f"{r['added_p99_ms']:.3f}",
+                f"{r.get('added_p999_ms', 0):.3f}",
+            ]
+        )
+    lines += _table(
+        [
+            "case",
+            "conns",
+            "req/s ÷ direct",
+            "req/s ÷ nginx",
+            "req/s/core ÷ nginx",
+            "added p50 ms",
+            "added p99 ms",
+            "added p99.9 ms",
+        ],
+        rows,
+    )
+    return [*lines, ""]
+
+
+def _policy_section(results: JSON) -> list[str]:
+    lines = ["## Policy scale", "", "### decide() vs grants", ""]
+    decide = part(results, "decide")
+    if decide:
+        lines += [f"![decide p99 vs grants]({PLOTS['decide']})", ""]
+        rows = [
+            [
+                r["case"],
+                f"{r['grants']:,}",
+                f"{r['p50_us']:.2f}",
+                f"{r['p99_us']:.2f}",
+                f"{r.get('max_us', 0):.1f}",
+            ]
+            for r in decide.get("cases") or ()
+        ]
+        lines += _table(["grants spread", "grants", "p50 µs", "p99 µs", "max µs"], rows)
+        ten_k = decide_case(decide, 10_000)
+        if ten_k:
+            lines += [
+                "",
+                "Policy build and reload at 10k grants (best of repeats, wall / CPU):",
+                "",
+            ]
+            steps = [
+                ("make_and_encode", "controller: build + encode the document"),
+                ("pack", "controller: gzip for the ConfigMap"),
+                ("reload", "replica: decode + compile"),
+                ("reload_packed", "replica: gunzip + decode + compile"),
+            ]
+            lines += _table(
+                ["step", "wall ms", "CPU ms"],
+                [
+                    [
+                        label,
+                        _fmt(ten_k.get(f"{key}_ms"), ".0f"),
+                        _fmt(ten_k.get(f"{key}_cpu_ms"), ".0f"),
+                    ]
+                    for key, label in steps
+                ],
+            )
+            size = ten_k.get("document_bytes")
+            packed = ten_k.get("packed_bytes")
+            if size and packed:
+                lines += [
+                    "",
+                    f"Document {size / 1024:.0f} KiB, packed {packed / 1024:.0f} KiB "
+                    "(ConfigMaps hold at most 1 MiB).",
+                ]
+        lines.append("")
+    else:
+        lines += _not_measured(results, "decide")
+    lines += ["### Proxy throughput and memory vs grants", ""]
+    scale = part(results, "scale")
+    if not scale:
+        return lines + _not_measured(results, "scale")
+    lines += [f"![scale]({PLOTS['scale']})", ""]
+    rows = [
+        [
+            f"{r['grants']:,}",
+            f"{r['rps']:.0f}",
+            f"{1e6 / r['cpu_us']:.0f}" if r.get("cpu_us") else "—",
+            f"{r.get('cpu_us', 0):.1f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['rss_mib']:.1f}",
+            f"{r.get('startup_s', 0):.1f}",
+            str(r.get("failed", 0)),
+        ]
+        for r in scale.get("throughput") or ()
+    ]
+    lines += _table(
+        ["grants", "req/s", "req/s/core", "CPU µs/req", "p99 ms", "RSS MiB", "load s", "failed"],
+        rows,
+    )
+    lines += [
+        "",
+        f"Proxy RSS per 1k grants (least-squares slope): "
+        f"**{scale.get('rss_mib_per_1k_grants', 0):.2f} MiB**.",
+        "",
+    ]
+    reload = scale.get("reload")
+    if reload:
+        under = reload.get("under_reload") or {}
+        base = reload.get("baseline") or {}
+        served = reload.get("write_to_served_ms") or []
+        lines += [
+            f"### Reload of {reload['grants']:,} grants under load (standalone resources dir)",
+            "",
+            f"wrk with {reload['connections']} connections for {reload['duration_s']:.0f} s "
+            f"while the resources were rewritten {reload['reloads']} times.",
+            "",
+        ]
+        lines += _table(
+            ["what", "value"],
+            [
+                ["requests during the reloads", f"{under.get('requests', 0):,}"],
+                ["failed (non-2xx + socket errors)", f"**{reload.get('failed_requests')}**"],
+                ["every reload happened under load", str(reload.get("all_reloads_under_load"))],
+                [
+                    "p99 / max latency, with reloads",
+                    f"{under.get('p99_ms', 0):.1f} / {under.get('max_ms', 0):.0f} ms",
+                ],
+                [
+                    "p99 / max latency, no reload",
+                    f"{base.get('p99_ms', 0):.1f} / {base.get('max_ms', 0):.0f} ms",
+                ],
+                [
+                    "standalone reload in-process (YAML load + compile), wall / CPU",
+                    f"{reload['reload_wall_ms']:.0f} / {reload['reload_cpu_ms']:.0f} ms",
+                ],
+                [
+                    "file rewrite → new policy served (includes the 1 s poll)",
+                    ", ".join(f"{ms:.0f}" for ms in served) + " ms",
+                ],
+                ["proxy start with these resources", f"{reload.get('startup_s', 0):.1f} s"],
+            ],
+        )
+        lines.append("")
+    return lines
+
+
+def _revocation_section(results: JSON) -> list[str]:
+    lines = ["## Revocation latency (real kube-apiserver)", ""]
+    revocation = part(results, "revocation")
+    if not revocation:
+        return lines + _not_measured(results, "revocation")
+    lines += [
+        "Controller + `nhigate proxy --kube` + backend on 127.0.0.1; time from the API call "
+        "returning until the proxy's first 403, polled every "
+        f"{revocation.get('poll_ms', 5):.0f} ms.",
+        "",
+        f"![revocation CDF]({PLOTS['revocation']})",
+        "",
+    ]
+    rows = []
+    for key, label in (
+        ("delete_grant", "delete RouteGrant"),
+        ("revoke_jti", "create Revocation (jti)"),
+    ):
+        r = revocation.get(key) or {}
+        rows.append(
+            [
+                label,
+                str(r.get("trials", 0)),
+                _fmt(r.get("p50_ms"), ".0f"),
+                _fmt(r.get("p90_ms"), ".0f"),
+                _fmt(r.get("p99_ms"), ".0f"),
+                _fmt(r.get("max_ms"), ".0f"),
+            ]
+        )
+    lines += _table(["scenario", "trials", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows)
+    return [*lines, ""]
+
+
+def _reconcile_section(results: JSON) -> list[str]:
+    lines = ["## Reconcile throughput (real kube-apiserver)", ""]
+    reconcile = part(results, "reconcile")
+    if not reconcile:
+        return lines + _not_measured(results, "reconcile")
+    lines += [
+        f"{reconcile['grants']:,} RouteGrants in one `kubectl apply --server-side`, one local "
+        "proxy replica reporting its policy version through a Lease.",
+        "",
+    ]
+    lines += _table(
+        ["what", "value"],
+        [
+            ["kubectl apply returned", f"{reconcile['apply_s']:.1f} s"],
+            [
+                "all Accepted",
+                f"{reconcile['all_accepted_s']:.1f} s"
+                if reconcile.get("all_accepted_s") is not None
+                else f"not within the bound ({reconcile.get('accepted_reached')})",
+            ],
+            [
+                "all Enforced",
+                f"{reconcile['all_enforced_s']:.1f} s"
+                if reconcile.get("all_enforced_s") is not None
+                else f"not within the bound ({reconcile.get('enforced_reached')})",
+            ],
+            ["controller CPU", f"{reconcile['controller_cpu_s']:.1f} s"],
+            ["controller peak RSS (VmHWM)", f"{reconcile['controller_peak_rss_mib']:.0f} MiB"],
+            ["proxy peak RSS", f"{reconcile.get('proxy_peak_rss_mib', 0):.0f} MiB"],
+            [
+                "policy ConfigMap size",
+                f"{reconcile.get('policy_configmap_bytes', 0) / 1024:.0f} KiB",
+            ],
+        ],
+    )
+    return [*lines, ""]
+
+
+def _token_section(results: JSON) -> list[str]:
+    lines = ["## Token verification", ""]
+    token = part(results, "token")
+    if not token:
+        return lines + _not_measured(results, "token")
+    columns = token.get("columns") or []
+    lines += ["µs per token on one core (process CPU time); cached = verified-token cache hit.", ""]
+    rows = [[row["alg"], *(f"{row[c]:.1f}" for c in columns)] for row in token.get("rows") or ()]
+    lines += _table(["alg", *columns], rows)
+    return [*lines, ""]
+
+
+def _commands(results: JSON) -> list[str]:
+    lines = ["## Exact commands", "", "```"]
+    lines.append(results.get("command", ""))
+    for name, entry in (results.get("parts") or {}).items():
+        status = entry.get("status")
+        took = entry.get("seconds")
+        lines.append(f"# {name}: {status} in {took:.0f} s" if took is not None else f"# {name}")
+        lines.append(" ".join(entry.get("command") or []))
+    lines += ["```", ""]
+    return lines
+
+
+def render_markdown(results: JSON) -> str:
+    """The whole report as markdown (plots referenced by their file names in PLOTS)."""
+    lines = [
+        "# nhigate benchmark report",
+        "",
+        f"Run {results.get('started', '?')} → {results.get('finished', '?')}"
+        f"{' (--quick: reduced trials and durations)' if results.get('quick') else ''}; "
+        f"repeats: {results.get('repeat', '?')}.",
+        "",
+        "## Targets (issue 7)",
+        "",
+    ]
+    rows = [
+        [t.name, t.target, t.measured, {True: "met", False: "**missed**", None: "—"}[t.met]]
+        for t in targets(results)
+    ]
+    lines += _table(["target", "goal", "measured", ""], rows)
+    lines.append("")
+    lines += _machine(results)
+    lines += _proxy_section(results)
+    lines += _policy_section(results)
+    lines += _revocation_section(results)
+    lines += _reconcile_section(results)
+    lines += _token_section(results)
+    lines += _commands(results)
+    return "\n".join(lines)
+
+
+def write_report(results: JSON, out: Path) -> list[Path]:
+    """Write report.md and every plot that has data into `out`; return the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    plotters: dict[str, Callable[[JSON, Path], bool]] = {
+        "overhead": plot_overhead,
+        "decide": plot_decide,
+        "revocation": plot_revocation,
+        "scale": plot_scale,
+    }
+    for key, plot in plotters.items():
+        path = out / PLOTS[key]
+        if plot(results, path):
+            written.append(path)
+    report = out / "report.md"
+    report.write_text(render_markdown(results))
+    written.append(report)
+    return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("results", type=Path, help="results.json from bench/run.py")
+    parser.add_argument("--out", type=Path, help="output directory (default: next to results)")
+    args = parser.parse_args()
+    results = json.loads(args.results.read_text())
+    for path in write_report(results, args.out or args.results.parent):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

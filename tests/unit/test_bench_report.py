@@ -1,0 +1,308 @@
+"""The benchmark report generator on canned results: markdown, targets and real PNG plots.
+
+No benchmark runs here; a broken bench/report.py (or a results shape it no longer reads) fails
+CI instead of failing the next 20-minute benchmark run.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+report = load("report")
+run = load("run")
+
+
+def proxy_row(name: str, conns: int, rps: float, cpu_us: float, p99: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "connections": conns,
+        "rps": rps,
+        "p50_ms": p99 / 3,
+        "p99_ms": p99,
+        "p999_ms": p99 * 2,
+        "requests": int(rps * 4),
+        "non2xx": 0,
+        "errors": 0,
+        "cpu_us": cpu_us,
+        "load": 1.0,
+        "rps_per_core": 1e6 / cpu_us,
+    }
+
+
+def ratio(case: str, conns: int, per_core_vs_nginx: float, added_p99: float) -> dict[str, Any]:
+    return {
+        "case": case,
+        "connections": conns,
+        "rps_vs_direct": 0.5,
+        "rps_vs_nginx": 0.8,
+        "rps_per_core_vs_nginx": per_core_vs_nginx,
+        "cpu_vs_nginx": 1 / per_core_vs_nginx,
+        "added_p50_ms": 0.05,
+        "added_p99_ms": added_p99,
+        "added_p999_ms": 0.3,
+        "added_p99_vs_nginx": 2.0,
+    }
+
+
+def ok(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "status": "ok",
+        "command": [".venv/bin/python", "bench/x.py"],
+        "seconds": 12.0,
+        "result": result,
+    }
+
+
+CANNED: dict[str, Any] = {
+    "command": ".venv/bin/python bench/run.py --quick",
+    "started": "2026-01-01T00:00:00+00:00",
+    "finished": "2026-01-01T00:20:00+00:00",
+    "quick": False,
+    "repeat": 3,
+    "machine": {
+        "cores": 2,
+        "cpu_model": "Test CPU 9000",
+        "mem_total_gib": 8.0,
+        "kernel": "6.0",
+        "load_before": [0.5, 0.4, 0.3],
+        "load_after": [1.5, 1.0, 0.7],
+    },
+    "versions": {"python": "3.11.7", "aiohttp": "3.14.5", "nginx": "1.22.1", "wrk": "4.1.0"},
+    "parts": {
+        "proxy": ok(
+            {
+                "results": [
+                    proxy_row(name, conns, rps, cpu, p99)
+                    for conns in (1, 32)
+                    for name, rps, cpu, p99 in (
+                        ("direct", 30000, 15, 0.10),
+                        ("nginx", 20000, 25, 0.15),
+                        ("nhigate", 9000, 80, 0.40),
+                        ("nhigate+audit", 8000, 90, 0.45),
+                    )
+                ],
+                "ratios": [
+                    ratio(case, conns, per_core, added)
+                    for conns in (1, 32)
+                    for case, per_core, added in (
+                        ("nginx", 1.0, 0.05),
+                        ("nhigate", 0.31, 0.30),
+                        ("nhigate+audit", 0.28, 0.35),
+                    )
+                ],
+            }
+        ),
+        "decide": ok(
+            {
+                "cases": [
+                    {"case": "spread", "grants": n, "p50_us": 2.0, "p99_us": p99, "max_us": 50.0}
+                    for n, p99 in ((10, 4.0), (1000, 6.0), (10_000, 9.5), (100_000, 30.0))
+                ]
+            }
+        ),
+        "token": ok(
+            {
+                "columns": ["nhigate cold", "nhigate cached"],
+                "rows": [{"alg": "ES256", "nhigate cold": 200.0, "nhigate cached": 2.5}],
+            }
+        ),
+        "scale": ok(
+            {
+                "throughput": [
+                    {
+                        "grants": n,
+                        "connections": 32,
+                        "rps": 5000.0,
+                        "p50_ms": 5.0,
+                        "p99_ms": 9.0,
+                        "cpu_us": 180.0,
+                        "failed": 0,
+                        "rss_mib": 50 + n / 1000 * 4,
+                        "startup_s": 1.0,
+                    }
+                    for n in (10, 1000, 10_000)
+                ],
+                "rss_mib_per_1k_grants": 4.0,
+                "reload": {
+                    "grants": 10_000,
+                    "reloads": 3,
+                    "connections": 32,
+                    "duration_s": 60.0,
+                    "startup_s": 20.0,
+                    "reload_cpu_ms": 9000.0,
+                    "reload_wall_ms": 12000.0,
+                    "write_to_served_ms": [13000.0, 12500.0, 12800.0],
+                    "all_reloads_under_load": True,
+                    "baseline": {"requests": 1000, "p99_ms": 10.0, "max_ms": 20.0},
+                    "under_reload": {"requests": 90_000, "p99_ms": 60.0, "max_ms": 300.0},
+                    "failed_requests": 0,
+                },
+            }
+        ),
+        "revocation": ok(
+            {
+                "poll_ms": 5.0,
+                "delete_grant": {
+                    "trials": 4,
+                    "p50_ms": 100.0,
+                    "p90_ms": 150.0,
+                    "p99_ms": 180.0,
+                    "max_ms": 180.0,
+                    "samples_ms": [90.0, 100.0, 110.0, 180.0],
+                },
+                "revoke_jti": {
+                    "trials": 3,
+                    "p50_ms": 120.0,
+                    "p90_ms": 1500.0,
+                    "p99_ms": 1500.0,
+                    "max_ms": 1500.0,
+                    "samples_ms": [110.0, 120.0, 1500.0],
+                },
+            }
+        ),
+        "reconcile": {
+            "status": "timeout",
+            "command": [".venv/bin/python", "bench/reconcile_bench.py"],
+            "seconds": 900.0,
+            "error": "no result within 900 s",
+        },
+    },
+}
+
+
+def by_name(targets: list[Any]) -> dict[str, Any]:
+    return {t.name: t for t in targets}
+
+
+def test_targets_compare_each_measurement_with_its_goal() -> None:
+    targets = by_name(report.targets(CANNED))
+    assert targets["authorised req/s per core vs nginx (32 conn)"].met is True
+    assert targets["authorised req/s per core vs nginx (32 conn)"].measured == "31%"
+    assert targets["added p99 latency at 1 connection"].met is True
+    assert targets["decide() p99 at 10k grants"].met is True
+    assert targets["decide() p99 at 10k grants"].measured == "9.5 µs"
+    assert targets["requests failed during 10k-grant reloads"].met is True
+    assert targets["revocation p99: delete RouteGrant"].met is True
+    assert targets["revocation p99: Revocation (jti)"].met is False
+    # reload timings absent from the canned decide result, reconcile timed out: unknown, not met
+    assert targets["reload of 10k grants (ConfigMap: gunzip + decode + compile)"].met is None
+    assert targets["1000 grants Accepted and Enforced"].met is None
+    assert targets["controller peak RSS during that reconcile"].measured == "not measured"
+
+
+def test_missed_targets_are_marked_missed() -> None:
+    results = copy.deepcopy(CANNED)
+    proxy = results["parts"]["proxy"]["result"]
+    for row in proxy["ratios"]:
+        if row["case"] == "nhigate":
+            row["rps_per_core_vs_nginx"] = 0.10
+            row["added_p99_ms"] = 2.5
+    results["parts"]["reconcile"] = ok(
+        {
+            "grants": 1000,
+            "timeout_s": 300.0,
+            "apply_s": 5.0,
+            "all_accepted_s": 30.0,
+            "all_enforced_s": None,
+            "accepted_reached": 1000,
+            "enforced_reached": 700,
+            "controller_cpu_s": 40.0,
+            "controller_peak_rss_mib": 300.0,
+            "controller_rss_mib": 280.0,
+        }
+    )
+    targets = by_name(report.targets(results))
+    assert targets["authorised req/s per core vs nginx (1 conn)"].met is False
+    assert targets["added p99 latency at 1 connection"].met is False
+    enforced = targets["1000 grants Accepted and Enforced"]
+    assert enforced.met is False
+    assert "700 enforced" in enforced.measured
+    assert targets["controller peak RSS during that reconcile"].met is False  # 300 MiB > 250 MB
+    text = report.render_markdown(results)
+    assert "**missed**" in text
+    assert "not within the bound (700)" in text
+
+
+def test_write_report_renders_markdown_and_every_plot(tmp_path: Path) -> None:
+    written = report.write_report(CANNED, tmp_path)
+    names = {p.name for p in written}
+    assert names == {*report.PLOTS.values(), "report.md"}
+    for key in ("overhead", "decide", "revocation", "scale"):
+        data = (tmp_path / report.PLOTS[key]).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        assert len(data) > 5000  # a real figure, not an empty canvas
+    text = (tmp_path / "report.md").read_text()
+    for needle in (
+        "Test CPU 9000 — 2 cores",
+        "0.50 / 0.40 / 0.30",  # load before
+        "1.50 / 1.00 / 0.70",  # load after
+        "| nginx | 1.22.1 |",
+        "![proxy overhead](overhead.png)",
+        "![revocation CDF](revocation_cdf.png)",
+        "| nhigate | 32 | 9000 |",
+        "| spread | 10,000 | 2.00 | 9.50 |",
+        "RSS per 1k grants (least-squares slope): **4.00 MiB**",
+        "| failed (non-2xx + socket errors) | **0** |",
+        "| delete RouteGrant | 4 | 100 | 150 | 180 | 180 |",
+        "| ES256 | 200.0 | 2.5 |",
+        "_Not measured: timeout: no result within 900 s_",
+        ".venv/bin/python bench/run.py --quick",
+        "# reconcile: timeout in 900 s",
+    ):
+        assert needle in text, needle
+
+
+def test_a_failed_part_gets_no_plot_and_says_why(tmp_path: Path) -> None:
+    results = copy.deepcopy(CANNED)
+    results["parts"]["revocation"] = {
+        "status": "failed",
+        "command": ["x"],
+        "seconds": 3.0,
+        "error": "Traceback ...\nRuntimeError: control plane did not start",
+    }
+    written = {p.name for p in report.write_report(results, tmp_path)}
+    assert report.PLOTS["revocation"] not in written
+    text = (tmp_path / "report.md").read_text()
+    assert "RuntimeError: control plane did not start" in text
+    assert by_name(report.targets(results))["revocation p99: delete RouteGrant"].met is None
+
+
+TOKEN_STDOUT = """\
+alg            sig only    parse+claims    nhigate cold  nhigate cached    PyJWT decode  PyJWT/cold
+RS256              28.0            26.6            93.1             2.7           102.1       1.10x
+ES256              88.2            25.4           201.6             2.5           157.5       0.78x
+µs per token, one core; cached = verified-token cache hit
+"""
+
+
+def test_token_table_is_parsed_into_rows() -> None:
+    parsed = run.parse_token_table(TOKEN_STDOUT)
+    assert [row["alg"] for row in parsed["rows"]] == ["RS256", "ES256"]
+    assert parsed["rows"][1]["nhigate cold"] == pytest.approx(201.6)
+    assert parsed["rows"][1]["nhigate cached"] == pytest.approx(2.5)
+
+
+def test_token_table_with_unknown_columns_is_refused() -> None:
+    with pytest.raises(ValueError, match="header"):
+        run.parse_token_table("alg  something else\nRS256 1 2\n")
