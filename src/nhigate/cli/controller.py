@@ -56,6 +56,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the controller with the parsed arguments; blocks until stopped."""
+    from nhigate.cli.logs import setup_logging
     from nhigate.controller.run import liveness_url, main
     from nhigate.controller.settings import ControllerSettings
 
@@ -70,4 +71,5 @@ def run(args: argparse.Namespace) -> int:
         drift_interval=args.drift_interval,
         log_level=args.log_level,
     )
+    setup_logging(settings.log_level)
     return main(settings)

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from nhigate.cli.logs import setup_logging
 from nhigate.proxy.settings import (
     MIB,
     ProxySettings,
@@ -100,9 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `nhigate proxy`."""
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level)
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 
 import kopf
@@ -45,12 +44,6 @@ async def run_controller(
 
 
 def main(settings: ControllerSettings) -> int:
-    """Blocking entry point for `nhigate controller`; returns the exit code."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-    )
-    # kopf logs every handler success at INFO; watch events make that one line per event
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    """Blocking entry point for `nhigate controller` (logging is set up by the caller)."""
     asyncio.run(run_controller(settings))
     return 0
