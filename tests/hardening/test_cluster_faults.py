@@ -3,8 +3,8 @@
 A controller process and a `nhigate proxy --kube` process run against the session's real
 control plane. While kube-apiserver is frozen (its sockets stay open, nothing answers):
 
-- the proxy keeps serving its last policy: allowed stays allowed, denied stays denied, and
-  it stays ready;
+- the proxy keeps serving its last policy: allowed stays allowed, denied stays denied (an
+  ungranted method, an unknown subject, a revoked token), and it stays ready;
 - a grant whose `expiresAt` passes during the outage is denied on the proxy's own clock
   (the controller cannot publish a new policy then), with audit reason `grant_expired`.
 
@@ -65,6 +65,7 @@ KID = "faults"
 POLICY_CONFIGMAP = "nhigate-api-policy"
 REPLICA = "faults-0"
 LEASE = f"nhigate-api-{REPLICA}"
+LEAKED_JTI = "leaked-deployer-token"
 
 
 def free_port() -> int:
@@ -92,9 +93,11 @@ def jwks_of(key: ec.EllipticCurvePrivateKey) -> JSON:
     return {"keys": [{"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": KID, "alg": "ES256"}]}
 
 
-def token_for(key: ec.EllipticCurvePrivateKey, subject: str) -> str:
+def token_for(key: ec.EllipticCurvePrivateKey, subject: str, jti: str | None = None) -> str:
     now = int(time.time())
     claims = {"iss": ISSUER_URL, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + 900}
+    if jti is not None:
+        claims["jti"] = jti
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": KID})
 
 
@@ -217,7 +220,15 @@ async def test_api_server_outage(
     }
     stays = route_grant(ns, "stays", subject="deployer")
     doomed = route_grant(ns, "doomed", subject="doomed")
-    await apply_all(kube, issuer, backend_service(ns), protected_service(ns), stays, doomed)
+    revocation = {
+        "apiVersion": "nhigate.io/v1alpha1",
+        "kind": "Revocation",
+        "metadata": {"name": "leaked", "namespace": ns},
+        "spec": {"tokenId": LEAKED_JTI, "reason": "a deployer token was leaked"},
+    }
+    await apply_all(
+        kube, issuer, backend_service(ns), protected_service(ns), stays, doomed, revocation
+    )
     await eventually(
         lambda: kube.get(CONFIGMAPS, POLICY_CONFIGMAP, ns),
         what="policy ConfigMap",
@@ -259,6 +270,7 @@ async def _scenario(
         temp = Caller(http, base, token_for(key, "temp"))
         doomed = Caller(http, base, token_for(key, "doomed"))
         stranger = Caller(http, base, token_for(key, "stranger"))
+        leaked = Caller(http, base, token_for(key, "deployer", jti=LEAKED_JTI))
 
         async def ready() -> bool:
             try:
@@ -273,6 +285,7 @@ async def _scenario(
         await eventually(ready, within=60, what="proxy ready", controller=controller)
         await eventually(lambda: status_is(deployer, 200), within=20, what="deployer allowed")
         await eventually(lambda: status_is(doomed, 200), within=20, what="doomed allowed")
+        assert await leaked.call("GET") == 403, "revoked token allowed before the outage"
         await eventually(
             lambda: _lease_renewed_after(kube, ns, 0), within=20, what="first Lease report"
         )
@@ -301,6 +314,7 @@ async def _scenario(
                 assert await deployer.call("GET") == 200, "allowed request denied during outage"
                 assert await deployer.call("DELETE") == 403, "denied request allowed in outage"
                 assert await stranger.call("GET") == 403, "stranger allowed during outage"
+                assert await leaked.call("GET") == 403, "revoked token allowed during outage"
                 assert await doomed.call("GET") == 200, "doomed grant lost during outage"
                 got = await temp.call("GET")
                 if now < expires_at - 0.5:
@@ -347,6 +361,7 @@ async def _scenario(
         revoke_s = time.monotonic() - deleted_at
         assert await deployer.call("GET") == 200
         assert await deployer.call("DELETE") == 403
+        assert await leaked.call("GET") == 403
         enforced = await eventually(
             lambda: _policy_then_enforced(kube, ns),
             within=20,
@@ -356,9 +371,11 @@ async def _scenario(
         assert enforced["status"]["enforcedReplicas"] == "1/1"
 
         await _check_expiry_audit(proxy, temp, expires_at)
+        await _check_reasons(proxy, leaked, {"revoked"})
+        await _check_reasons(proxy, stranger, {"no_matching_grant"})
 
     print(
-        f"\noutage {resumed_at - stopped_at:.1f} s, {counts['polls']} polls x 6 requests; "
+        f"\noutage {resumed_at - stopped_at:.1f} s, {counts['polls']} polls x 7 requests; "
         f"API answering {back_at - resumed_at:.1f} s after SIGCONT; Lease renewed after "
         f"{lease_at - resumed_at:.1f} s; controller converged (Expired, policy) after "
         f"{converged_at - resumed_at:.1f} s; delete -> 403 in {revoke_s * 1000:.0f} ms"
@@ -380,6 +397,18 @@ async def _check_expiry_audit(proxy: ProxyProcess, temp: Caller, expires_at: flo
     # controller dropped it from the policy, no grant matches at all.
     assert reasons <= {"grant_expired", "no_matching_grant"}, reasons
     assert "grant_expired" in reasons, reasons
+
+
+async def _check_reasons(proxy: ProxyProcess, caller: Caller, wanted: set[str]) -> None:
+    """Every request `caller` made was audited with one of the `wanted` reasons."""
+    ids = {rid for _, _, rid in caller.seen}
+
+    async def audited() -> dict[str, JSON] | None:
+        by_id = {r["request_id"]: r for r in proxy.audit_records()}
+        return by_id if ids <= by_id.keys() else None
+
+    records = await eventually(audited, within=5, what="audit records")
+    assert {records[rid]["reason"] for rid in ids} == wanted
 
 
 async def _api_unreachable(cp: ControlPlane) -> bool:
