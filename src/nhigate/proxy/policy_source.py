@@ -195,6 +195,11 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
 
 
+POLICY_WATCH_BACKOFF = (0.25, 3.0)
+"""(first, longest) retry delay of the policy watch, in seconds. Short on purpose: while the
+watch is down, deleted grants and new revocations do not reach this replica."""
+
+
 class ClusterSource:
     """Lists and watches the policy ConfigMap; swaps in each valid packed policy."""
 
@@ -206,7 +211,7 @@ class ClusterSource:
         holder: PolicyHolder,
         *,
         on_reload: ReloadCallback | None = None,
-        watch_timeout: int = 300,
+        watch_timeout: int = 60,
     ) -> None:
         self._client = client
         self._namespace = namespace
@@ -249,7 +254,7 @@ class ClusterSource:
         from nhigate.k8s import CONFIGMAPS, WatchExpired
 
         selector = f"metadata.name={self._name}"
-        backoff = Backoff()
+        backoff = Backoff(*POLICY_WATCH_BACKOFF)
         resource_version: str | None = None
         while True:
             try:
@@ -257,6 +262,7 @@ class ClusterSource:
                     items, resource_version = await self._client.list(
                         CONFIGMAPS, self._namespace, field_selector=selector
                     )
+                    backoff.reset()
                     for item in items:
                         self._apply(item)
                     if not items:
