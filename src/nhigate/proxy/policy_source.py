@@ -86,6 +86,11 @@ def compile_document_bytes(data: bytes) -> Policy:
     return compile_policy(decode_policy_document(data))
 
 
+def _compile_packed(packed: str) -> Policy:
+    """A policy ConfigMap's base64 `policy.json.gz`, unpacked and compiled."""
+    return compile_policy(unpack_document(base64.b64decode(packed, validate=True)))
+
+
 def _resource_files(directory: Path) -> list[Path]:
     return sorted(
         p
@@ -221,7 +226,7 @@ class ClusterSource:
         self._watch_timeout = watch_timeout
         self._seen_rv: str | None = None
 
-    def _apply(self, configmap: dict[str, Any]) -> None:
+    async def _apply(self, configmap: dict[str, Any]) -> None:
         metadata = configmap.get("metadata") or {}
         rv = metadata.get("resourceVersion")
         if rv is not None and rv == self._seen_rv:
@@ -237,7 +242,8 @@ class ClusterSource:
             self._on_reload("error")
             return
         try:
-            policy = compile_policy(unpack_document(base64.b64decode(packed, validate=True)))
+            # Off the event loop: a 10k-grant policy takes ~0.5 s of CPU to unpack and compile.
+            policy = await asyncio.to_thread(_compile_packed, packed)
         except (PolicyDocumentError, ValueError) as exc:
             log.error(
                 "ConfigMap %s holds an invalid policy, keeping the last one: %s", self._name, exc
@@ -264,7 +270,7 @@ class ClusterSource:
                     )
                     backoff.reset()
                     for item in items:
-                        self._apply(item)
+                        await self._apply(item)
                     if not items:
                         log.warning("ConfigMap %s/%s not found yet", self._namespace, self._name)
                 async for event in self._client.watch(
@@ -279,7 +285,7 @@ class ClusterSource:
                     if rv:
                         resource_version = rv
                     if event.type in ("ADDED", "MODIFIED"):
-                        self._apply(event.object)
+                        await self._apply(event.object)
                     elif event.type == "DELETED":
                         log.warning(
                             "ConfigMap %s deleted: keeping the last good policy", self._name
