@@ -1,6 +1,7 @@
 """Reconcile throughput: N RouteGrants applied at once -> all Accepted, all Enforced.
 
-    .venv/bin/python bench/reconcile_bench.py [--grants 1000] [--timeout 300] [--json PATH]
+    .venv/bin/python bench/reconcile_bench.py [--grants 1000] [--via api|kubectl]
+        [--concurrency 32] [--timeout 300] [--json PATH]
 
 On its own real control plane (see revocation_bench.py): the controller, one proxy replica
 (`nhigate proxy --kube`, reporting its policy version through a Lease, so `Enforced` means
@@ -33,13 +34,11 @@ from nhigate.k8s import CONFIGMAPS, ROUTEGRANTS, KubeClient
 POLL_S = 0.5
 
 
-def grants_file(path: Path, namespace: str, count: int) -> None:
-    """`count` RouteGrants as one multi-document file (JSON documents are YAML)."""
-    docs = (
-        json.dumps(route_grant(namespace, f"g-{i:05d}", subject=f"client-{i}"))
-        for i in range(count)
-    )
-    path.write_text("\n---\n".join(docs) + "\n")
+def grants_file(path: Path, namespace: str, count: int) -> list[dict[str, Any]]:
+    """`count` RouteGrants, also written as one multi-document file (JSON documents are YAML)."""
+    docs = [route_grant(namespace, f"g-{i:05d}", subject=f"client-{i}") for i in range(count)]
+    path.write_text("\n---\n".join(json.dumps(d) for d in docs) + "\n")
+    return docs
 
 
 def counts(items: list[dict[str, Any]]) -> tuple[int, int]:
@@ -49,13 +48,49 @@ def counts(items: list[dict[str, Any]]) -> tuple[int, int]:
     return accepted, enforced
 
 
-async def run(cp: ControlPlane, work: Path, grants: int, limit_s: float) -> dict[str, Any]:
+async def kubectl_apply(cp: ControlPlane, manifest: Path) -> None:
+    """One `kubectl apply --server-side -f manifest`."""
+    apply = await asyncio.create_subprocess_exec(
+        cp.kubectl_path,
+        "apply",
+        "--server-side",
+        "--field-manager=nhigate-bench",
+        "-f",
+        str(manifest),
+        env=cp.env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await apply.communicate()
+    if apply.returncode != 0:
+        raise RuntimeError(f"kubectl apply failed: {stderr.decode()[-2000:]}")
+
+
+async def concurrent_apply(kube: KubeClient, docs: list[dict[str, Any]], concurrency: int) -> None:
+    """Server-side apply every document, `concurrency` requests in flight."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(doc: dict[str, Any]) -> None:
+        async with gate:
+            await kube.apply(doc, field_manager="nhigate-bench")
+
+    await asyncio.gather(*(one(d) for d in docs))
+
+
+async def run(
+    cp: ControlPlane,
+    work: Path,
+    grants: int,
+    limit_s: float,
+    via: str = "api",
+    concurrency: int = 32,
+) -> dict[str, Any]:
     """Apply `grants` RouteGrants at once and time Accepted and Enforced."""
     kube = await KubeClient.connect(cp.kubeconfig)
     stack = Stack(cp, kube, work)
     ns = stack.namespace
     manifest = work / "grants.yaml"
-    grants_file(manifest, ns, grants)
+    docs = grants_file(manifest, ns, grants)
     try:
         async with upstream() as up:
             await stack.start(up)
@@ -65,20 +100,10 @@ async def run(cp: ControlPlane, work: Path, grants: int, limit_s: float) -> dict
             await asyncio.sleep(2.0)  # let startup reconciles finish: measure the grants only
             before = proc_usage(controller)
             started = time.monotonic()
-            apply = await asyncio.create_subprocess_exec(
-                cp.kubectl_path,
-                "apply",
-                "--server-side",
-                "--field-manager=nhigate-bench",
-                "-f",
-                str(manifest),
-                env=cp.env(),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            _, stderr = await apply.communicate()
-            if apply.returncode != 0:
-                raise RuntimeError(f"kubectl apply failed: {stderr.decode()[-2000:]}")
+            if via == "kubectl":
+                await kubectl_apply(cp, manifest)
+            else:
+                await concurrent_apply(kube, docs, concurrency)
             applied_s = time.monotonic() - started
             accepted_s = enforced_s = None
             accepted = enforced = 0
@@ -108,6 +133,7 @@ async def run(cp: ControlPlane, work: Path, grants: int, limit_s: float) -> dict
     return {
         "benchmark": "reconcile",
         "grants": grants,
+        "via": via if via == "kubectl" else f"api ({concurrency} in flight)",
         "timeout_s": limit_s,
         "apply_s": applied_s,
         "all_accepted_s": accepted_s,
@@ -126,19 +152,24 @@ async def run(cp: ControlPlane, work: Path, grants: int, limit_s: float) -> dict
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--grants", type=int, default=1000)
+    parser.add_argument("--via", choices=("api", "kubectl"), default="api")
+    parser.add_argument("--concurrency", type=int, default=32, help="--via api: in flight")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nhigate-reconcile-") as tmp:
         work = Path(tmp)
         with control_plane(work) as cp:
-            result = asyncio.run(run(cp, work, args.grants, args.timeout))
+            result = asyncio.run(
+                run(cp, work, args.grants, args.timeout, args.via, args.concurrency)
+            )
 
     def secs(value: float | None) -> str:
         return f"{value:.1f} s" if value is not None else f"not within {args.timeout:.0f} s"
 
     print(
-        f"{args.grants} RouteGrants: kubectl apply {result['apply_s']:.1f} s; all Accepted "
+        f"{args.grants} RouteGrants: applied via {result['via']} in {result['apply_s']:.1f} s; "
+        f"all Accepted "
         f"{secs(result['all_accepted_s'])} ({result['accepted_reached']}); all Enforced "
         f"{secs(result['all_enforced_s'])} ({result['enforced_reached']}); controller "
         f"{result['controller_cpu_s']:.1f} CPU s, peak RSS "

@@ -608,7 +608,8 @@ def _reconcile_section(results: JSON) -> list[str]:
     if not reconcile:
         return lines + _not_measured(results, "reconcile")
     lines += [
-        f"{reconcile['grants']:,} RouteGrants in one `kubectl apply --server-side`, one local "
+        f"{reconcile['grants']:,} RouteGrants applied at once via "
+        f"{reconcile.get('via', 'kubectl')}, one local "
         "proxy replica reporting its policy version through a Lease.",
         "",
     ]
