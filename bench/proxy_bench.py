@@ -20,6 +20,10 @@ from /proc) per request and the req/s one core would serve at that cost (robust 
 a busy machine, unlike wall-clock req/s), the load average, and ratios to direct
 and to nginx (added latency = case minus direct). Needs `nginx` and `wrk` on PATH
 (Debian: apt-get install -y nginx wrk) and `taskset` (util-linux).
+
+`--instructions N` instead counts nhigate's user-space instructions per request over
+N sequential requests under valgrind's callgrind: slow (minutes) but deterministic,
+the number to compare two versions with on a machine other jobs keep busy.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -259,13 +264,13 @@ def serve_nhigate(upstream_port: int, port: int, admin_port: int, grants: int, a
 
 
 def start_nhigate(
-    up_port: int, port: int, admin: int, grants: int, audit: str
+    up_port: int, port: int, admin: int, grants: int, audit: str, wrapper: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[str], str]:
     """An nhigate child process pinned to the proxy CPU; returns it and its valid token."""
     serve = [str(up_port), str(port), str(admin), audit]
     process = subprocess.Popen(
         [
-            *("taskset", "-c", PROXY_CPU, sys.executable, __file__),
+            *("taskset", "-c", PROXY_CPU, *wrapper, sys.executable, __file__),
             *("--grants", str(grants), "--serve-nhigate", *serve),
         ],
         stdout=subprocess.PIPE,
@@ -304,6 +309,64 @@ class MetricsScraper:
             self.scrapes += 1
 
 
+def sequential_requests(port: int, token: str, count: int) -> int:
+    """Send `count` GETs one after another on one keep-alive connection; returns non-200s."""
+    request = (
+        f"GET /v1/items/123 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    failed = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        for _ in range(count):
+            sock.sendall(request)
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("proxy closed the connection")
+                data += chunk
+                head, sep, body = data.partition(b"\r\n\r\n")
+                if sep:
+                    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                    if len(body) >= (int(length.group(1)) if length else 0):
+                        break
+            failed += not data.startswith(b"HTTP/1.1 200")
+    return failed
+
+
+def count_instructions(workdir: Path, up_port: int, grants: int, count: int) -> dict[str, Any]:
+    """User-space instructions per proxied request of nhigate, under valgrind's callgrind.
+
+    Deterministic (it does not move with the machine's load, unlike time): the proxy
+    runs under callgrind, serves 50 warm-up requests, its counters are zeroed, then
+    `count` sequential requests on one connection are counted. Kernel work (socket
+    syscalls) is not included. Needs `valgrind` (Debian: apt-get install -y valgrind).
+    """
+    out = workdir / "callgrind.out"
+    port, admin = free_port(), free_port()
+    wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p")
+    process, token = start_nhigate(up_port, port, admin, grants, os.devnull, wrapper)
+    try:
+        wait_port(port, timeout=600)
+        sequential_requests(port, token, 50)
+        control = shutil.which("callgrind_control") or "callgrind_control"
+        subprocess.run([control, "-z", str(process.pid)], check=True, capture_output=True)
+        failed = sequential_requests(port, token, count)
+        subprocess.run([control, "-d", str(process.pid)], check=True, capture_output=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    dump = next(workdir.glob("callgrind.out.*.1"))
+    totals = re.search(r"^totals:\s+(\d+)", dump.read_text(), re.M)
+    assert totals is not None
+    per_request = int(totals.group(1)) / count
+    print(
+        f"nhigate user-space instructions per request (callgrind, {count} requests): "
+        f"{per_request:,.0f}; non-200: {failed}"
+    )
+    return {"instructions_per_request": per_request, "requests": count, "non200": failed}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per run")
@@ -311,11 +374,32 @@ def main() -> int:
     parser.add_argument("--grants", type=int, default=1000)
     parser.add_argument("--connections", default="1,32")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="instead: count nhigate's instructions per request over N requests (callgrind)",
+    )
     parser.add_argument("--serve-nhigate", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_nhigate:
         up, port, admin, audit = args.serve_nhigate
         serve_nhigate(int(up), int(port), int(admin), args.grants, audit)
+        return 0
+    if args.instructions:
+        with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp:
+            up_port = free_port()
+            upstream = start_nginx(
+                Path(tmp), "upstream", UPSTREAM_BODY.format(port=up_port), LOAD_CPU
+            )
+            try:
+                wait_port(up_port)
+                counted = count_instructions(Path(tmp), up_port, args.grants, args.instructions)
+            finally:
+                upstream.terminate()
+                upstream.wait(timeout=10)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"benchmark": "proxy", **counted}, indent=2) + "\n")
         return 0
     connections = [int(c) for c in args.connections.split(",")]
     processes: list[subprocess.Popen[Any]] = []
