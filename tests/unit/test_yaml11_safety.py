@@ -39,7 +39,7 @@ Yaml11Loader.add_implicit_resolver(
 
 
 def _load_all(text: str, loader: type[yaml.SafeLoader]) -> list[Any]:
-    return list(yaml.load_all(text, Loader=loader))  # noqa: S506 - both loaders are SafeLoaders
+    return list(yaml.load_all(text, Loader=loader))
 
 
 def test_the_yaml11_loader_really_reads_bare_y_as_a_boolean() -> None:
