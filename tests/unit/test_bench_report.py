@@ -218,6 +218,8 @@ def test_missed_targets_are_marked_missed() -> None:
         if row["case"] == "nhigate":
             row["rps_per_core_vs_nginx"] = 0.10
             row["added_p99_ms"] = 2.5
+    ten_k = results["parts"]["decide"]["result"]["cases"][2]
+    ten_k.update(reload_packed_ms=1300.0, reload_packed_cpu_ms=600.0)
     results["parts"]["reconcile"] = ok(
         {
             "grants": 1000,
@@ -235,6 +237,9 @@ def test_missed_targets_are_marked_missed() -> None:
     targets = by_name(report.targets(results))
     assert targets["authorised req/s per core vs nginx (1 conn)"].met is False
     assert targets["added p99 latency at 1 connection"].met is False
+    reload = targets["reload of 10k grants (ConfigMap: gunzip + decode + compile)"]
+    assert reload.met is False
+    assert reload.measured == "600 ms CPU (1300 ms wall)"
     enforced = targets["1000 grants Accepted and Enforced"]
     assert enforced.met is False
     assert "700 enforced" in enforced.measured
