@@ -22,6 +22,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ class Part:
     limit_s: float
     json_path: Path | None
     """None when the command prints a table instead (token_bench)."""
+    runs: int = 1
+    """Run the command this many times and merge (decide: per-call timings are noisy)."""
 
 
 def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
@@ -71,7 +74,13 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
     reconcile += ["--timeout", "120" if quick else "300"]
     return [
         Part("proxy", [*proxy, "--json", str(raw / "proxy.json")], 900, raw / "proxy.json"),
-        Part("decide", [*decide, "--json", str(raw / "decide.json")], 600, raw / "decide.json"),
+        Part(
+            "decide",
+            [*decide, "--json", str(raw / "decide.json")],
+            900,
+            raw / "decide.json",
+            runs=repeat,
+        ),
         Part("token", token, 300, None),
         Part("scale", [*scale, "--json", str(raw / "scale.json")], 1200, raw / "scale.json"),
         Part(
@@ -109,6 +118,29 @@ def parse_token_table(stdout: str) -> dict[str, Any]:
     return {"benchmark": "token", "columns": columns, "rows": rows}
 
 
+def merge_decide(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several decide_bench results -> one: per case the median of each latency statistic,
+    the best (minimum) of each build/reload timing, and every run's p99 kept."""
+    merged = dict(runs[0])
+    cases = []
+    for i, first in enumerate(runs[0]["cases"]):
+        same = [run["cases"][i] for run in runs]
+        row = dict(first)
+        for key in first:
+            values = [r[key] for r in same if isinstance(r.get(key), int | float)]
+            if len(values) != len(same) or key == "grants":
+                continue
+            if key.endswith("_us") or key == "allowed_fraction":
+                row[key] = statistics.median(values)
+            elif key.endswith("_ms"):
+                row[key] = min(values)
+        row["p99_us_runs"] = [r["p99_us"] for r in same]
+        cases.append(row)
+    merged["cases"] = cases
+    merged["runs"] = len(runs)
+    return merged
+
+
 def relative(arg: str) -> str:
     """`arg` with the checkout's absolute path dropped, so commands read as run from it."""
     return arg.removeprefix(f"{ROOT}/")
@@ -121,32 +153,44 @@ def run_part(part: Part, logs: Path) -> dict[str, Any]:
         "command": [shlex.quote(relative(arg)) for arg in part.command],
         "load_before": list(os.getloadavg()),
     }
+    log.write_text("")
     started = time.monotonic()
-    print(f"==> {part.name}: {' '.join(entry['command'])}", flush=True)
+    runs = f" ({part.runs} runs, merged)" if part.runs > 1 else ""
+    print(f"==> {part.name}: {' '.join(entry['command'])}{runs}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        proc = subprocess.run(
-            part.command,
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=part.limit_s,
-            check=False,
-        )
-        log.write_text(proc.stdout + ("\n--- stderr ---\n" + proc.stderr if proc.stderr else ""))
+        outputs: list[dict[str, Any]] = []
+        for _ in range(part.runs):
+            proc = subprocess.run(
+                part.command,
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=part.limit_s / part.runs,
+                check=False,
+            )
+            stderr = "\n--- stderr ---\n" + proc.stderr if proc.stderr else ""
+            with log.open("a") as out:
+                out.write(proc.stdout + stderr)
+            if proc.returncode != 0 or part.json_path is None:
+                break
+            outputs.append(json.loads(part.json_path.read_text()))
         if proc.returncode != 0:
             entry.update(status="failed", error=(proc.stderr or proc.stdout)[-2000:])
         elif part.json_path is not None:
-            entry.update(status="ok", result=json.loads(part.json_path.read_text()))
+            result = outputs[0] if len(outputs) == 1 else merge_decide(outputs)
+            part.json_path.write_text(json.dumps(result, indent=2) + "\n")
+            entry.update(status="ok", result=result, runs=len(outputs))
         else:
             entry.update(status="ok", result=parse_token_table(proc.stdout))
             (logs.parent / "raw" / f"{part.name}.json").write_text(
                 json.dumps(entry["result"], indent=2) + "\n"
             )
     except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-        log.write_text(out or "")
+        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        with log.open("a") as out:
+            out.write(partial)
         entry.update(status="timeout", error=f"no result within {part.limit_s:.0f} s")
     except (OSError, ValueError) as exc:
         entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -311,3 +311,17 @@ def test_token_table_is_parsed_into_rows() -> None:
 def test_token_table_with_unknown_columns_is_refused() -> None:
     with pytest.raises(ValueError, match="header"):
         run.parse_token_table("alg  something else\nRS256 1 2\n")
+
+
+def test_decide_runs_merge_to_median_latency_and_best_build_time() -> None:
+    def one(p99: float, reload_ms: float) -> dict[str, Any]:
+        case = {"case": "spread", "grants": 10_000, "p50_us": p99 / 5, "p99_us": p99}
+        return {"python": "3.11", "cases": [{**case, "reload_ms": reload_ms}]}
+
+    merged = run.merge_decide([one(15.0, 700.0), one(90.0, 600.0), one(17.0, 650.0)])
+    (row,) = merged["cases"]
+    assert merged["runs"] == 3
+    assert row["grants"] == 10_000
+    assert row["p99_us"] == 17.0  # the preempted run (90 µs) does not decide the figure
+    assert row["p99_us_runs"] == [15.0, 90.0, 17.0]
+    assert row["reload_ms"] == 600.0
