@@ -47,7 +47,7 @@ from nhigate.policy import (
     compile_policy,
     make_document,
 )
-from nhigate.proxy.app import STATE, ProxyState, create_app
+from nhigate.proxy.app import STATE, ProxyRunner, ProxyState, create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
@@ -474,7 +474,8 @@ class ProxyThread:
             **self._app_options,
         )
         self.app = app
-        runner = web.AppRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
+        # The production runner (server.py): requests go straight to the pipeline.
+        runner = ProxyRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

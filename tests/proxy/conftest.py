@@ -37,6 +37,7 @@ from nhigate.proxy.app import ProxyRunner, create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
+from nhigate.proxy.rejects import rejected_request_audit
 from nhigate.proxy.settings import ProxySettings, Upstream
 
 ISSUER = "https://issuer.test"
@@ -228,7 +229,7 @@ async def start_proxy(
     sink = io.BytesIO()
     audit = AuditLog(sink)
     app = create_app(settings, holder=holder, metrics=metrics, audit=audit, clock=clock)
-    runner = ProxyRunner(app, access_log=None, shutdown_timeout=2.0)
+    runner = ProxyRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
