@@ -675,7 +675,12 @@ def _commands(results: JSON) -> list[str]:
     for name, entry in (results.get("parts") or {}).items():
         status = entry.get("status")
         took = entry.get("seconds")
-        lines.append(f"# {name}: {status} in {took:.0f} s" if took is not None else f"# {name}")
+        load = ""
+        if entry.get("load_before") and entry.get("load_after"):
+            load = f", load {entry['load_before'][0]:.1f} -> {entry['load_after'][0]:.1f}"
+        lines.append(
+            f"# {name}: {status} in {took:.0f} s{load}" if took is not None else f"# {name}"
+        )
         lines.append(" ".join(entry.get("command") or []))
     lines += ["```", ""]
     return lines

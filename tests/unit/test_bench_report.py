@@ -70,6 +70,8 @@ def ok(result: dict[str, Any]) -> dict[str, Any]:
         "status": "ok",
         "command": [".venv/bin/python", "bench/x.py"],
         "seconds": 12.0,
+        "load_before": [0.5, 0.4, 0.3],
+        "load_after": [1.5, 1.0, 0.7],
         "result": result,
     }
 
@@ -274,6 +276,7 @@ def test_write_report_renders_markdown_and_every_plot(tmp_path: Path) -> None:
         "_Not measured: timeout: no result within 900 s_",
         ".venv/bin/python bench/run.py --quick",
         "# reconcile: timeout in 900 s",
+        "# proxy: ok in 12 s, load 0.5 -> 1.5",
     ):
         assert needle in text, needle
 
