@@ -9,7 +9,7 @@ A part that fails or times out is recorded with its error and the run goes on. E
 output is kept in OUT/logs/<part>.log and its JSON in OUT/raw/<part>.json.
 
 OUT defaults to bench/out/ (git-ignored). `--quick` runs a reduced version for development
-(a few minutes); the full run takes about 20 minutes on 2 cores. Needs nginx and wrk (Debian
+(a few minutes); the full run takes about 10-15 minutes on 2 cores. Needs nginx and wrk (Debian
 packages) and the control-plane binaries (hack/build-control-plane.sh, cached once built).
 """
 
