@@ -262,7 +262,12 @@ def versions() -> dict[str, str]:
         text=True,
         check=False,
     )
-    out["nhigate commit"] = commit.stdout.strip() or "unknown"
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "src"], check=False
+    )
+    out["nhigate commit"] = (commit.stdout.strip() or "unknown") + (
+        " + uncommitted changes in src/" if dirty.returncode == 1 else ""
+    )
     return out
 
 
