@@ -41,13 +41,14 @@ class ResourceError(ValueError):
     """A resource file could not be read or a resource in it is invalid."""
 
 
-class _StringTimestampLoader(yaml.SafeLoader):
-    """SafeLoader that keeps timestamps as strings, as the API server receives them (JSON)."""
+class _StringTimestampLoader(yaml.CSafeLoader):
+    """The safe loader (libyaml's, ~10x faster on 10k grants) keeping timestamps as strings,
+    as the API server receives them (JSON)."""
 
 
 _StringTimestampLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    for first, resolvers in yaml.CSafeLoader.yaml_implicit_resolvers.items()
 }
 
 
