@@ -4,9 +4,11 @@ Fail closed and strict: a Bearer JWS from a configured issuer, checked with
 that issuer's JWKS (never with keys a token points at), allowed algorithms
 only, claims checked against the issuer's audiences, skew and lifetime cap.
 
-Verified tokens are cached (keyed by SHA-256 of the raw token, bounded LRU)
-until they expire or their issuer's keys change. A cache hit re-checks the
-token's time window; revocations and grants are checked per request later by
+Verified tokens are cached (keyed by the raw token string itself, an LRU bounded
+by entry count and by total token bytes) until they expire or their issuer's keys
+change: a lookup hashes the token with Python's keyed string hash (SipHash,
+randomised per process) instead of a SHA-256, and a hit compares it in full. A cache
+hit re-checks the token's time window; revocations and grants are checked per request later by
 `decide()`, so a cached token is still revocable.
 
 JWKS refresh on an unknown `kid` is rate-limited per issuer and shared by
@@ -23,7 +25,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from hashlib import sha256
 
 import aiohttp
 
@@ -48,6 +49,8 @@ MAX_KEYS_TRIED = 4
 """A token without `kid` is tried against at most this many keys (bounds CPU per request)."""
 JWKS_FETCH_TIMEOUT = 5.0
 _MAX_HEADER_LENGTH = MAX_TOKEN_BYTES + 64
+CACHE_TOKEN_BYTES = 16 * 1024 * 1024
+"""The cached tokens' total length is kept under this (the entry count is bounded too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,17 +148,22 @@ class Authenticator:
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
         cache_size: int = 10_000,
+        cache_bytes: int = CACHE_TOKEN_BYTES,
         min_refresh_interval: float = 10.0,
         refresh_interval: float = 300.0,
         jwks_timeout: float = JWKS_FETCH_TIMEOUT,
     ) -> None:
         """`clock` gives epoch seconds (token times and refresh rate limits use it);
         `refresh_interval` is the scheduled JWKS refresh period once `start()` ran;
-        `jwks_timeout` bounds one JWKS fetch."""
+        `jwks_timeout` bounds one JWKS fetch; the token cache holds at most `cache_size`
+        tokens of at most `cache_bytes` characters in all."""
         self.stats = AuthnStats()
         self._clock = clock
         self._cache_size = max(0, cache_size)
-        self._cache: OrderedDict[bytes, _CacheEntry] = OrderedDict()
+        self._cache_bytes = max(0, cache_bytes)
+        self._cache: OrderedDict[str, _CacheEntry] = OrderedDict()
+        """Verified tokens, keyed by the token itself (least recently used first)."""
+        self._cached_bytes = 0
         self._min_refresh_interval = min_refresh_interval
         self._refresh_interval = refresh_interval
         self._jwks_timeout = jwks_timeout
@@ -276,19 +284,38 @@ class Authenticator:
             return _EMPTY
         if not token.isascii():
             return _NOT_ASCII
-        digest = sha256(token.encode("ascii")).digest()
-        entry = self._cache.get(digest)
+        entry = self._cache.get(token)
         if entry is not None:
             now = self._clock()
             if entry[3].generation == entry[4] and entry[1] <= now < entry[2]:
-                self._cache.move_to_end(digest)
+                self._cache.move_to_end(token)
                 self.stats.cache_hits += 1
                 return entry[0]
-            del self._cache[digest]  # expired or keys changed: verify afresh for the exact reason
+            self._uncache(token)  # expired or keys changed: verify afresh for the exact reason
         self.stats.cache_misses += 1
-        return await self._verify(token, digest)
+        return await self._verify(token)
 
-    async def _verify(self, token: str, digest: bytes) -> Identity | AuthnFailure:
+    def _uncache(self, token: str) -> None:
+        del self._cache[token]
+        self._cached_bytes -= len(token)
+
+    def _cache_token(self, token: str, entry: _CacheEntry) -> None:
+        """Remember a verified token, evicting the least recently used over either bound."""
+        size = len(token)
+        if size > self._cache_bytes:
+            return
+        cache = self._cache
+        if token in cache:  # verified twice concurrently: keep the newer entry
+            self._uncache(token)
+        while cache and (
+            len(cache) >= self._cache_size or self._cached_bytes + size > self._cache_bytes
+        ):
+            evicted, _ = cache.popitem(last=False)
+            self._cached_bytes -= len(evicted)
+        cache[token] = entry
+        self._cached_bytes += size
+
+    async def _verify(self, token: str) -> Identity | AuthnFailure:
         try:
             parsed = parse_token(token)
         except TokenError as exc:
@@ -310,14 +337,15 @@ class Authenticator:
                 first_failure = first_failure or result
                 continue
             if self._cache_size and not state.retired:
-                if len(self._cache) >= self._cache_size:
-                    self._cache.popitem(last=False)
-                self._cache[digest] = (
-                    result.identity,
-                    result.not_before,
-                    result.expires_at,
-                    state,
-                    state.generation,
+                self._cache_token(
+                    token,
+                    (
+                        result.identity,
+                        result.not_before,
+                        result.expires_at,
+                        state,
+                        state.generation,
+                    ),
                 )
             return result.identity
         assert first_failure is not None
@@ -455,9 +483,9 @@ class Authenticator:
     def _evict_stale(self) -> None:
         """Drop cache entries whose issuer was retired or whose keys changed."""
         stale = [
-            digest
-            for digest, (_, _, _, state, generation) in self._cache.items()
+            token
+            for token, (_, _, _, state, generation) in self._cache.items()
             if state.generation != generation
         ]
-        for digest in stale:
-            del self._cache[digest]
+        for token in stale:
+            self._uncache(token)
