@@ -47,7 +47,7 @@ from nhigate.policy import (
     normalise_path,
 )
 from nhigate.policy.document import ServiceConfig, UpstreamCredential
-from nhigate.proxy.audit import AuditEvent, AuditLog
+from nhigate.proxy.audit import AuditLog, audit_line
 from nhigate.proxy.forward import (
     RequestBody,
     UpstreamPool,
@@ -582,22 +582,22 @@ class ProxyHandler:
         elapsed = time.perf_counter() - ex.started
         state = self.state
         policy = ex.policy
-        state.audit.write(
-            AuditEvent(
-                time=ex.now,
-                request_id=ex.request_id,
-                decision=decision,
-                reason=reason.value,
-                method=ex.method,
-                path=ex.path,
-                upstream=self._upstream_url,
-                status=status,
-                duration_ms=elapsed * 1000.0,
-                policy_version=policy.version if policy is not None else None,
-                identity=ex.identity,
-                grant=grant,
-                detail=detail,
-                tenant=ex.tenant,
+        state.audit.write_line(
+            audit_line(
+                ex.now,
+                ex.request_id,
+                decision,
+                reason.value,
+                ex.method,
+                ex.path,
+                self._upstream_url,
+                status,
+                elapsed * 1000.0,
+                policy.version if policy is not None else None,
+                ex.identity,
+                grant,
+                detail,
+                ex.tenant,
             )
         )
         state.metrics.observe_request(decision, reason.value, grant, elapsed)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import queue
 import sys
 import threading
+import time as _time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -27,7 +29,89 @@ from nhigate.policy.model import Identity
 
 log = logging.getLogger(__name__)
 
-_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
+_MAX_FAST_TIME = 253402300799.0
+"""9999-12-31T23:59:59Z: later (or negative, or non-finite) times take the datetime path."""
+
+_second_cache: list[tuple[int, str]] = [(-1, "")]
+
+
+def format_time(t: float) -> str:
+    """`t` (epoch seconds) as RFC 3339 UTC, exactly as orjson writes `datetime.fromtimestamp(t,
+    UTC)` with `OPT_UTC_Z`: microseconds rounded half-even, omitted when zero.
+
+    The date and time of day are formatted once per second and reused.
+    """
+    if not 0.0 <= t < _MAX_FAST_TIME:
+        return orjson.dumps(datetime.fromtimestamp(t, UTC), option=orjson.OPT_UTC_Z)[1:-1].decode()
+    frac, whole = math.modf(t)
+    seconds = int(whole)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        seconds += 1
+        micros -= 1_000_000
+    cached_second, prefix = _second_cache[0]
+    if cached_second != seconds:
+        prefix = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds))
+        _second_cache[0] = (seconds, prefix)
+    if micros:
+        return f"{prefix}.{micros:06d}Z"
+    return prefix + "Z"
+
+
+_identity_cache: list[tuple[Identity | None, dict[str, str] | None]] = [(None, None)]
+
+
+def _identity_record(identity: Identity | None) -> dict[str, str] | None:
+    # Identities are immutable and a cached token yields the same object on every hit:
+    # remember the last one's record (orjson only reads it).
+    if identity is None:
+        return None
+    cached, record = _identity_cache[0]
+    if cached is not identity or record is None:
+        record = {"issuer": identity.issuer, "subject": identity.subject, "kind": identity.kind}
+        _identity_cache[0] = (identity, record)
+    return record
+
+
+def audit_line(
+    time: float,
+    request_id: str,
+    decision: str,
+    reason: str,
+    method: str,
+    path: str,
+    upstream: str,
+    status: int,
+    duration_ms: float,
+    policy_version: str | None,
+    identity: Identity | None = None,
+    grant: str | None = None,
+    detail: str | None = None,
+    tenant: str | None = None,
+    peer: str | None = None,
+) -> bytes:
+    """One audit record (the fields of `AuditEvent`, in its order) as one JSON line."""
+    record: dict[str, Any] = {
+        "time": format_time(time),
+        "request_id": request_id,
+        "decision": decision,
+        "reason": reason,
+        "identity": _identity_record(identity),
+        "grant": grant,
+        "method": method,
+        "path": path,
+        "upstream": upstream,
+        "status": status,
+        "duration_ms": round(duration_ms * 1000.0) / 1000.0,
+        "policy_version": policy_version,
+    }
+    if detail is not None:
+        record["detail"] = detail
+    if tenant is not None:
+        record["tenant"] = tenant
+    if peer is not None:
+        record["peer"] = peer
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
 @dataclass(slots=True)
@@ -52,30 +136,23 @@ class AuditEvent:
 
     def to_json(self) -> bytes:
         """The record as one JSON line."""
-        identity = self.identity
-        record: dict[str, Any] = {
-            "time": datetime.fromtimestamp(self.time, UTC),
-            "request_id": self.request_id,
-            "decision": self.decision,
-            "reason": self.reason,
-            "identity": None
-            if identity is None
-            else {"issuer": identity.issuer, "subject": identity.subject, "kind": identity.kind},
-            "grant": self.grant,
-            "method": self.method,
-            "path": self.path,
-            "upstream": self.upstream,
-            "status": self.status,
-            "duration_ms": round(self.duration_ms, 3),
-            "policy_version": self.policy_version,
-        }
-        if self.detail is not None:
-            record["detail"] = self.detail
-        if self.tenant is not None:
-            record["tenant"] = self.tenant
-        if self.peer is not None:
-            record["peer"] = self.peer
-        return orjson.dumps(record, option=_OPTIONS)
+        return audit_line(
+            self.time,
+            self.request_id,
+            self.decision,
+            self.reason,
+            self.method,
+            self.path,
+            self.upstream,
+            self.status,
+            self.duration_ms,
+            self.policy_version,
+            self.identity,
+            self.grant,
+            self.detail,
+            self.tenant,
+            self.peer,
+        )
 
 
 class AuditLog:
@@ -123,7 +200,10 @@ class AuditLog:
 
     def write(self, event: AuditEvent) -> None:
         """Queue one record."""
-        line = event.to_json()
+        self.write_line(event.to_json())
+
+    def write_line(self, line: bytes) -> None:
+        """Queue one record already serialised by `audit_line`."""
         self._batch.append(line)
         self._batch_bytes += len(line)
         self.records += 1
