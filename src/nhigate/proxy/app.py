@@ -29,11 +29,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, web, web_protocol
 
 from nhigate.policy import (
     Decision,
@@ -702,6 +702,15 @@ def create_app(
     return app
 
 
+RefusalAudit = Callable[[web.BaseRequest, web.StreamResponse, float], None]
+"""Writes the audit record of a request aiohttp's HTTP parser refused (`rejects.py`)."""
+
+_PARSER_ERROR_MESSAGE = getattr(web_protocol, "ERROR", None)
+"""The placeholder message aiohttp builds a request from when its parser refused the bytes."""
+
+_REFUSED_AT: web.RequestKey[float] = web.RequestKey("nhigate_refused_at", float)
+
+
 class ProxyRunner(web.AppRunner):
     """Runs a `create_app()` application with the pipeline as the HTTP server's handler.
 
@@ -711,13 +720,57 @@ class ProxyRunner(web.AppRunner):
     every method and target itself (and answers `Expect: 100-continue` only once the
     request is authorised). Startup/cleanup contexts, runner options and graceful
     shutdown are aiohttp's own. A plain `web.AppRunner` still works, through the router.
+
+    Given `rejects.rejected_request_audit(app)`'s options, requests the HTTP parser refused
+    are audited from their own request class instead of by an access logger, which aiohttp
+    would call for every request.
     """
 
     async def _make_server(self) -> web.Server:
+        refusal_audit: RefusalAudit | None = getattr(
+            self._kwargs.get("access_log_class"), "audit_refusal", None
+        )
+        if refusal_audit is not None and _PARSER_ERROR_MESSAGE is not None:
+            self._kwargs["access_log"] = None  # the request factory below audits refusals
+        else:
+            refusal_audit = None
         server = await super()._make_server()
         # The application's request factory still builds every request: a `web.Request`.
         server.request_handler = self.app[PIPELINE].handle  # type: ignore[assignment]
+        if refusal_audit is not None:
+            server.request_factory = _refusal_auditing_factory(self.app, refusal_audit)
         return server
+
+
+def _refusal_auditing_factory(
+    app: web.Application, audit: RefusalAudit
+) -> Callable[..., web.BaseRequest]:
+    """The application's request factory, building parser refusals as `RefusedRequest`s."""
+    make_request = app._make_request
+    error_message: Any = _PARSER_ERROR_MESSAGE
+    loop_time = asyncio.get_running_loop().time
+
+    class RefusedRequest(web.Request):
+        """A request the HTTP parser refused: preparing its (400) response audits it."""
+
+        async def _prepare_hook(self, response: web.StreamResponse) -> None:
+            await super()._prepare_hook(response)
+            audit(self, response, loop_time() - self.get(_REFUSED_AT, loop_time()))
+
+    def request_factory(
+        message: Any,
+        payload: Any,
+        protocol: Any,
+        writer: Any,
+        task: Any,
+    ) -> web.BaseRequest:
+        if message is error_message:
+            request = make_request(message, payload, protocol, writer, task, _cls=RefusedRequest)
+            request[_REFUSED_AT] = loop_time()
+            return request
+        return make_request(message, payload, protocol, writer, task)
+
+    return request_factory
 
 
 def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:
