@@ -131,6 +131,11 @@ class Authenticating(Protocol):
         self, authorization: str | None, spiffe_id: str | None = None
     ) -> Identity | AuthnResult: ...
 
+    def authenticate_now(
+        self, authorization: str | None, spiffe_id: str | None = None
+    ) -> Identity | AuthnResult | None:
+        """The answer when no signature must be checked (e.g. a cached token), else None."""
+
 
 class AssertionSigning(Protocol):
     """The identity-assertion signer interface (`nhigate.proxy.assertion.AssertionSigner`)."""
@@ -284,9 +289,11 @@ class ProxyHandler:
             state.inflight -= 1
 
     async def _pipeline(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
-        path, query = self._target(request, ex)
+        path, query, authorization = self._target(request, ex)
         policy = self._policy(ex)
-        identity = await self._authenticate(request)
+        identity = self._authenticate(request, authorization)
+        if identity is None:  # not in the verified-token cache: check the signature
+            identity = await self._verify(request, authorization)
         ex.identity = identity
         ex.tenant = self._tenant(request, policy.document.service, identity)
         decision = self._authorise(policy, ex, identity, path)
@@ -295,8 +302,9 @@ class ProxyHandler:
 
     # -- stages ----------------------------------------------------------------------------
 
-    def _target(self, request: web.Request, ex: _Exchange) -> tuple[str, str]:
-        """The normalised path and the untouched query of an origin-form request target."""
+    def _target(self, request: web.Request, ex: _Exchange) -> tuple[str, str, str | None]:
+        """The normalised path, the untouched query of an origin-form request target and the
+        one `Authorization` header (None when absent)."""
         raw = request.raw_path
         ex.path = raw[:512]
         if request.method in REJECTED_METHODS:
@@ -304,7 +312,8 @@ class ProxyHandler:
         if not raw.startswith("/") or "#" in raw:
             raise DenyError(Reason.REQUEST_REJECTED, "request target must be origin-form")
         headers = request.headers
-        if len(headers.getall("Authorization", ())) > 1:
+        authorization = headers.getall("Authorization", ())
+        if len(authorization) > 1:
             raise DenyError(Reason.REQUEST_REJECTED, "more than one Authorization header")
         if self._answers_expect and "Expect" in headers and request.version >= HttpVersion11:
             expect = headers.getall("Expect")
@@ -316,7 +325,7 @@ class ProxyHandler:
         except PathRejected as exc:
             raise DenyError(Reason.PATH_REJECTED, exc.reason) from None
         ex.path = path
-        return path, sep + query
+        return path, sep + query, authorization[0] if authorization else None
 
     def _policy(self, ex: _Exchange) -> Policy:
         policy = self.state.holder.current  # this request keeps this object even across a swap
@@ -325,12 +334,25 @@ class ProxyHandler:
         ex.policy = policy
         return policy
 
-    async def _authenticate(self, request: web.Request) -> Identity:
+    def _authenticate(self, request: web.Request, authorization: str | None) -> Identity | None:
+        """The identity when the authenticator can answer at once (e.g. from its
+        verified-token cache), None when the token's signature must be checked."""
         authenticator = self.state.authenticator
         if authenticator is None:
             raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
-        spiffe_id = self._spiffe_id(request) if self._mtls else None
-        result = await authenticator.authenticate(request.headers.get("Authorization"), spiffe_id)
+        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
+        result = authenticator.authenticate_now(authorization, spiffe_id)
+        if result is None or isinstance(result, Identity):
+            return result
+        challenge = _www_authenticate(result.reason)
+        raise DenyError(result.reason, result.detail, extra_headers=challenge)
+
+    async def _verify(self, request: web.Request, authorization: str | None) -> Identity:
+        authenticator = self.state.authenticator
+        if authenticator is None:
+            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
+        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
+        result = await authenticator.authenticate(authorization, spiffe_id)
         if isinstance(result, Identity):
             return result
         challenge = _www_authenticate(result.reason)
@@ -441,6 +463,8 @@ class ProxyHandler:
                 Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
             ) from None
         state.metrics.upstream_duration.observe(time.perf_counter() - sent)
+        if upstream.body is not None and ex.method != "HEAD":
+            return self._respond_buffered(ex, upstream, upstream.body)
         return await self._respond(request, ex, upstream)
 
     def _upstream_headers(
@@ -528,14 +552,20 @@ class ProxyHandler:
             return False
         return any(address in network for network in self._trusted)
 
+    def _respond_buffered(
+        self, ex: _Exchange, upstream: UpstreamResponse, body: bytes
+    ) -> web.StreamResponse:
+        """The response when the whole upstream body arrived with its head (no coroutine)."""
+        headers = filter_response_headers(upstream.headers)  # the response copies the list
+        response = web.Response(status=upstream.status, body=body, headers=headers)
+        self._audit_allowed(ex, upstream.status)
+        return response
+
     async def _respond(
         self, request: web.Request, ex: _Exchange, upstream: UpstreamResponse
     ) -> web.StreamResponse:
+        """Stream the upstream body (or answer a HEAD request) to the caller."""
         headers = filter_response_headers(upstream.headers)  # the response copies the list
-        if upstream.body is not None and ex.method != "HEAD":
-            response = web.Response(status=upstream.status, body=upstream.body, headers=headers)
-            self._audit_allowed(ex, upstream.status)
-            return response
         length = _content_length(upstream.headers)
         stream = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:

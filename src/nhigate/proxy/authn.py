@@ -266,6 +266,23 @@ class Authenticator:
         never rescued by a client certificate); without it, a verified mTLS
         `spiffe_id` is the identity; with neither, `credential_missing`.
         """
+        result = self.authenticate_now(authorization, spiffe_id)
+        if result is not None:
+            return result
+        assert authorization is not None
+        token = authorization.partition(" ")[2].strip(" \t")
+        self.stats.cache_misses += 1
+        return await self._verify(token)
+
+    def authenticate_now(
+        self, authorization: str | None, spiffe_id: str | None = None
+    ) -> Identity | AuthnFailure | None:
+        """`authenticate()`'s answer when it needs no signature check, else None.
+
+        Decides missing or malformed credentials, SPIFFE IDs and bearer tokens in the
+        verified-token cache (their time window and issuer keys re-checked) without a
+        coroutine; None means the token must be verified: await `authenticate()`.
+        """
         if authorization is None:
             if spiffe_id is None:
                 return _MISSING
@@ -292,8 +309,7 @@ class Authenticator:
                 self.stats.cache_hits += 1
                 return entry[0]
             self._uncache(token)  # expired or keys changed: verify afresh for the exact reason
-        self.stats.cache_misses += 1
-        return await self._verify(token)
+        return None
 
     def _uncache(self, token: str) -> None:
         del self._cache[token]

@@ -256,16 +256,21 @@ class _Connection(asyncio.Protocol):
         if self.error is not None:
             raise self.error
 
-    async def wait_head(self) -> None:
-        """Wait for the response head (or an error)."""
-        while not self._head_done:
-            if self.error is not None:
-                raise self.error
-            if self.closed:
-                raise UpstreamUnavailableError("upstream closed the connection")
-            self._waiter = self._loop.create_future()
-            await self._waiter
-            self._waiter = None
+    def head_waiter(self) -> asyncio.Future[None] | None:
+        """None once the response head is in; raises on an error or a closed connection;
+        otherwise a future the next parser event completes (await it, then ask again).
+
+        A future rather than a coroutine: the exchange awaits it directly, one coroutine
+        less per request.
+        """
+        if self._head_done:
+            return None
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise UpstreamUnavailableError("upstream closed the connection")
+        self._waiter = waiter = self._loop.create_future()
+        return waiter
 
     def take_buffered(self) -> bytes:
         """All body bytes received so far."""
@@ -387,13 +392,13 @@ class UpstreamPool:
         self.connections_opened += 1
         return protocol
 
-    async def _acquire(self) -> tuple[_Connection, bool]:
+    def _idle_connection(self) -> _Connection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                return conn, True
-        return await self._connect(), False
+                return conn
+        return None
 
     def release(self, conn: _Connection) -> None:
         """Return a connection after its exchange (kept only if reusable)."""
@@ -408,7 +413,10 @@ class UpstreamPool:
         A streamed `body` (async iterator) must already carry its chunked framing when the
         head says `Transfer-Encoding: chunked`.
         """
-        conn, reused = await self._acquire()
+        conn = self._idle_connection()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect()
         try:
             return await self._exchange(conn, head, body, is_head)
         except UpstreamUnavailableError:
@@ -436,7 +444,9 @@ class UpstreamPool:
                         break
                     transport.write(chunk)
                     await conn.drain()
-            await conn.wait_head()
+            while (waiter := conn.head_waiter()) is not None:
+                await waiter
+                conn._waiter = None
         except BaseException:
             conn.finish()
             raise
