@@ -37,15 +37,14 @@ from aiohttp import HttpVersion11, web, web_protocol
 
 from nhigate.policy import (
     Decision,
-    Facts,
     Identity,
     IssuerConfig,
     PathRejected,
     Policy,
     Reason,
-    decide,
     normalise_path,
 )
+from nhigate.policy.decide import decide_request
 from nhigate.policy.document import ServiceConfig, UpstreamCredential
 from nhigate.proxy.audit import AuditLog, audit_line
 from nhigate.proxy.forward import (
@@ -392,10 +391,7 @@ class ProxyHandler:
         return from_header if mapping.header else from_claim
 
     def _authorise(self, policy: Policy, ex: _Exchange, identity: Identity, path: str) -> Decision:
-        decision = decide(
-            policy,
-            Facts(identity=identity, method=ex.method, path=path, now=ex.now, tenant=ex.tenant),
-        )
+        decision = decide_request(policy, identity, ex.method, path, ex.now, ex.tenant)
         ex.decision = decision
         if not decision.allowed:
             raise DenyError(decision.reason)
