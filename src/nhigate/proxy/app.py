@@ -266,6 +266,9 @@ class ProxyHandler:
         self._scheme = "https" if settings.tls_cert is not None else "http"
         self._request_ids = request_id_source()
         self._owned: tuple[ServiceConfig | None, frozenset[str]] = (None, frozenset())
+        self._last_identity_headers: tuple[
+            Identity | None, Decision | None, list[tuple[str, str]]
+        ] = (None, None, [])
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
@@ -473,11 +476,11 @@ class ProxyHandler:
     ) -> list[tuple[str, str]]:
         assertion = service.identity_assertion
         credential = service.upstream_credential
-        trusted = self._is_trusted(request.remote)
+        peer = request.remote or ""
+        trusted = bool(self._trusted) and self._is_trusted(peer)
         headers = filter_request_headers(
             request.headers.items(), owned=self._owned_headers(service), trusted_peer=trusted
         )
-        peer = request.remote or ""
         forwarded_for = peer
         proto = self._scheme
         host = request.headers.get("Host", "")
@@ -500,10 +503,7 @@ class ProxyHandler:
         if host:
             headers.append(("X-Forwarded-Host", host))
         headers.append((REQUEST_ID, ex.request_id))
-        headers.append((IDENTITY_SUBJECT, safe_header_value(identity.subject)))
-        headers.append((IDENTITY_ISSUER, safe_header_value(identity.issuer)))
-        if decision.grant is not None:
-            headers.append((IDENTITY_GRANT, safe_header_value(decision.grant)))
+        headers.extend(self._identity_headers(identity, decision))
         signer = self.state.signer
         if assertion is not None and signer is not None:
             token = signer.sign(
@@ -513,6 +513,21 @@ class ProxyHandler:
         if credential is not None:
             headers.append((credential.header, self._credential_value(credential)))
         return headers
+
+    def _identity_headers(self, identity: Identity, decision: Decision) -> list[tuple[str, str]]:
+        """`X-Nhigate-Subject/Issuer/Grant`, remembered for the last (identity, decision):
+        both are shared immutable objects while a token stays cached."""
+        last_identity, last_decision, cached = self._last_identity_headers
+        if last_identity is identity and last_decision is decision:
+            return cached
+        values = [
+            (IDENTITY_SUBJECT, safe_header_value(identity.subject)),
+            (IDENTITY_ISSUER, safe_header_value(identity.issuer)),
+        ]
+        if decision.grant is not None:
+            values.append((IDENTITY_GRANT, safe_header_value(decision.grant)))
+        self._last_identity_headers = (identity, decision, values)
+        return values
 
     def _owned_headers(self, service: ServiceConfig) -> frozenset[str]:
         """Lower-case names of the headers the proxy sets for `service` (cached per policy)."""

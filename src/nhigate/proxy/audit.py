@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import queue
 import sys
 import threading
-import time as _time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -29,34 +27,7 @@ from nhigate.policy.model import Identity
 
 log = logging.getLogger(__name__)
 
-_MAX_FAST_TIME = 253402300799.0
-"""9999-12-31T23:59:59Z: later (or negative, or non-finite) times take the datetime path."""
-
-_second_cache: list[tuple[int, str]] = [(-1, "")]
-
-
-def format_time(t: float) -> str:
-    """`t` (epoch seconds) as RFC 3339 UTC, exactly as orjson writes `datetime.fromtimestamp(t,
-    UTC)` with `OPT_UTC_Z`: microseconds rounded half-even, omitted when zero.
-
-    The date and time of day are formatted once per second and reused.
-    """
-    if not 0.0 <= t < _MAX_FAST_TIME:
-        return orjson.dumps(datetime.fromtimestamp(t, UTC), option=orjson.OPT_UTC_Z)[1:-1].decode()
-    frac, whole = math.modf(t)
-    seconds = int(whole)
-    micros = round(frac * 1e6)
-    if micros >= 1_000_000:
-        seconds += 1
-        micros -= 1_000_000
-    cached_second, prefix = _second_cache[0]
-    if cached_second != seconds:
-        prefix = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds))
-        _second_cache[0] = (seconds, prefix)
-    if micros:
-        return f"{prefix}.{micros:06d}Z"
-    return prefix + "Z"
-
+_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
 
 _identity_cache: list[tuple[Identity | None, dict[str, str] | None]] = [(None, None)]
 
@@ -92,7 +63,7 @@ def audit_line(
 ) -> bytes:
     """One audit record (the fields of `AuditEvent`, in its order) as one JSON line."""
     record: dict[str, Any] = {
-        "time": format_time(time),
+        "time": datetime.fromtimestamp(time, UTC),
         "request_id": request_id,
         "decision": decision,
         "reason": reason,
@@ -111,7 +82,7 @@ def audit_line(
         record["tenant"] = tenant
     if peer is not None:
         record["peer"] = peer
-    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    return orjson.dumps(record, option=_OPTIONS)
 
 
 @dataclass(slots=True)

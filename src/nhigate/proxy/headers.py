@@ -102,24 +102,32 @@ def filter_request_headers(
     return [(name, value) for lower, name, value in kept if lower not in named]
 
 
+_RESPONSE_DROPPED_BYTES = frozenset(name.encode("ascii") for name in RESPONSE_DROPPED)
+
+
 def filter_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[Header]:
-    """Upstream response headers to copy to the caller (minus hop-by-hop and `Connection`-named)."""
+    """Upstream response headers to copy to the caller (minus hop-by-hop and `Connection`-named).
+
+    Names are matched as bytes (ASCII case folding; a Latin-1 name can only fold to an
+    ASCII one if it is ASCII), so dropped headers are never decoded.
+    """
     connection: list[str] | None = None
-    kept: list[tuple[str, str, str]] = []
+    kept: list[Header] = []
     for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1")
-        lower = name.lower()
-        if lower in RESPONSE_DROPPED:
-            if lower == "connection":
+        lower = raw_name.lower()
+        if lower in _RESPONSE_DROPPED_BYTES:
+            if lower == b"connection":
                 if connection is None:
                     connection = []
                 connection.append(raw_value.decode("latin-1"))
             continue
-        kept.append((lower, name, raw_value.decode("latin-1")))
+        kept.append((raw_name.decode("latin-1"), raw_value.decode("latin-1")))
     if connection is None:
-        return [(name, value) for _, name, value in kept]
-    named = connection_tokens(connection)
-    return [(name, value) for lower, name, value in kept if lower not in named]
+        return kept
+    named = connection_tokens(connection) - RESPONSE_DROPPED  # those are gone already
+    if not named:  # e.g. `Connection: keep-alive`
+        return kept
+    return [(name, value) for name, value in kept if name.lower() not in named]
 
 
 def safe_header_value(value: str) -> str:

@@ -153,11 +153,16 @@ class ProxyMetrics:
         """Count one decision and its latency (call on the event-loop thread)."""
         key = (decision, reason, grant or "")
         counts = self._request_counts
-        counts[key] = counts.get(key, 0) + 1
+        try:
+            counts[key] += 1
+        except KeyError:
+            counts[key] = 1
         hist = self._durations.get(decision)
         if hist is None:
             hist = self._durations[decision] = LatencyHistogram(_LATENCY_BUCKETS)
-        hist.observe(seconds)
+        # LatencyHistogram.observe, inlined: this runs once per request.
+        hist._counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        hist._sum += seconds
 
     def request_count(self, decision: str, reason: str, grant: str | None = None) -> int:
         """How many requests ended with this decision, reason and grant."""
