@@ -297,9 +297,12 @@ class ProxyHandler:
         if identity is None:  # not in the verified-token cache: check the signature
             identity = await self._verify(request, authorization)
         ex.identity = identity
-        ex.tenant = self._tenant(request, policy.document.service, identity)
+        service = policy.document.service
+        if service.tenant is not None:
+            ex.tenant = self._tenant(request, service, identity)
         decision = self._authorise(policy, ex, identity, path)
-        self._rate_limit(policy.document.service, identity, decision)
+        if decision.rate_limit is not None or service.rate_limit is not None:
+            self._rate_limit(service, identity, decision)
         return await self._forward(request, ex, policy, path, query)
 
     # -- stages ----------------------------------------------------------------------------

@@ -45,6 +45,9 @@ class UpstreamTimeoutError(UpstreamError):
     """No connection or no bytes within the configured time (-> 504)."""
 
 
+_FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
+
+
 class _Connection(asyncio.Protocol):
     """One upstream TCP connection carrying at most one exchange at a time."""
 
@@ -157,9 +160,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        lower = name.lower()
-        if lower == b"content-length" or lower == b"transfer-encoding":
-            self._has_length = True
+        if len(name) in _FRAMING_NAME_LENGTHS:
+            lower = name.lower()
+            if lower == b"content-length" or lower == b"transfer-encoding":
+                self._has_length = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -461,14 +465,10 @@ class UpstreamPool:
 
 def serialise_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
     """The request line and header block, as bytes (header text round-trips the raw bytes)."""
-    parts = [method, " ", target, " HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts.append(name)
-        parts.append(": ")
-        parts.append(value)
-        parts.append("\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("utf-8", "surrogateescape")
+    if not headers:
+        return f"{method} {target} HTTP/1.1\r\n\r\n".encode("utf-8", "surrogateescape")
+    block = "\r\n".join(map(": ".join, headers))
+    return f"{method} {target} HTTP/1.1\r\n{block}\r\n\r\n".encode("utf-8", "surrogateescape")
 
 
 async def chunked(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

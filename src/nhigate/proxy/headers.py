@@ -86,7 +86,7 @@ def filter_request_headers(
     """
     dropped = _ALWAYS_DROPPED if trusted_peer else _DROPPED_UNTRUSTED
     connection: list[str] | None = None
-    kept: list[tuple[str, str, str]] = []
+    kept: list[Header] = []
     for name, value in headers:
         lower = name.lower()
         if lower in dropped or lower in owned or lower.startswith(_OWNED_PREFIXES):
@@ -95,11 +95,11 @@ def filter_request_headers(
                     connection = []
                 connection.append(value)
             continue
-        kept.append((lower, name, value))
+        kept.append((name, value))
     if connection is None:
-        return [(name, value) for _, name, value in kept]
+        return kept
     named = connection_tokens(connection)
-    return [(name, value) for lower, name, value in kept if lower not in named]
+    return [(name, value) for name, value in kept if name.lower() not in named]
 
 
 _RESPONSE_DROPPED_BYTES = frozenset(name.encode("ascii") for name in RESPONSE_DROPPED)
