@@ -144,3 +144,32 @@ async def test_hit_path_is_cheap(key: TestKey) -> None:
         await authn.authenticate(header)
     per_call = (time.perf_counter() - start) / rounds
     assert per_call < 50e-6, f"cache hit took {per_call * 1e6:.1f} µs"
+
+
+async def test_cache_is_bounded_by_token_bytes_as_well_as_count(key: TestKey) -> None:
+    # Large tokens must not let the cache grow past its byte budget (memory stays bounded).
+    clock = FakeClock()
+    tokens = [
+        sign(key, {**claims_for(ISS, AUD, now=clock.now), "pad": "x" * 2000, "n": i})
+        for i in range(12)
+    ]
+    budget = 3 * len(tokens[0]) + 10  # room for three of these tokens
+    authn = Authenticator([issuer(key)], clock=clock, cache_size=1000, cache_bytes=budget)
+    for token in tokens:
+        assert isinstance(await authn.authenticate("Bearer " + token), Identity)
+    assert authn.stats.cache_misses == 12
+    # the three most recent are served from the cache; the oldest were evicted
+    for token in tokens[-3:]:
+        assert isinstance(await authn.authenticate("Bearer " + token), Identity)
+    assert authn.stats.cache_hits == 3
+    assert isinstance(await authn.authenticate("Bearer " + tokens[0]), Identity)
+    assert authn.stats.cache_misses == 13
+
+
+async def test_a_token_larger_than_the_byte_budget_is_verified_but_not_cached(key: TestKey) -> None:
+    clock = FakeClock()
+    header = "Bearer " + sign(key, {**claims_for(ISS, AUD, now=clock.now), "pad": "x" * 3000})
+    authn = Authenticator([issuer(key)], clock=clock, cache_bytes=1000)
+    assert isinstance(await authn.authenticate(header), Identity)
+    assert isinstance(await authn.authenticate(header), Identity)
+    assert (authn.stats.cache_misses, authn.stats.cache_hits) == (2, 0)
