@@ -5,11 +5,14 @@ kube-controller-manager once per session; ``namespace`` gives each test a fresh 
 ``crds_installed`` applies every manifest in ``crds/``. Any test that uses ``control_plane``
 (directly or through another fixture) is marked ``cluster`` automatically. If the control plane
 cannot be built or started the test fails with the log tail; it never skips.
+``kube`` is an nhigate KubeClient on it; ``controller`` runs ``nhigate controller`` for the
+test's namespace as a separate process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +28,8 @@ from cluster import (
     start_control_plane,
     stop_control_plane,
 )
+from controller_harness import ControllerProcess
+from nhigate.k8s import KubeClient
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -71,3 +76,26 @@ def crds_installed(control_plane: ControlPlane) -> list[str]:
         return install_crds(control_plane, manifests)
     except ControlPlaneError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+async def kube(control_plane: ControlPlane) -> AsyncIterator[KubeClient]:
+    """nhigate's own Kubernetes client, connected as the control plane's admin."""
+    client = await KubeClient.connect(control_plane.kubeconfig)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def controller(
+    control_plane: ControlPlane, crds_installed: list[str], namespace: str, tmp_path: Path
+) -> Iterator[ControllerProcess]:
+    """`nhigate controller` serving the test's namespace, stopped after the test."""
+    proc = ControllerProcess(control_plane, namespace, tmp_path / "controller.log")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -15,7 +15,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -158,27 +158,6 @@ async def upstream() -> AsyncIterator[int]:
         yield port
     finally:
         await runner.cleanup()
-
-
-@pytest.fixture
-async def kube(control_plane: ControlPlane) -> AsyncIterator[KubeClient]:
-    client = await KubeClient.connect(control_plane.kubeconfig)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-def controller(
-    control_plane: ControlPlane, crds_installed: list[str], namespace: str, tmp_path: Path
-) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(control_plane, namespace, tmp_path / "controller.log")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def apply_examples(cp: ControlPlane, namespace: str) -> set[tuple[str, str]]:

@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -91,27 +91,6 @@ async def upstream() -> AsyncIterator[int]:
         yield port
     finally:
         await runner.cleanup()
-
-
-@pytest.fixture
-def controller(
-    control_plane: ControlPlane, crds_installed: list[str], namespace: str, tmp_path: Path
-) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(control_plane, namespace, tmp_path / "controller.log")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-async def kube(control_plane: ControlPlane) -> AsyncIterator[KubeClient]:
-    client = await KubeClient.connect(control_plane.kubeconfig)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def test_grant_allows_delete_denies_within_a_second(

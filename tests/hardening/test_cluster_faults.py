@@ -160,27 +160,6 @@ async def upstream() -> AsyncIterator[int]:
         await runner.cleanup()
 
 
-@pytest.fixture
-async def kube(control_plane: ControlPlane) -> AsyncIterator[KubeClient]:
-    client = await KubeClient.connect(control_plane.kubeconfig)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
-def controller(
-    control_plane: ControlPlane, crds_installed: list[str], namespace: str, tmp_path: Path
-) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(control_plane, namespace, tmp_path / "controller.log")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
 @dataclass
 class Caller:
     """Calls the proxy as one token subject; remembers every (status, request id)."""

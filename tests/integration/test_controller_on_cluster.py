@@ -12,8 +12,6 @@ import base64
 import gzip
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,27 +62,6 @@ OWNED: list[tuple[ResourceRef, str]] = [
     (SECRETS, "nhigate-api-assertion-key"),
     (CONFIGMAPS, "nhigate-api-assertion-jwks"),
 ]
-
-
-@pytest.fixture
-def controller(
-    control_plane: ControlPlane, crds_installed: list[str], namespace: str, tmp_path: Path
-) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(control_plane, namespace, tmp_path / "controller.log")
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-async def kube(control_plane: ControlPlane) -> AsyncIterator[KubeClient]:
-    client = await KubeClient.connect(control_plane.kubeconfig)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def policy_of(kube: KubeClient, ns: str, ps: str = "api") -> dict[str, Any] | None:
