@@ -222,3 +222,16 @@ async def test_uncompilable_policy_fails_closed(
     assert ready["status"] == "False"
     assert "every request is denied" in ready["message"]
     assert ps["status"]["policyVersion"] == policy(api)["version"]
+
+
+async def test_issuer_with_an_invalid_spec_is_not_ready_with_invalid_spec(
+    api: MemoryApi, controller: Controller
+) -> None:
+    bad = issuer(NS, "weak")
+    bad["spec"]["algorithms"] = ["HS256"]  # never allowed: HMAC with a public key
+    api.put(bad)
+    await controller.reconcile_issuer(NS, "weak")
+    ready = condition(api.objects[("identityissuers", NS, "weak")], "Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "InvalidSpec"
+    assert "spec.algorithms" in ready["message"]

@@ -883,7 +883,7 @@ class Controller:
         except ValidationError as exc:
             message = "invalid spec: " + "; ".join(describe_validation_error(exc))
             await self._write_issuer_status(
-                body, False, c.REASON_INVALID_KEYS, message, known, None
+                body, False, c.REASON_INVALID_SPEC, message, known, None
             )
             return
         interval = _seconds(issuer.spec.refresh_interval)
