@@ -342,3 +342,36 @@ async def test_update_issuers_with_new_uri_fetches(
             assert other.hits >= 1
         finally:
             await authn.close()
+
+
+async def test_each_issuer_is_refreshed_on_its_own_refresh_interval(key_a: TestKey) -> None:
+    # The IdentityIssuer's refreshInterval reaches the proxy through the policy document.
+    clock = FakeClock()
+    async with JwksServer(jwks_for(key_a)) as fast, JwksServer(jwks_for(key_a)) as slow:
+        authn = Authenticator(
+            [
+                config(fast.uri, refresh_interval_seconds=60),
+                config(slow.uri, name="slow", issuer=ISS + "/slow", refresh_interval_seconds=600),
+            ],
+            clock=clock,
+            min_refresh_interval=0.05,
+        )
+        await authn.start()
+        try:
+            assert (fast.hits, slow.hits) == (1, 1)
+            clock.advance(61)  # past the fast issuer's period only
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if fast.hits >= 2:
+                    break
+            await asyncio.sleep(0.2)  # several more schedule ticks
+            assert fast.hits == 2
+            assert slow.hits == 1
+            clock.advance(540)  # now 601 s: the slow issuer is due too
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if slow.hits >= 2:
+                    break
+            assert slow.hits == 2
+        finally:
+            await authn.close()

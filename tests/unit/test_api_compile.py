@@ -135,7 +135,7 @@ def test_issuers_key_sources_and_fetched_keys() -> None:
     jwks = {"keys": [{"kty": "EC", "crv": "P-256", "x": "x", "y": "y", "kid": "1"}]}
     fetched = {"keys": [{"kty": "RSA", "n": "n", "e": "AQAB", "kid": "k8s"}]}
     issuers = [
-        _issuer("ci", jwks=jwks, maxTokenLifetime="15m", clockSkew="250ms"),
+        _issuer("ci", jwks=jwks, maxTokenLifetime="15m", clockSkew="250ms", refreshInterval="10m"),
         _issuer("k8s", kubernetes={}),
         _issuer("unused", jwksUri="https://unused/jwks"),
         _issuer("ci", namespace="elsewhere", jwksUri="https://evil/jwks"),
@@ -147,6 +147,8 @@ def test_issuers_key_sources_and_fetched_keys() -> None:
     assert by_name["ci"].jwks_uri is None
     assert by_name["ci"].max_token_lifetime_seconds == 900
     assert by_name["ci"].clock_skew_seconds == 1
+    assert by_name["ci"].refresh_interval_seconds == 600
+    assert by_name["k8s"].refresh_interval_seconds == 300  # the CRD default, 5m
     assert by_name["k8s"].kubernetes is True
     assert by_name["k8s"].jwks == fetched
 

@@ -119,6 +119,7 @@ def compile_issuer(issuer: IdentityIssuer, fetched_jwks: Mapping[str, Any] | Non
         algorithms=tuple(a.value for a in spec.algorithms),
         max_token_lifetime_seconds=duration_seconds(spec.max_token_lifetime),
         clock_skew_seconds=duration_seconds(spec.clock_skew),
+        refresh_interval_seconds=duration_seconds(spec.refresh_interval),
         jwks=jwks,
         jwks_uri=jwks_uri,
         kubernetes=spec.kubernetes is not None,

@@ -34,6 +34,8 @@ class IssuerConfig:
     jwks: dict[str, object] | None = None
     jwks_uri: str | None = None
     kubernetes: bool = False
+    refresh_interval_seconds: int = 300
+    """How often a proxy re-fetches `jwks_uri` keys (the IdentityIssuer's `refreshInterval`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,6 +159,7 @@ def _issuer_json(iss: IssuerConfig) -> dict[str, Any]:
         "jwks": iss.jwks,
         "jwksUri": iss.jwks_uri,
         "kubernetes": iss.kubernetes,
+        "refreshIntervalSeconds": iss.refresh_interval_seconds,
     }
 
 
@@ -546,6 +547,7 @@ def _issuer(value: object, where: str) -> IssuerConfig:
         "jwks",
         "jwksUri",
         "kubernetes",
+        "refreshIntervalSeconds",
     )
     obj = _obj(value, where, keys)
     algorithms = _str_list(obj, "algorithms", where, empty_ok=False)
@@ -571,6 +573,7 @@ def _issuer(value: object, where: str) -> IssuerConfig:
         jwks=jwks,
         jwks_uri=jwks_uri,
         kubernetes=kubernetes,
+        refresh_interval_seconds=_int(obj, "refreshIntervalSeconds", where, 1, 2**31),
     )
 
 
@@ -748,6 +751,7 @@ def _canonical_issuer(iss: IssuerConfig) -> IssuerConfig:
         jwks=iss.jwks,
         jwks_uri=iss.jwks_uri,
         kubernetes=iss.kubernetes,
+        refresh_interval_seconds=iss.refresh_interval_seconds,
     )
 
 

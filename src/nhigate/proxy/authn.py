@@ -150,11 +150,12 @@ class Authenticator:
         cache_size: int = 10_000,
         cache_bytes: int = CACHE_TOKEN_BYTES,
         min_refresh_interval: float = 10.0,
-        refresh_interval: float = 300.0,
+        refresh_interval: float | None = None,
         jwks_timeout: float = JWKS_FETCH_TIMEOUT,
     ) -> None:
         """`clock` gives epoch seconds (token times and refresh rate limits use it);
-        `refresh_interval` is the scheduled JWKS refresh period once `start()` ran;
+        `refresh_interval` overrides every issuer's own scheduled JWKS refresh period
+        (`IssuerConfig.refresh_interval_seconds`, from its `refreshInterval`);
         `jwks_timeout` bounds one JWKS fetch; the token cache holds at most `cache_size`
         tokens of at most `cache_bytes` characters in all."""
         self.stats = AuthnStats()
@@ -473,9 +474,9 @@ class Authenticator:
         self.stats.jwks_refresh[key] = self.stats.jwks_refresh.get(key, 0) + 1
 
     async def _refresh_loop(self) -> None:
-        """Scheduled refreshes: every `refresh_interval`, and after a failure every
+        """Scheduled refreshes: every issuer's refresh period, and after a failure every
         `min_refresh_interval`, per `jwks_uri` issuer."""
-        tick = max(0.05, min(self._min_refresh_interval, self._refresh_interval))
+        tick = max(0.05, min(self._min_refresh_interval, self._refresh_interval or 1e9))
         while True:
             await asyncio.sleep(tick)
             try:
@@ -491,9 +492,8 @@ class Authenticator:
             last = state.last_attempt
             elapsed = float("inf") if last is None or now < last else now - last
             failing = state.last_error is not None or state.last_success is None
-            if elapsed >= self._refresh_interval or (
-                failing and elapsed >= self._min_refresh_interval
-            ):
+            period = self._refresh_interval or float(state.config.refresh_interval_seconds)
+            if elapsed >= period or (failing and elapsed >= self._min_refresh_interval):
                 self._start_refresh(state)
 
     def _evict_stale(self) -> None:
