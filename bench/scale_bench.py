@@ -44,6 +44,7 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
+from proxy_bench import UPSTREAM_BODY, start_nginx  # bench/ is on sys.path for scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_CPU = "0"
@@ -65,27 +66,6 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout, e.status,
     latency:percentile(50), latency:percentile(99), latency.max))
 end
-"""
-
-UPSTREAM_CONF = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ default_type application/json; return 200 '{{"ok":true}}'; }}
-    }}
-}}
 """
 
 
@@ -154,16 +134,7 @@ def run_wrk(url: str, script: Path, connections: int, duration: float) -> dict[s
 def nginx_upstream(workdir: Path) -> Iterator[int]:
     """A tiny nginx answering 200 on every path, pinned to LOAD_CPU; yields its port."""
     port = free_port()
-    directory = workdir / "upstream"
-    directory.mkdir()
-    conf = directory / "nginx.conf"
-    conf.write_text(UPSTREAM_CONF.format(dir=directory, port=port))
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen(
-        ["taskset", "-c", LOAD_CPU, nginx, "-c", str(conf), "-p", str(directory), "-e", "stderr"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_nginx(workdir, "upstream", UPSTREAM_BODY.format(port=port), LOAD_CPU)
     try:
         wait_until("nginx upstream", lambda: http_status(f"http://127.0.0.1:{port}/") == 200, 10)
         yield port
