@@ -24,11 +24,10 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from nhigate.api.durations import DURATION_PATTERN, parse_duration
-from nhigate.api.validation import Cel, CelRule, SpecModel, StatusModel
+from nhigate.api.validation import CAMEL_CASE, Cel, CelRule, SpecModel, StatusModel
 from nhigate.policy.paths import PathPattern
 
 __all__ = [
@@ -284,14 +283,7 @@ PathPatternText = Annotated[
 class ObjectMeta(BaseModel):
     """The parts of Kubernetes object metadata nhigate reads; other fields are ignored."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = ConfigDict(**CAMEL_CASE, extra="ignore")
 
     name: ResourceName
     namespace: NamespaceName = "default"
@@ -917,14 +909,7 @@ class RevocationStatus(StatusModel):
 class Resource(BaseModel):
     """Common shape of the four custom resources. Unknown top-level fields are ignored."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = ConfigDict(**CAMEL_CASE, extra="ignore")
 
     KIND: ClassVar[str]
     PLURAL: ClassVar[str]

@@ -90,6 +90,16 @@ class Cel:
         return json_schema
 
 
+CAMEL_CASE = ConfigDict(
+    alias_generator=to_camel,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+    frozen=True,
+)
+"""What every API model shares: camelCase on the wire (snake_case in Python), immutable."""
+
+
 def _add_model_rules(schema: dict[str, Any], model: type[Any]) -> None:
     rules: tuple[CelRule, ...] = getattr(model, "cel_rules", ())
     entries = [entry for rule in rules if (entry := rule.as_schema()) is not None]
@@ -104,15 +114,7 @@ class SpecModel(BaseModel):
     checked after field validation and copied into the CRD schema.
     """
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        frozen=True,
-        json_schema_extra=_add_model_rules,
-    )
+    model_config = ConfigDict(**CAMEL_CASE, extra="forbid", json_schema_extra=_add_model_rules)
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = ()
 
@@ -127,11 +129,4 @@ class SpecModel(BaseModel):
 class StatusModel(BaseModel):
     """Base of status parts: like `SpecModel` but ignores fields it does not know."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = ConfigDict(**CAMEL_CASE, extra="ignore")
