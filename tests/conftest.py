@@ -6,7 +6,7 @@ kube-controller-manager once per session; ``namespace`` gives each test a fresh 
 (directly or through another fixture) is marked ``cluster`` automatically. If the control plane
 cannot be built or started the test fails with the log tail; it never skips.
 ``kube`` is an nhigate KubeClient on it; ``controller`` runs ``nhigate controller`` for the
-test's namespace as a separate process.
+test's namespace as a separate process; ``upstream`` is an echoing backend on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from cluster import (
     CRDS_DIR,
@@ -28,7 +29,7 @@ from cluster import (
     start_control_plane,
     stop_control_plane,
 )
-from controller_harness import ControllerProcess
+from controller_harness import ControllerProcess, free_port
 from nhigate.k8s import KubeClient
 
 
@@ -99,3 +100,25 @@ def controller(
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[int]:
+    """A backend on 127.0.0.1 answering every request with its path and the proxy's request id
+    (`{"path", "request_id"}`); yields its port."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"path": request.path, "request_id": request.headers.get("X-Request-Id")}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()

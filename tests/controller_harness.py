@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -308,3 +309,11 @@ async def apply_all(kube: KubeClient, *objects: JSON) -> None:
     """Server-side apply as the test's own field manager."""
     for obj in objects:
         await kube.apply(obj, field_manager="nhigate-tests")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

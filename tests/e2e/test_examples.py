@@ -12,10 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ import aiohttp
 import jwt
 import pytest
 import yaml
-from aiohttp import web
 
 from cluster import REPO_ROOT, ControlPlane
 from controller_harness import (
@@ -32,6 +29,7 @@ from controller_harness import (
     ProxyProcess,
     condition,
     eventually,
+    free_port,
 )
 from nhigate.k8s import (
     CONFIGMAPS,
@@ -100,13 +98,6 @@ def namespace_fields(node: Any) -> list[str]:
     return []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def demo_token(subject: str, claims: dict[str, str], *, jti: str | None = None) -> str:
     """A token from the demo issuer of examples/issuer.yaml (its private key is public)."""
     now = int(time.time())
@@ -138,26 +129,6 @@ def test_every_example_is_applied() -> None:
         for doc in documents(in_namespace(path.read_text(), "t-rewritten")):
             assert doc["metadata"]["namespace"] == "t-rewritten", f"{path} kept its namespace"
             assert set(namespace_fields(doc)) == {"t-rewritten"}, f"{path}: a namespace was kept"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[int]:
-    """The payments backend on 127.0.0.1: echoes the path and the proxy's request id."""
-
-    async def echo(request: web.Request) -> web.Response:
-        body = {"backend": SERVICE, "path": request.path}
-        return web.json_response(body | {"request_id": request.headers.get("X-Request-Id")})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield port
-    finally:
-        await runner.cleanup()
 
 
 def apply_examples(cp: ControlPlane, namespace: str) -> set[tuple[str, str]]:

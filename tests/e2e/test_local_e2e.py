@@ -11,19 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cluster import ControlPlane
@@ -33,6 +30,7 @@ from controller_harness import (
     backend_service,
     condition,
     eventually,
+    free_port,
     protected_service,
     route_grant,
 )
@@ -43,13 +41,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 TRIALS = 20
 AUDIENCE = "nhigate"
 ISSUER_URL = "https://ci.example"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -74,23 +65,6 @@ def token_for(key: ec.EllipticCurvePrivateKey, subject: str) -> str:
     now = int(time.time())
     claims = {"iss": ISSUER_URL, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + 600}
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "e2e"})
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[int]:
-    async def ok(request: web.Request) -> web.Response:
-        return web.json_response({"path": request.path})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield port
-    finally:
-        await runner.cleanup()
 
 
 async def test_grant_allows_delete_denies_within_a_second(

@@ -23,9 +23,8 @@ import json
 import math
 import os
 import signal
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,6 @@ from pathlib import Path
 import aiohttp
 import jwt
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cluster import ControlPlane
@@ -45,6 +43,7 @@ from controller_harness import (
     backend_service,
     condition,
     eventually,
+    free_port,
     protected_service,
     route_grant,
 )
@@ -66,13 +65,6 @@ POLICY_CONFIGMAP = "nhigate-api-policy"
 REPLICA = "faults-0"
 LEASE = f"nhigate-api-{REPLICA}"
 LEAKED_JTI = "leaked-deployer-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rfc3339(epoch: float) -> str:
@@ -139,25 +131,6 @@ def frozen_safely(control_plane: ControlPlane) -> Iterator[int]:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[int]:
-    async def echo(request: web.Request) -> web.Response:
-        return web.json_response(
-            {"path": request.path, "request_id": request.headers.get("X-Request-Id")}
-        )
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield port
-    finally:
-        await runner.cleanup()
 
 
 @dataclass
