@@ -14,6 +14,10 @@
 #   NHIGATE_CP_BIN_DIR    use these binaries instead of building (default: hack/build-control-plane.sh)
 #   NHIGATE_CP_WATCH_PID  stop the control plane automatically when this process exits
 #   NHIGATE_CP_TIMEOUT    seconds to wait for readiness (default 120)
+#   NHIGATE_CP_ADDRESS    address the API server binds, advertises and is reached at (default
+#                         127.0.0.1; hack/node.sh passes its bridge gateway: kubelet and pods
+#                         need a non-loopback endpoint for the `kubernetes` Service)
+#   NHIGATE_CP_SERVICE_CIDR  the Service IP range (default 10.0.0.0/24)
 #
 # Example:  hack/control-plane.sh start && eval "$(hack/control-plane.sh env)" && kubectl get --raw /readyz
 set -euo pipefail
@@ -28,7 +32,10 @@ LOGS="${STATE_DIR}/logs"
 RUN="${STATE_DIR}/run"
 ENV_FILE="${STATE_DIR}/control-plane.env"
 COMPONENTS=(etcd kube-apiserver kube-controller-manager)
-SERVICE_CIDR="10.0.0.0/24"
+ADDRESS="${NHIGATE_CP_ADDRESS:-127.0.0.1}"
+SERVICE_CIDR="${NHIGATE_CP_SERVICE_CIDR:-10.0.0.0/24}"
+# The first address of the range is the `kubernetes` Service's ClusterIP.
+KUBERNETES_SERVICE_IP="$(python3 -c 'import ipaddress, sys; print(ipaddress.ip_network(sys.argv[1])[1])' "${SERVICE_CIDR}")"
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -73,11 +80,14 @@ generate_pki() {
   chmod 600 "${PKI}/ca.key"
   # The API server's serving cert: loopback plus the in-cluster names of the kubernetes Service.
   sign apiserver "/CN=kube-apiserver" \
-    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:::1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:::1,IP:${ADDRESS},IP:${KUBERNETES_SERVICE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   # Client certs: the API server maps CN to the user name and O to groups.
   sign admin "/O=system:masters/CN=nhigate-admin" \
     "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth"
   sign kube-controller-manager "/CN=system:kube-controller-manager" \
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth"
+  # The API server's client cert towards kubelets (logs, exec, port-forward on a real node).
+  sign apiserver-kubelet-client "/O=nhigate:kubelet-api/CN=kube-apiserver-kubelet-client" \
     "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth"
   # Service-account token signing key (the API server signs, the controller manager signs legacy
   # token Secrets, both verify with the public half).
@@ -234,7 +244,7 @@ cmd_start() {
   peer_port="$(free_port)"
   api_port="$(free_port)"
   kcm_port="$(free_port)"
-  local server="https://127.0.0.1:${api_port}"
+  local server="https://${ADDRESS}:${api_port}"
   local etcd_url="http://127.0.0.1:${etcd_port}"
   local issuer="${server}"
 
@@ -250,11 +260,14 @@ cmd_start() {
   wait_for etcd "${etcd_url}/readyz"
 
   launch kube-apiserver "${bin_dir}/kube-apiserver" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="${api_port}" \
+    --bind-address="${ADDRESS}" --advertise-address="${ADDRESS}" --secure-port="${api_port}" \
     --etcd-servers="${etcd_url}" \
     --cert-dir="${STATE_DIR}/apiserver-certs" \
     --tls-cert-file="${PKI}/apiserver.crt" --tls-private-key-file="${PKI}/apiserver.key" \
     --client-ca-file="${PKI}/ca.crt" \
+    --kubelet-client-certificate="${PKI}/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="${PKI}/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
     --authorization-mode=RBAC \
     --service-account-issuer="${issuer}" \
     --service-account-key-file="${PKI}/sa.pub" \
@@ -288,6 +301,8 @@ cmd_start() {
     printf 'NHIGATE_CP_BIN_DIR=%q\n' "${bin_dir}"
     printf 'NHIGATE_CP_STATE_DIR=%q\n' "${STATE_DIR}"
     printf 'NHIGATE_CP_CA_FILE=%q\n' "${PKI}/ca.crt"
+    printf 'NHIGATE_CP_PKI_DIR=%q\n' "${PKI}"
+    printf 'NHIGATE_CP_SERVICE_CIDR=%q\n' "${SERVICE_CIDR}"
     printf 'NHIGATE_CP_SA_ISSUER=%q\n' "${issuer}"
     printf 'NHIGATE_CP_ETCD_URL=%q\n' "${etcd_url}"
     printf 'NHIGATE_CP_KCM_URL=%q\n' "https://127.0.0.1:${kcm_port}"
