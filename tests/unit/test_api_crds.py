@@ -163,3 +163,39 @@ def test_resource_models_are_complete() -> None:
         "RouteGrant",
     ]
     assert all(issubclass(m, Resource) for m in RESOURCE_TYPES)
+
+
+def _undescribed(node: dict[str, Any], path: str) -> Iterator[str]:
+    """Every field (property) under `node` whose schema has no description."""
+    for name, child in node.get("properties", {}).items():
+        field = f"{path}.{name}"
+        if not str(child.get("description", "")).strip():
+            yield field
+        yield from _undescribed(child, field)
+    if isinstance(node.get("items"), dict):
+        yield from _undescribed(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _undescribed(node["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_every_field_has_a_description(kind: str) -> None:
+    """`kubectl explain` prints a field's schema description: none may be empty."""
+    schema = _schema(kind)
+    assert str(schema.get("description", "")).strip(), f"{kind}: the kind has no description"
+    missing = list(_undescribed(schema, kind))
+    assert not missing, f"{len(missing)} fields without a description: {missing}"
+
+
+def test_type_meta_is_described_as_kubernetes_describes_it() -> None:
+    for kind in CRDS:
+        props = _schema(kind)["properties"]
+        assert props["apiVersion"]["description"].startswith("APIVersion defines the versioned")
+        assert props["kind"]["description"].startswith("Kind is a string value representing")
+        assert props["metadata"]["description"].startswith("Standard object's metadata.")
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_every_printer_column_has_a_description(kind: str) -> None:
+    for column in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]:
+        assert str(column.get("description", "")).strip(), f"{kind}: column {column['name']}"

@@ -25,44 +25,101 @@ from nhigate.api.models import (
 CATEGORY = "nhigate"
 
 
-def _ready_column(condition: str, name: str | None = None) -> dict[str, Any]:
+def _ready_column(condition: str, description: str) -> dict[str, Any]:
     return {
-        "name": name or condition,
+        "name": condition,
         "type": "string",
+        "description": description,
         "jsonPath": f'.status.conditions[?(@.type=="{condition}")].status',
     }
 
 
-_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+_AGE = {
+    "name": "Age",
+    "type": "date",
+    "description": "Time since the object was created.",
+    "jsonPath": ".metadata.creationTimestamp",
+}
 
 PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
     "IdentityIssuer": [
-        {"name": "Issuer", "type": "string", "jsonPath": ".spec.issuer"},
-        _ready_column("Ready"),
-        {"name": "Keys", "type": "integer", "jsonPath": ".status.keyCount"},
+        {
+            "name": "Issuer",
+            "type": "string",
+            "description": "The `iss` claim of accepted tokens.",
+            "jsonPath": ".spec.issuer",
+        },
+        _ready_column("Ready", "Keys fetched and parsed."),
+        {
+            "name": "Keys",
+            "type": "integer",
+            "description": "Keys in the last successful fetch.",
+            "jsonPath": ".status.keyCount",
+        },
         _AGE,
     ],
     "ProtectedService": [
-        {"name": "Backend", "type": "string", "jsonPath": ".spec.backend.service"},
-        _ready_column("Ready"),
-        _ready_column("DirectPathBlocked"),
-        {"name": "Enforced", "type": "string", "jsonPath": ".status.enforcedReplicas"},
+        {
+            "name": "Backend",
+            "type": "string",
+            "description": "The backend Service behind the proxy.",
+            "jsonPath": ".spec.backend.service",
+        },
+        _ready_column("Ready", "Everything reconciled and the proxy serving."),
+        _ready_column("DirectPathBlocked", "No path to the backend skips the proxy."),
+        {
+            "name": "Enforced",
+            "type": "string",
+            "description": "Live proxy replicas serving the current policy, out of all.",
+            "jsonPath": ".status.enforcedReplicas",
+        },
         _AGE,
     ],
     "RouteGrant": [
-        {"name": "Target", "type": "string", "jsonPath": ".spec.target.protectedService"},
-        _ready_column("Accepted"),
-        _ready_column("Enforced"),
+        {
+            "name": "Target",
+            "type": "string",
+            "description": "The ProtectedService the grant applies to.",
+            "jsonPath": ".spec.target.protectedService",
+        },
+        _ready_column("Accepted", "The grant is valid and its target exists."),
+        _ready_column("Enforced", "Every proxy replica serves a policy with this grant."),
         # A string, not a date: kubectl prints future dates as "<invalid>".
-        {"name": "Expires", "type": "string", "jsonPath": ".spec.expiresAt"},
+        {
+            "name": "Expires",
+            "type": "string",
+            "description": "When the grant stops allowing anything.",
+            "jsonPath": ".spec.expiresAt",
+        },
         _AGE,
     ],
     "Revocation": [
-        {"name": "Issuer", "type": "string", "jsonPath": ".spec.issuer"},
-        {"name": "Subject", "type": "string", "jsonPath": ".spec.subject"},
-        {"name": "TokenID", "type": "string", "jsonPath": ".spec.tokenId", "priority": 1},
-        {"name": "Until", "type": "string", "jsonPath": ".spec.until"},
-        _ready_column("Accepted"),
+        {
+            "name": "Issuer",
+            "type": "string",
+            "description": "The IdentityIssuer whose subject is revoked.",
+            "jsonPath": ".spec.issuer",
+        },
+        {
+            "name": "Subject",
+            "type": "string",
+            "description": "The revoked `sub` claim.",
+            "jsonPath": ".spec.subject",
+        },
+        {
+            "name": "TokenID",
+            "type": "string",
+            "description": "The revoked token's `jti` claim.",
+            "jsonPath": ".spec.tokenId",
+            "priority": 1,
+        },
+        {
+            "name": "Until",
+            "type": "string",
+            "description": "When the revocation ends (empty: never).",
+            "jsonPath": ".spec.until",
+        },
+        _ready_column("Accepted", "The revocation is valid and what it names exists."),
         _AGE,
     ],
 }
@@ -148,6 +205,12 @@ def _part_schema(model: type[Resource], field: str) -> dict[str, Any]:
     return to_structural(raw, defs, in_status=field == "status")
 
 
+def _field_description(model: type[Resource], field: str) -> str:
+    description = model.model_fields[field].description
+    assert description, f"{model.KIND}.{field} has no description"
+    return description
+
+
 def build_crd(model: type[Resource]) -> dict[str, Any]:
     """The CustomResourceDefinition for one resource model."""
     spec_schema = _part_schema(model, "spec")
@@ -157,9 +220,12 @@ def build_crd(model: type[Resource]) -> dict[str, Any]:
         "description": (model.__doc__ or "").strip(),
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "apiVersion": {
+                "description": _field_description(model, "api_version"),
+                "type": "string",
+            },
+            "kind": {"description": _field_description(model, "kind"), "type": "string"},
+            "metadata": {"description": _field_description(model, "metadata"), "type": "object"},
             "spec": spec_schema,
             "status": status_schema,
         },

@@ -305,18 +305,32 @@ class ConditionStatus(StrEnum):
 class Condition(StatusModel):
     """One status condition (see `nhigate.api.conditions` for types and reasons)."""
 
-    type: Annotated[str, StringConstraints(max_length=316)]
-    status: ConditionStatus
-    reason: Annotated[str, StringConstraints(max_length=1024)] = ""
-    message: Annotated[str, StringConstraints(max_length=32768)] = ""
-    last_transition_time: AwareDatetime | None = None
-    observed_generation: int | None = None
+    type: Annotated[str, StringConstraints(max_length=316)] = Field(
+        description="The condition's type in CamelCase, e.g. `Ready`, `Accepted` or `Enforced`."
+    )
+    status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
+    reason: Annotated[str, StringConstraints(max_length=1024)] = Field(
+        default="",
+        description="A CamelCase, machine-readable reason for the condition's last transition.",
+    )
+    message: Annotated[str, StringConstraints(max_length=32768)] = Field(
+        default="", description="A human-readable explanation of the condition."
+    )
+    last_transition_time: AwareDatetime | None = Field(
+        default=None,
+        description="When `status` last changed (not when the condition was last written).",
+    )
+    observed_generation: int | None = Field(
+        default=None,
+        description="The `metadata.generation` the condition was computed from.",
+    )
 
 
 Conditions = Annotated[
     list[Condition],
     Field(
         max_length=16,
+        description="The latest observations of the object's state, one per condition type.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     ),
 ]
@@ -402,15 +416,25 @@ class Jwk(SpecModel):
 
     model_config = ConfigDict(extra="allow")
 
-    kty: KeyType
-    kid: _JwkValue | None = None
-    use: _JwkValue | None = None
-    alg: _JwkValue | None = None
-    crv: _JwkValue | None = None
-    x: _JwkValue | None = None
-    y: _JwkValue | None = None
-    n: _JwkValue | None = None
-    e: _JwkValue | None = None
+    kty: KeyType = Field(description="Key type (RFC 7517 `kty`): `EC`, `RSA` or `OKP`.")
+    kid: _JwkValue | None = Field(
+        default=None, description="Key ID: matched against a token's `kid` header."
+    )
+    use: _JwkValue | None = Field(default=None, description='Public key use, e.g. "sig".')
+    alg: _JwkValue | None = Field(
+        default=None, description="The algorithm the key is meant for, e.g. ES256."
+    )
+    crv: _JwkValue | None = Field(
+        default=None, description="Curve of an EC or OKP key, e.g. P-256 or Ed25519."
+    )
+    x: _JwkValue | None = Field(
+        default=None, description="EC/OKP public key: x coordinate (base64url)."
+    )
+    y: _JwkValue | None = Field(
+        default=None, description="EC public key: y coordinate (base64url)."
+    )
+    n: _JwkValue | None = Field(default=None, description="RSA public key: modulus (base64url).")
+    e: _JwkValue | None = Field(default=None, description="RSA public key: exponent (base64url).")
     d: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
     p: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
     q: _PrivateMember = Field(default=None, description="Private key material: must be absent.")
@@ -431,7 +455,9 @@ class Jwk(SpecModel):
 class Jwks(SpecModel):
     """An inline JWK Set."""
 
-    keys: list[Jwk] = Field(min_length=1, max_length=64)
+    keys: list[Jwk] = Field(
+        min_length=1, max_length=64, description="The public keys tokens may be signed with."
+    )
 
 
 class KubernetesIssuerSource(SpecModel):
@@ -483,9 +509,15 @@ class IdentityIssuerStatus(StatusModel):
     """What the controller last observed about an issuer."""
 
     conditions: Conditions = []
-    key_count: int | None = None
-    last_refresh_time: AwareDatetime | None = None
-    observed_generation: int | None = None
+    key_count: int | None = Field(
+        default=None, description="How many keys the last successful fetch returned."
+    )
+    last_refresh_time: AwareDatetime | None = Field(
+        default=None, description="When the keys were last fetched and parsed."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The `metadata.generation` this status describes."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,15 +534,19 @@ class BackendRef(SpecModel):
 class ComputeResources(SpecModel):
     """CPU and memory quantities."""
 
-    cpu: Quantity | None = None
-    memory: Quantity | None = None
+    cpu: Quantity | None = Field(default=None, description='CPU, e.g. "250m" or 1.')
+    memory: Quantity | None = Field(default=None, description='Memory, e.g. "128Mi".')
 
 
 class ResourceRequirements(SpecModel):
     """Requests and limits for each proxy container."""
 
-    requests: ComputeResources | None = None
-    limits: ComputeResources | None = None
+    requests: ComputeResources | None = Field(
+        default=None, description="What the scheduler reserves for each proxy container."
+    )
+    limits: ComputeResources | None = Field(
+        default=None, description="The most each proxy container may use."
+    )
 
 
 class ProxyTLS(SpecModel):
@@ -527,10 +563,18 @@ class ProxyTLS(SpecModel):
 class AutoscalingSpec(SpecModel):
     """A HorizontalPodAutoscaler for the proxy Deployment."""
 
-    min_replicas: int = Field(default=2, ge=1, le=100)
-    max_replicas: int = Field(ge=1, le=100)
+    min_replicas: int = Field(
+        default=2, ge=1, le=100, description="The fewest proxy replicas the autoscaler keeps."
+    )
+    max_replicas: int = Field(
+        ge=1, le=100, description="The most proxy replicas the autoscaler may run."
+    )
     target_cpu_utilization_percentage: int = Field(
-        default=80, ge=1, le=100, alias="targetCPUUtilizationPercentage"
+        default=80,
+        ge=1,
+        le=100,
+        alias="targetCPUUtilizationPercentage",
+        description="Average CPU use, in percent of the request, the autoscaler aims for.",
     )
 
     cel_rules = (
@@ -551,9 +595,15 @@ class ProxySpec(SpecModel):
     image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
         default=None, description="Proxy image; defaults to the controller's own image."
     )
-    resources: ResourceRequirements | None = None
-    tls: ProxyTLS | None = None
-    autoscaling: AutoscalingSpec | None = None
+    resources: ResourceRequirements | None = Field(
+        default=None, description="CPU and memory requests and limits of each proxy container."
+    )
+    tls: ProxyTLS | None = Field(
+        default=None, description="Serve TLS (and optionally verify client certificates)."
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Scale the proxy with a HorizontalPodAutoscaler."
+    )
 
     cel_rules = (
         CelRule(
@@ -580,10 +630,16 @@ class IsolationMode(StrEnum):
 class LabelSelectorRequirement(SpecModel):
     """One `matchExpressions` entry."""
 
-    key: Annotated[str, StringConstraints(min_length=1, max_length=317)]
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    key: Annotated[str, StringConstraints(min_length=1, max_length=317)] = Field(
+        description="The label key the requirement applies to."
+    )
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the label's value relates to `values`."
+    )
     values: list[Annotated[str, StringConstraints(max_length=63)]] = Field(
-        default=[], max_length=64
+        default=[],
+        max_length=64,
+        description="For `In`/`NotIn`: the values; for `Exists`/`DoesNotExist`: empty.",
     )
 
 
@@ -591,9 +647,13 @@ class LabelSelector(SpecModel):
     """A Kubernetes label selector; empty selects everything."""
 
     match_labels: dict[str, Annotated[str, StringConstraints(max_length=63)]] | None = Field(
-        default=None, json_schema_extra={"maxProperties": 32}
+        default=None,
+        description="Labels that must all be present with exactly these values.",
+        json_schema_extra={"maxProperties": 32},
     )
-    match_expressions: list[LabelSelectorRequirement] | None = Field(default=None, max_length=16)
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        default=None, max_length=16, description="Requirements that must all hold (ANDed)."
+    )
 
 
 def _is_cidr(value: str) -> bool:
@@ -613,16 +673,28 @@ Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64), Cel(_CIDR_
 class IPBlock(SpecModel):
     """An IP range, as in a NetworkPolicy peer."""
 
-    cidr: Cidr
-    except_: list[Cidr] | None = Field(default=None, alias="except", max_length=32)
+    cidr: Cidr = Field(description="The range, e.g. 10.0.0.0/8 or fd00::/8.")
+    except_: list[Cidr] | None = Field(
+        default=None,
+        alias="except",
+        max_length=32,
+        description="Ranges inside `cidr` that are not admitted.",
+    )
 
 
 class NetworkPeer(SpecModel):
     """An extra source allowed to reach the backend directly (e.g. a metrics scraper)."""
 
-    pod_selector: LabelSelector | None = None
-    namespace_selector: LabelSelector | None = None
-    ip_block: IPBlock | None = None
+    pod_selector: LabelSelector | None = Field(
+        default=None,
+        description="Pods admitted (in the ProtectedService's namespace unless "
+        "`namespaceSelector` is also set).",
+    )
+    namespace_selector: LabelSelector | None = Field(
+        default=None,
+        description="Namespaces whose pods (or those `podSelector` picks) are admitted.",
+    )
+    ip_block: IPBlock | None = Field(default=None, description="An IP range admitted.")
 
     cel_rules = (
         CelRule(
@@ -645,8 +717,16 @@ class NetworkPeer(SpecModel):
 class IsolationSpec(SpecModel):
     """Network isolation of the backend."""
 
-    mode: IsolationMode = Field(default=IsolationMode.ENFORCE)
-    allow_from: list[NetworkPeer] = Field(default=[], max_length=32)
+    mode: IsolationMode = Field(
+        default=IsolationMode.ENFORCE,
+        description="`Enforce`: a NetworkPolicy admits only the proxy (and `allowFrom`) to the "
+        "backend port; `Audit`: no NetworkPolicy, direct paths are reported; `Off`: neither.",
+    )
+    allow_from: list[NetworkPeer] = Field(
+        default=[],
+        max_length=32,
+        description="Extra peers admitted to the backend directly, e.g. a metrics scraper.",
+    )
 
 
 _DATA_ITEM_NAME = r"^[-._a-zA-Z0-9]+$"
@@ -655,7 +735,9 @@ _DATA_ITEM_NAME = r"^[-._a-zA-Z0-9]+$"
 class UpstreamCredentialSpec(SpecModel):
     """A Secret key the proxy injects upstream as a header, so callers never hold it."""
 
-    secret_name: ResourceName
+    secret_name: ResourceName = Field(
+        description="The Secret (same namespace) holding the backend's credential."
+    )
     key: Annotated[
         str,
         StringConstraints(min_length=1, max_length=253, pattern=_DATA_ITEM_NAME),
@@ -667,7 +749,10 @@ class UpstreamCredentialSpec(SpecModel):
             )
         ),
     ] = Field(description="Key in the Secret; mounted as a file of that name.")
-    header: HeaderName = "Authorization"
+    header: HeaderName = Field(
+        default="Authorization",
+        description="The request header the credential is sent in (a caller's value is replaced).",
+    )
     prefix: Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")] = (
         Field(default="", description='Prepended to the value, e.g. "Bearer ".')
     )
@@ -676,8 +761,11 @@ class UpstreamCredentialSpec(SpecModel):
 class IdentityAssertionSpec(SpecModel):
     """A short-lived JWT the proxy signs and sends upstream with each request."""
 
-    enabled: bool = True
-    header: HeaderName = "X-Nhigate-Assertion"
+    enabled: bool = Field(default=True, description="Send the assertion (false: do not).")
+    header: HeaderName = Field(
+        default="X-Nhigate-Assertion",
+        description="The request header the assertion is sent in (a caller's value is replaced).",
+    )
     audience: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
         default=None, description="The `aud` of the assertion; default: `<namespace>/<name>`."
     )
@@ -687,8 +775,12 @@ class IdentityAssertionSpec(SpecModel):
 class TenantSpec(SpecModel):
     """Where a request's tenant comes from; when both are set they must agree."""
 
-    header: HeaderName | None = None
-    claim: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    header: HeaderName | None = Field(
+        default=None, description="A request header that names the tenant."
+    )
+    claim: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = Field(
+        default=None, description="A token claim that names the tenant."
+    )
 
     cel_rules = (
         CelRule(
@@ -702,17 +794,31 @@ class TenantSpec(SpecModel):
 class ProtectedServiceSpec(SpecModel):
     """One backend Service put behind an nhigate proxy."""
 
-    backend: BackendRef
+    backend: BackendRef = Field(description="The Service the proxy forwards to (same namespace).")
     issuers: Annotated[list[ResourceName], _set_list(16, 1), _Unique] = Field(
         description="Names of IdentityIssuers (same namespace) whose tokens are accepted."
     )
-    proxy: ProxySpec = Field(default_factory=ProxySpec, json_schema_extra={"default": {}})
-    isolation: IsolationSpec = Field(
-        default_factory=IsolationSpec, json_schema_extra={"default": {}}
+    proxy: ProxySpec = Field(
+        default_factory=ProxySpec,
+        description="The proxy Deployment nhigate runs in front of the backend.",
+        json_schema_extra={"default": {}},
     )
-    upstream_credential: UpstreamCredentialSpec | None = None
-    identity_assertion: IdentityAssertionSpec | None = None
-    tenant: TenantSpec | None = None
+    isolation: IsolationSpec = Field(
+        default_factory=IsolationSpec,
+        description="How the backend is fenced off from everything but the proxy.",
+        json_schema_extra={"default": {}},
+    )
+    upstream_credential: UpstreamCredentialSpec | None = Field(
+        default=None,
+        description="A Secret key the proxy sends upstream as a header, so callers never hold it.",
+    )
+    identity_assertion: IdentityAssertionSpec | None = Field(
+        default=None,
+        description="A short-lived JWT, signed by the proxy, sent upstream with each request.",
+    )
+    tenant: TenantSpec | None = Field(
+        default=None, description="Where a request's tenant comes from (see RouteGrant `tenant`)."
+    )
     rate_limit: RateLimitSpec | None = Field(
         default=None, description="Default rate limit per caller identity, per proxy replica."
     )
@@ -721,21 +827,34 @@ class ProtectedServiceSpec(SpecModel):
 class BypassPath(StatusModel):
     """A direct path to the backend that does not go through the proxy."""
 
-    kind: str
-    namespace: str = ""
-    name: str
-    reason: str = ""
+    kind: str = Field(
+        description="Kind of the object that opens the path, e.g. NetworkPolicy or Service."
+    )
+    namespace: str = Field(default="", description="Namespace of that object.")
+    name: str = Field(description="Name of that object.")
+    reason: str = Field(default="", description="How the object reaches the backend directly.")
 
 
 class ProtectedServiceStatus(StatusModel):
     """What the controller last observed about a protected service."""
 
     conditions: Conditions = []
-    bypass_paths: list[BypassPath] = []
-    policy_version: str | None = None
-    enforced_replicas: str | None = None
-    endpoint: str | None = None
-    observed_generation: int | None = None
+    bypass_paths: list[BypassPath] = Field(
+        default=[], description="Every direct path to the backend that skips the proxy."
+    )
+    policy_version: str | None = Field(
+        default=None, description="Version (content hash) of the policy compiled for the proxy."
+    )
+    enforced_replicas: str | None = Field(
+        default=None,
+        description='Live proxy replicas serving `policyVersion` out of all live replicas: "2/3".',
+    )
+    endpoint: str | None = Field(
+        default=None, description="The in-cluster URL callers use: the proxy Service."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The `metadata.generation` this status describes."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,8 +877,8 @@ class Method(StrEnum):
 class ServiceAccountSubjectSpec(SpecModel):
     """A Kubernetes service account (its token verified by a `kubernetes` issuer)."""
 
-    namespace: NamespaceName
-    name: ResourceName
+    namespace: NamespaceName = Field(description="Namespace of the service account.")
+    name: ResourceName = Field(description="Name of the service account.")
 
 
 class TokenSubjectSpec(SpecModel):
@@ -794,8 +913,13 @@ _SPIFFE_RULE = CelRule(
 class SubjectSpec(SpecModel):
     """Who is granted: exactly one of serviceAccount, token or spiffeId."""
 
-    service_account: ServiceAccountSubjectSpec | None = None
-    token: TokenSubjectSpec | None = None
+    service_account: ServiceAccountSubjectSpec | None = Field(
+        default=None,
+        description="A Kubernetes service account (its token verified by a `kubernetes` issuer).",
+    )
+    token: TokenSubjectSpec | None = Field(
+        default=None, description="Tokens from one IdentityIssuer, by `sub` and/or claim values."
+    )
     spiffe_id: (
         Annotated[str, StringConstraints(min_length=1, max_length=2048), Cel(_SPIFFE_RULE)] | None
     ) = Field(default=None, description="An exact SPIFFE ID from an mTLS client certificate.")
@@ -813,16 +937,33 @@ class SubjectSpec(SpecModel):
 class RouteRule(SpecModel):
     """Methods x path patterns (docs/path-grammar.md)."""
 
-    methods: Annotated[list[Method], _set_list(8, 1), _Unique]
-    paths: list[PathPatternText] = Field(min_length=1, max_length=32)
+    methods: Annotated[list[Method], _set_list(8, 1), _Unique] = Field(
+        description="HTTP methods allowed, e.g. GET, POST; `*` is any method."
+    )
+    paths: list[PathPatternText] = Field(
+        min_length=1,
+        max_length=32,
+        description="Path patterns allowed: an exact path, `*` for one segment, a trailing `/**` "
+        "for a subtree (docs/path-grammar.md).",
+    )
 
 
 class RouteGrantSpec(SpecModel):
     """Who may do what, on which ProtectedService, until when."""
 
-    target: ServiceTarget
-    subjects: list[SubjectSpec] = Field(min_length=1, max_length=256)
-    rules: list[RouteRule] = Field(min_length=1, max_length=128)
+    target: ServiceTarget = Field(
+        description="The ProtectedService (same namespace) it applies to."
+    )
+    subjects: list[SubjectSpec] = Field(
+        min_length=1,
+        max_length=256,
+        description="Who is granted; a request matching any one subject qualifies.",
+    )
+    rules: list[RouteRule] = Field(
+        min_length=1,
+        max_length=128,
+        description="What is granted; a request matching any one rule is allowed.",
+    )
     tenant: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = Field(
         default=None, description="The tenant a request must resolve to."
     )
@@ -849,10 +990,19 @@ class RouteGrantStatus(StatusModel):
     """Whether a grant is accepted, enforced by every proxy replica, and active."""
 
     conditions: Conditions = []
-    expires_at: AwareDatetime | None = None
-    enforced_replicas: str | None = None
-    policy_version: str | None = None
-    observed_generation: int | None = None
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="`spec.expiresAt`, echoed for `kubectl get` columns."
+    )
+    enforced_replicas: str | None = Field(
+        default=None,
+        description='Live proxy replicas serving a policy with this grant, out of all: "2/3".',
+    )
+    policy_version: str | None = Field(
+        default=None, description="Version of the policy this grant was last compiled into."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The `metadata.generation` this status describes."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -875,7 +1025,7 @@ class RevocationSpec(SpecModel):
         Field(default=None, alias="serviceAccountUID", description="A service account's UID.")
     )
     until: AwareDatetime | None = Field(default=None, description="Absent: forever.")
-    reason: Text | None = None
+    reason: Text | None = Field(default=None, description="Why; kept in the audit trail.")
     target: ServiceTarget | None = Field(
         default=None, description="Absent: every ProtectedService in the namespace."
     )
@@ -899,11 +1049,28 @@ class RevocationStatus(StatusModel):
     """Whether the revocation was accepted."""
 
     conditions: Conditions = []
-    observed_generation: int | None = None
+    observed_generation: int | None = Field(
+        default=None, description="The `metadata.generation` this status describes."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The resources
+
+
+# What Kubernetes' own TypeMeta/ObjectMeta say, so `kubectl explain` reads as for built-in kinds.
+_CONVENTIONS = "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md"
+_API_VERSION_DESCRIPTION = (
+    "APIVersion defines the versioned schema of this representation of an object. Servers should "
+    "convert recognized schemas to the latest internal value, and may reject unrecognized values. "
+    f"More info: {_CONVENTIONS}#resources"
+)
+_KIND_DESCRIPTION = (
+    "Kind is a string value representing the REST resource this object represents. Servers may "
+    "infer this from the endpoint the client submits requests to. Cannot be updated. In "
+    f"CamelCase. More info: {_CONVENTIONS}#types-kinds"
+)
+_METADATA_DESCRIPTION = f"Standard object's metadata. More info: {_CONVENTIONS}#metadata"
 
 
 class Resource(BaseModel):
@@ -915,9 +1082,11 @@ class Resource(BaseModel):
     PLURAL: ClassVar[str]
     SHORT_NAME: ClassVar[str]
 
-    api_version: Literal["nhigate.io/v1alpha1"] = "nhigate.io/v1alpha1"
-    kind: str
-    metadata: ObjectMeta
+    api_version: Literal["nhigate.io/v1alpha1"] = Field(
+        default="nhigate.io/v1alpha1", description=_API_VERSION_DESCRIPTION
+    )
+    kind: str = Field(description=_KIND_DESCRIPTION)
+    metadata: ObjectMeta = Field(description=_METADATA_DESCRIPTION)
 
     @property
     def name(self) -> str:
@@ -957,7 +1126,7 @@ class IdentityIssuer(Resource):
     PLURAL = "identityissuers"
     SHORT_NAME = "nhiiss"
 
-    kind: Literal["IdentityIssuer"] = "IdentityIssuer"
+    kind: Literal["IdentityIssuer"] = Field(default="IdentityIssuer", description=_KIND_DESCRIPTION)
     spec: IdentityIssuerSpec
     status: IdentityIssuerStatus = Field(default_factory=IdentityIssuerStatus)
 
@@ -969,7 +1138,9 @@ class ProtectedService(Resource):
     PLURAL = "protectedservices"
     SHORT_NAME = "nhips"
 
-    kind: Literal["ProtectedService"] = "ProtectedService"
+    kind: Literal["ProtectedService"] = Field(
+        default="ProtectedService", description=_KIND_DESCRIPTION
+    )
     spec: ProtectedServiceSpec
     status: ProtectedServiceStatus = Field(default_factory=ProtectedServiceStatus)
 
@@ -986,7 +1157,7 @@ class RouteGrant(Resource):
     PLURAL = "routegrants"
     SHORT_NAME = "nhirg"
 
-    kind: Literal["RouteGrant"] = "RouteGrant"
+    kind: Literal["RouteGrant"] = Field(default="RouteGrant", description=_KIND_DESCRIPTION)
     spec: RouteGrantSpec
     status: RouteGrantStatus = Field(default_factory=RouteGrantStatus)
 
@@ -998,7 +1169,7 @@ class Revocation(Resource):
     PLURAL = "revocations"
     SHORT_NAME = "nhirev"
 
-    kind: Literal["Revocation"] = "Revocation"
+    kind: Literal["Revocation"] = Field(default="Revocation", description=_KIND_DESCRIPTION)
     spec: RevocationSpec
     status: RevocationStatus = Field(default_factory=RevocationStatus)
 
