@@ -32,6 +32,12 @@ def add_parser(subparsers: Any) -> None:
         default=DEFAULT_PROXY_IMAGE,
         help=f"image for proxy Deployments (default {DEFAULT_PROXY_IMAGE})",
     )
+    p.add_argument(
+        "--proxy-image-pull-policy",
+        default="IfNotPresent",
+        choices=["Always", "IfNotPresent", "Never"],
+        help="imagePullPolicy of the proxy containers (default IfNotPresent)",
+    )
     p.add_argument("--liveness", metavar="HOST:PORT", help="serve /healthz on HOST:PORT")
     p.add_argument(
         "--peering",
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     liveness_url(args.liveness)  # fail fast on a malformed HOST:PORT
     settings = ControllerSettings(
         proxy_image=args.proxy_image,
+        proxy_image_pull_policy=args.proxy_image_pull_policy,
         kubeconfig=args.kubeconfig,
         namespaces=tuple(args.namespaces),
         peering=args.peering,

@@ -336,10 +336,17 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def build_proxy_deployment(ps: ProtectedService, *, image: str, policy_version: str) -> Manifest:
+def build_proxy_deployment(
+    ps: ProtectedService,
+    *,
+    image: str,
+    policy_version: str,
+    image_pull_policy: str = "IfNotPresent",
+) -> Manifest:
     """The proxy Deployment.
 
-    `image` is used unless `spec.proxy.image` is set. `policy_version` goes on
+    `image` is used unless `spec.proxy.image` is set; `image_pull_policy` applies to either
+    (a node with locally imported images needs IfNotPresent or Never). `policy_version` goes on
     the Deployment's own annotations only: the pod template never changes with
     the policy, because the proxies hot-reload it through the API (a rollout per
     grant change would be slow and disruptive). Replicas are left to the HPA
@@ -351,7 +358,7 @@ def build_proxy_deployment(ps: ProtectedService, *, image: str, policy_version: 
     container: dict[str, Any] = {
         "name": PROXY_CONTAINER,
         "image": proxy.image or image,
-        "imagePullPolicy": "IfNotPresent",
+        "imagePullPolicy": image_pull_policy,
         "command": ["nhigate"],
         "args": proxy_args(ps),
         "env": [

@@ -527,7 +527,10 @@ class Controller:
 
     async def _apply_deployment(self, ps: ProtectedService, observed: _Observed) -> None:
         deployment = m.build_proxy_deployment(
-            ps, image=self.settings.proxy_image, policy_version=observed.version or ""
+            ps,
+            image=self.settings.proxy_image,
+            image_pull_policy=self.settings.proxy_image_pull_policy,
+            policy_version=observed.version or "",
         )
         observed.deployment = await self.client.apply(
             deployment, field_manager=self.settings.field_manager

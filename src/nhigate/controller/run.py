@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import kopf
 
@@ -30,6 +31,8 @@ async def run_controller(
 ) -> None:
     """Run until `stop_flag` is set (or the task is cancelled / a signal arrives)."""
     registry = build_registry(settings, holder)
+    # kopf types the identity as a NewType of str that it does not export.
+    identity: Any = settings.identity
     await kopf.operator(
         registry=registry,
         clusterwide=not settings.namespaces,
@@ -37,6 +40,7 @@ async def run_controller(
         standalone=not settings.peering,
         peering_name=settings.peering_name if settings.peering else None,
         priority=settings.peering_priority,
+        identity=identity,  # kopf's own default needs a passwd entry for our uid
         liveness_endpoint=liveness_url(settings.liveness),
         stop_flag=stop_flag,
         ready_flag=ready_flag,

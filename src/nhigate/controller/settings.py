@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import secrets
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+IDENTITY_ENV = ("POD_ID", "POD_NAME")
+"""Environment variables naming this replica, first set wins (the chart sets both from the
+downward API's metadata.name; kopf itself reads only POD_ID)."""
+
+
+def default_identity(environ: Mapping[str, str] | None = None) -> str:
+    """This replica's kopf peering identity: the pod name, else host, PID and start time.
+
+    Never derived from the passwd database: kopf's own default calls `getpass.getuser()`, which
+    raises KeyError when the process's uid has no passwd entry (a numeric `runAsUser`).
+    """
+    env = os.environ if environ is None else environ
+    for name in IDENTITY_ENV:
+        if env.get(name):
+            return env[name]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S")
+    return f"nhigate@{socket.gethostname()}/{os.getpid()}/{now}/{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -12,6 +34,8 @@ class ControllerSettings:
 
     proxy_image: str
     """Image for proxy Deployments (a ProtectedService's `spec.proxy.image` overrides it)."""
+    proxy_image_pull_policy: str = "IfNotPresent"
+    """`imagePullPolicy` of the proxy containers: Always, IfNotPresent or Never."""
     kubeconfig: str | None = None
     """Kubeconfig file; None: in-cluster when running in a pod, else the default kubeconfig."""
     namespaces: tuple[str, ...] = ()
@@ -20,6 +44,8 @@ class ControllerSettings:
     """Coordinate several controller replicas through kopf peering (needs the KopfPeering CRDs)."""
     peering_name: str = "nhigate"
     """The peering object's name when `peering` is on."""
+    identity: str = field(default_factory=default_identity)
+    """This replica's name among peers (kopf's identity): see `default_identity`."""
     peering_priority: int = field(default_factory=lambda: secrets.randbelow(1 << 30) + 1)
     """This replica's kopf peering priority: the highest serves, the others stand by.
 
