@@ -93,6 +93,13 @@ mkdir -p "${IMAGES}"
 exec 8>"${IMAGES}/build.lock"
 log "waiting for build lock ${IMAGES}/build.lock"
 flock 8
+if [[ ${FORCE} -eq 0 && -f "${NHIGATE_ARCHIVE}" && -f "${PAUSE_ARCHIVE}" ]]; then
+  log "another build finished meanwhile: ${NHIGATE_REF}, ${PAUSE_REF}"
+  print_result
+  exit 0
+fi
+# Holding the lock, no other build is running: what a killed build left behind can go.
+rm -rf "${IMAGES}"/.work.* "${IMAGES}"/*.partial
 
 START=${SECONDS}
 WORK="$(mktemp -d "${IMAGES}/.work.XXXXXX")"
@@ -202,13 +209,27 @@ build_base() {
   log "[base] done after $((SECONDS - START)) s: $(du -sh "${BASE_DIR}/rootfs" | cut -f1)"
 }
 
+# A virtualenv of its own with the pinned pip, for the build side only (the project's .venv is
+# left alone: other runs may be using it).
+ensure_pip() {
+  PIP_VENV="${IMAGES}/pip-venv-${PIP_VERSION}"
+  PY="${PIP_VENV}/bin/python"
+  if [[ ! -f "${PIP_VENV}/.complete" ]]; then
+    log "[nhigate] virtualenv with pip ${PIP_VERSION} for the build: ${PIP_VENV}"
+    rm -rf "${PIP_VENV}"
+    python3 -m venv "${PIP_VENV}"
+    "${PY}" -m pip install -q --disable-pip-version-check "pip==${PIP_VERSION}" >&2
+    touch "${PIP_VENV}/.complete"
+  fi
+}
+
 build_wheels() {
-  local wheels="${WORK}/wheels" src="${WORK}/src"
+  local wheels="${WORK}/wheels" src="${WORK}/src" pyver
   mkdir -p "${wheels}" "${WORK}/pip" "${src}"
-  # The project's virtualenv provides pip on the build side (stdout would break our contract).
-  # shellcheck source=hack/lib/common.sh
-  source "${HACK}/lib/common.sh"
-  ensure_python_env >&2
+  ensure_pip
+  # Wheels for the image's Python, whatever Python this machine runs.
+  pyver="$(chroot "${BASE_DIR}/rootfs" /usr/bin/python3 -c \
+    'import sys; print("%d.%d" % sys.version_info[:2])')"
   # Build from a copy of what the Dockerfile copies, so no build/ or egg-info lands in the tree.
   cp -a "${ROOT}/pyproject.toml" "${ROOT}/README.md" "${src}/"
   cp -a "${ROOT}/src" "${src}/src"
@@ -217,7 +238,8 @@ build_wheels() {
   run_logged "${WORK}/pip-wheel.log" "${PY}" -m pip wheel --disable-pip-version-check \
     --no-deps --wheel-dir "${wheels}" "${src}"
   run_logged "${WORK}/pip-download.log" "${PY}" -m pip download --disable-pip-version-check \
-    --only-binary=:all: --dest "${wheels}" -r "${ROOT}/images/constraints.txt"
+    --only-binary=:all: --python-version "${pyver}" --dest "${wheels}" \
+    -r "${ROOT}/images/constraints.txt"
   run_logged "${WORK}/pip-download-pip.log" "${PY}" -m pip download \
     --disable-pip-version-check --only-binary=:all: --no-deps --dest "${WORK}/pip" \
     "pip==${PIP_VERSION}"
@@ -251,6 +273,10 @@ build_nhigate() {
   in_rootfs "${r}" 65532:65532 nhigate --help >/dev/null
   in_rootfs "${r}" 65532:65532 nhigate controller --help >/dev/null
   in_rootfs "${r}" 65532:65532 nhigate proxy --help >/dev/null
+  # Every compiled dependency loads in the image's Python (not only those --help touches).
+  in_rootfs "${r}" 65532:65532 python3 -c 'import aiohttp, cryptography.hazmat.bindings._rust
+import frozenlist, httptools, multidict, orjson, propcache, pydantic_core, uvloop, yaml, yarl
+import nhigate.controller.run, nhigate.proxy.app'
   user="$(in_rootfs "${r}" 65532:65532 python -c 'import getpass; print(getpass.getuser())')"
   [[ "${user}" == "${NONROOT_NAME}" ]] || {
     log "getpass.getuser() in the image printed ${user:-nothing}, expected ${NONROOT_NAME}"
@@ -289,5 +315,15 @@ if [[ ${FORCE} -eq 1 || ! -f "${NHIGATE_ARCHIVE}" ]]; then
   build_wheels
   build_nhigate
 fi
+# Keep the three newest archives of each image (a node may still run the previous one).
+prune_archives() {
+  local kind=$1 old
+  while read -r old; do
+    [[ -n "${old}" ]] && rm -f "${old}"
+  done < <(find "${IMAGES}" -maxdepth 1 -name "${kind}-*.oci.tar" -printf '%T@ %p\n' |
+    sort -rn | tail -n +4 | cut -d' ' -f2-)
+}
+prune_archives nhigate
+prune_archives pause
 log "done after $((SECONDS - START)) s"
 print_result
