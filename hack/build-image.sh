@@ -2,7 +2,8 @@
 # Build (or reuse) the nhigate image and a pause (pod sandbox) image as OCI image archives,
 # without a Docker daemon, for a local containerd (`ctr -n k8s.io images import FILE`).
 #
-# usage: hack/build-image.sh [--force] [--keep-rootfs]
+# usage: hack/build-image.sh [--force] [--keep-rootfs] [--print]
+#   --print        only print the four lines below (what a build would produce); build nothing
 #
 # Both images follow their Dockerfile (images/Dockerfile, images/pause/Dockerfile): the config
 # (ENV, USER, WORKDIR, ENTRYPOINT, CMD, LABEL) is read from the final stage by hack/oci_image.py;
@@ -35,12 +36,14 @@ REGISTRY="nhigate.local"
 
 FORCE=0
 KEEP_ROOTFS=0
+PRINT_ONLY=0
 for arg in "$@"; do
   case "${arg}" in
     --force) FORCE=1 ;;
     --keep-rootfs) KEEP_ROOTFS=1 ;;
+    --print) PRINT_ONLY=1 ;;
     *)
-      echo "usage: $0 [--force] [--keep-rootfs]" >&2
+      echo "usage: $0 [--force] [--keep-rootfs] [--print]" >&2
       exit 2
       ;;
   esac
@@ -78,6 +81,10 @@ print_result() {
   printf 'NHIGATE_PAUSE_ARCHIVE=%s\n' "${PAUSE_ARCHIVE}"
 }
 
+if [[ ${PRINT_ONLY} -eq 1 ]]; then
+  print_result
+  exit 0
+fi
 if [[ ${FORCE} -eq 0 && -f "${NHIGATE_ARCHIVE}" && -f "${PAUSE_ARCHIVE}" ]]; then
   log "cached: ${NHIGATE_REF}, ${PAUSE_REF}"
   print_result

@@ -12,7 +12,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import re
+import subprocess
 import sys
 import tarfile
 import tomllib
@@ -157,6 +159,49 @@ def make_minimal_ps() -> Any:
             "spec": {"backend": {"service": "payments", "port": 80}, "issuers": ["ci"]},
         }
     )
+
+
+# --- the builder's output contract (hack/node.sh evals it) ---------------------------------------
+
+
+def run_builder(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NHIGATE_CACHE": str(cache)}
+    return subprocess.run(
+        [str(BUILD_SCRIPT), *args], env=env, capture_output=True, text=True, check=True, timeout=60
+    )
+
+
+def contract(stdout: str) -> dict[str, str]:
+    lines = stdout.splitlines()
+    keys = [line.partition("=")[0] for line in lines]
+    assert keys == [
+        "NHIGATE_IMAGE_REF",
+        "NHIGATE_IMAGE_ARCHIVE",
+        "NHIGATE_PAUSE_REF",
+        "NHIGATE_PAUSE_ARCHIVE",
+    ], stdout
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_builder_prints_exactly_the_four_lines(tmp_path: Path) -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    planned = contract(run_builder(tmp_path, "--print").stdout)
+    assert re.fullmatch(
+        rf"nhigate\.local/nhigate:{re.escape(version)}-[0-9a-f]{{12}}", planned["NHIGATE_IMAGE_REF"]
+    )
+    assert re.fullmatch(r"nhigate\.local/pause:[0-9a-f]{12}", planned["NHIGATE_PAUSE_REF"])
+    tag = planned["NHIGATE_IMAGE_REF"].rpartition(":")[2]
+    assert planned["NHIGATE_IMAGE_ARCHIVE"] == str(tmp_path / "images" / f"nhigate-{tag}.oci.tar")
+    assert Path(planned["NHIGATE_PAUSE_ARCHIVE"]).parent == tmp_path / "images"
+    assert not (tmp_path / "images").exists()  # --print builds nothing
+
+    # Warm: with both archives in the cache it only prints the same lines (no root, no build).
+    (tmp_path / "images").mkdir()
+    Path(planned["NHIGATE_IMAGE_ARCHIVE"]).touch()
+    Path(planned["NHIGATE_PAUSE_ARCHIVE"]).touch()
+    warm = run_builder(tmp_path)
+    assert contract(warm.stdout) == planned
+    assert "cached" in warm.stderr
 
 
 # --- Dockerfile parsing -------------------------------------------------------------------------
