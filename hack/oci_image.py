@@ -191,7 +191,7 @@ def add_user(rootfs: Path, *, name: str, uid: int, gid: int, home: str, login_sh
         path.chmod(0o644)
 
     ensure(etc / "group", f"{name}:x:{gid}:", 2)
-    ensure(etc / "passwd", f"{name}:x:{uid}:{gid}:{name}:{home}:{login_shell}", 2)
+    ensure(etc / "passwd", f"{name}:x:{uid}:{gid}::{home}:{login_shell}", 2)  # as useradd writes it
     shadow = etc / "shadow"
     if shadow.exists():  # a locked password, as useradd writes it
         ensure(shadow, f"{name}:!:1::::::", None)

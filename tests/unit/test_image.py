@@ -278,7 +278,7 @@ def test_add_user_names_the_uid_once(rootfs: Path) -> None:
     group = (rootfs / "etc" / "group").read_text().splitlines()
     assert passwd == [
         "root:x:0:0:root:/root:/bin/bash",
-        "nonroot:x:65532:65532:nonroot:/tmp:/usr/sbin/nologin",
+        "nonroot:x:65532:65532::/tmp:/usr/sbin/nologin",
     ]
     assert group == ["root:x:0:", "nonroot:x:65532:"]
 
