@@ -225,7 +225,9 @@ def build_crd(model: type[Resource]) -> dict[str, Any]:
                 "type": "string",
             },
             "kind": {"description": _field_description(model, "kind"), "type": "string"},
-            "metadata": {"description": _field_description(model, "metadata"), "type": "object"},
+            # The API server owns metadata: a CRD may not describe it (it publishes ObjectMeta,
+            # with Kubernetes' own description, in its place).
+            "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,
         },
