@@ -14,17 +14,21 @@ from typing import Any
 
 from nhigate.api.durations import duration_seconds
 from nhigate.api.models import (
+    DelegationSpec,
     IdentityIssuer,
     ProtectedService,
     RateLimitSpec,
     Revocation,
     RouteGrant,
+    RouteRule,
     SubjectSpec,
 )
 from nhigate.policy import (
+    Delegation,
     Grant,
     IdentityAssertion,
     IssuerConfig,
+    McpRule,
     PolicyDocument,
     RateLimit,
     Rule,
@@ -53,15 +57,42 @@ def _rate_limit(spec: RateLimitSpec | None) -> RateLimit | None:
     return RateLimit(requests_per_second=spec.requests_per_second, burst=spec.burst)
 
 
+def _delegation(spec: DelegationSpec | None) -> Delegation | None:
+    if spec is None:
+        return None
+    return Delegation(tuple(spec.actors), spec.max_depth, spec.required)
+
+
 def _subject(spec: SubjectSpec) -> Subject:
     if spec.service_account is not None:
-        return ServiceAccountSubject(spec.service_account.namespace, spec.service_account.name)
+        sa = spec.service_account
+        return ServiceAccountSubject(sa.namespace, sa.name, _delegation(sa.delegation))
     if spec.token is not None:
         claims = tuple(sorted((spec.token.claims or {}).items()))
-        return TokenSubject(spec.token.issuer, spec.token.subject, claims)
+        return TokenSubject(
+            spec.token.issuer, spec.token.subject, claims, _delegation(spec.token.delegation)
+        )
     if spec.spiffe_id is not None:
         return SpiffeSubject(spec.spiffe_id)
     raise ValueError("subject sets none of serviceAccount, token, spiffeId")  # model forbids it
+
+
+def _rule(spec: RouteRule) -> Rule:
+    mcp = spec.mcp
+    if mcp is not None:
+        return Rule(
+            methods=frozenset(),
+            paths=(),
+            mcp=McpRule(
+                endpoints=tuple(mcp.endpoints or ()),
+                tools=tuple(mcp.tools or ()),
+                resources=tuple(mcp.resources or ()),
+                prompts=tuple(mcp.prompts or ()),
+            ),
+        )
+    return Rule(
+        methods=frozenset(m.value for m in spec.methods or ()), paths=tuple(spec.paths or ())
+    )
 
 
 def compile_grant(grant: RouteGrant) -> Grant:
@@ -70,10 +101,7 @@ def compile_grant(grant: RouteGrant) -> Grant:
     return Grant(
         name=grant.key,
         subjects=tuple(_subject(s) for s in spec.subjects),
-        rules=tuple(
-            Rule(methods=frozenset(m.value for m in r.methods), paths=tuple(r.paths))
-            for r in spec.rules
-        ),
+        rules=tuple(_rule(r) for r in spec.rules),
         tenant=spec.tenant,
         not_before=_epoch(spec.not_before),
         expires_at=_epoch(spec.expires_at),
@@ -157,7 +185,21 @@ def compile_service(service: ProtectedService) -> ServiceConfig:
         rate_limit=_rate_limit(spec.rate_limit),
         upstream_credential=credential,
         identity_assertion=assertion,
+        mcp_endpoints=tuple(spec.mcp.endpoints) if spec.mcp is not None else (),
     )
+
+
+def undeclared_mcp_endpoints(grant: RouteGrant, service: ProtectedService) -> list[str]:
+    """MCP endpoints the grant's rules name that the service does not declare (those rules
+    allow nothing there; the controller reports them on the grant)."""
+    declared = set(service.spec.mcp.endpoints) if service.spec.mcp is not None else set()
+    missing: list[str] = []
+    for rule in grant.spec.rules:
+        if rule.mcp is None:
+            continue
+        named = rule.mcp.endpoints or ([] if declared else ["(any)"])
+        missing.extend(e for e in named if e not in declared and e not in missing)
+    return missing
 
 
 def grant_applies(grant: RouteGrant, service: ProtectedService) -> bool:

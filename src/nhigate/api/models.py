@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from nhigate.api.durations import DURATION_PATTERN, parse_duration
 from nhigate.api.validation import CAMEL_CASE, Cel, CelRule, SpecModel, StatusModel
+from nhigate.policy.names import MCP_ENDPOINT_PATTERN
 from nhigate.policy.paths import PathPattern
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "ComputeResources",
     "Condition",
     "ConditionStatus",
+    "DelegationSpec",
     "IPBlock",
     "IdentityAssertionSpec",
     "IdentityIssuer",
@@ -56,6 +58,8 @@ __all__ = [
     "KubernetesIssuerSource",
     "LabelSelector",
     "LabelSelectorRequirement",
+    "McpRuleSpec",
+    "McpSpec",
     "Method",
     "NetworkPeer",
     "ObjectMeta",
@@ -274,6 +278,23 @@ PathPatternText = Annotated[
     ),
 ]
 """A grant path pattern: exact, `*` for one segment, trailing `/**` for a subtree."""
+
+
+# ---------------------------------------------------------------------------------------------
+# MCP endpoints, name patterns and delegation (docs/mcp.md)
+
+McpEndpointPath = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024, pattern=MCP_ENDPOINT_PATTERN)
+]
+"""An exact MCP endpoint path such as `/mcp` (unreserved characters, no trailing slash)."""
+
+NamePattern = Annotated[
+    str,
+    # Printable ASCII with no "**" (a regex, not CEL: thousands of list items would blow the
+    # API server's CEL cost budget).
+    StringConstraints(min_length=1, max_length=2048, pattern=r"^\*?([!-)+-~]+\*)*[!-)+-~]*$"),
+]
+"""A tool, prompt or actor name pattern: printable ASCII, `*` matches any run of characters."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,6 +812,15 @@ class TenantSpec(SpecModel):
     )
 
 
+class McpSpec(SpecModel):
+    """Which paths of the backend speak MCP (Streamable HTTP transport)."""
+
+    endpoints: Annotated[list[McpEndpointPath], _set_list(8, 1), _Unique] = Field(
+        description="Exact MCP endpoint paths, e.g. /mcp. Each covers its sub-paths in any "
+        "letter case; only MCP rules reach them (docs/mcp.md)."
+    )
+
+
 class ProtectedServiceSpec(SpecModel):
     """One backend Service put behind an nhigate proxy."""
 
@@ -821,6 +851,9 @@ class ProtectedServiceSpec(SpecModel):
     )
     rate_limit: RateLimitSpec | None = Field(
         default=None, description="Default rate limit per caller identity, per proxy replica."
+    )
+    mcp: McpSpec | None = Field(
+        default=None, description="MCP endpoints: JSON-RPC bodies decided per tool (docs/mcp.md)."
     )
 
 
@@ -874,11 +907,30 @@ class Method(StrEnum):
     ANY = "*"
 
 
+class DelegationSpec(SpecModel):
+    """Which RFC 8693 actor chains (`act` claims) may present this subject's tokens."""
+
+    actors: Annotated[list[NamePattern], _set_list(32, 1), _Unique] = Field(
+        description="Actor `sub` values (name patterns) that may act for the subject; every "
+        "actor in the chain must match one."
+    )
+    max_depth: int = Field(default=1, ge=1, le=8, description="Longest actor chain accepted.")
+    required: bool = Field(
+        default=False, description="Refuse this subject's tokens when no actor is present."
+    )
+
+
+_DELEGATION_DESCRIPTION = (
+    "Actor chains accepted (RFC 8693 `act`). Absent: only tokens without an actor chain."
+)
+
+
 class ServiceAccountSubjectSpec(SpecModel):
     """A Kubernetes service account (its token verified by a `kubernetes` issuer)."""
 
     namespace: NamespaceName = Field(description="Namespace of the service account.")
     name: ResourceName = Field(description="Name of the service account.")
+    delegation: DelegationSpec | None = Field(default=None, description=_DELEGATION_DESCRIPTION)
 
 
 class TokenSubjectSpec(SpecModel):
@@ -893,6 +945,7 @@ class TokenSubjectSpec(SpecModel):
         description="Claims that must all equal these strings.",
         json_schema_extra={"maxProperties": 16},
     )
+    delegation: DelegationSpec | None = Field(default=None, description=_DELEGATION_DESCRIPTION)
 
     cel_rules = (
         CelRule(
@@ -934,17 +987,61 @@ class SubjectSpec(SpecModel):
     )
 
 
-class RouteRule(SpecModel):
-    """Methods x path patterns (docs/path-grammar.md)."""
+class McpRuleSpec(SpecModel):
+    """MCP tools, resources and prompts the subjects may use (docs/mcp.md)."""
 
-    methods: Annotated[list[Method], _set_list(8, 1), _Unique] = Field(
-        description="HTTP methods allowed, e.g. GET, POST; `*` is any method."
+    endpoints: Annotated[list[McpEndpointPath], _set_list(8, 1), _Unique] | None = Field(
+        default=None,
+        description="MCP endpoints of the target this rule covers. Absent: all of them.",
     )
-    paths: list[PathPatternText] = Field(
+    tools: Annotated[list[NamePattern], _set_list(128, 0), _Unique] | None = Field(
+        default=None, description="Tool names (`tools/call`), e.g. get_weather or search_*."
+    )
+    resources: Annotated[list[NamePattern], _set_list(128, 0), _Unique] | None = Field(
+        default=None, description="Resource URIs (`resources/read`), e.g. file:///docs/*."
+    )
+    prompts: Annotated[list[NamePattern], _set_list(128, 0), _Unique] | None = Field(
+        default=None, description="Prompt names (`prompts/get`)."
+    )
+
+    cel_rules = (
+        CelRule(
+            rule="(has(self.tools) ? size(self.tools) : 0) + (has(self.resources) ? "
+            "size(self.resources) : 0) + (has(self.prompts) ? size(self.prompts) : 0) > 0",
+            message="an MCP rule needs at least one tool, resource or prompt",
+            check=lambda r: bool(r.tools or r.resources or r.prompts),
+        ),
+    )
+
+
+class RouteRule(SpecModel):
+    """Methods x path patterns (docs/path-grammar.md), or an MCP rule (docs/mcp.md)."""
+
+    methods: Annotated[list[Method], _set_list(8, 1), _Unique] | None = Field(
+        default=None, description="HTTP methods allowed, e.g. GET, POST; `*` is any method."
+    )
+    paths: list[PathPatternText] | None = Field(
+        default=None,
         min_length=1,
         max_length=32,
         description="Path patterns allowed: an exact path, `*` for one segment, a trailing `/**` "
         "for a subtree (docs/path-grammar.md).",
+    )
+    mcp: McpRuleSpec | None = Field(
+        default=None, description="Tools, resources and prompts on the target's MCP endpoints."
+    )
+
+    cel_rules = (
+        CelRule(
+            rule="has(self.mcp) ? !has(self.methods) && !has(self.paths) "
+            ": has(self.methods) && has(self.paths)",
+            message="a rule sets either methods and paths, or mcp",
+            check=lambda r: (
+                r.methods is None and r.paths is None
+                if r.mcp is not None
+                else r.methods is not None and r.paths is not None
+            ),
+        ),
     )
 
 

@@ -28,7 +28,12 @@ import aiohttp
 from pydantic import ValidationError
 
 from nhigate.api import conditions as c
-from nhigate.api.compile import build_policy_document, compile_grant, missing_issuers
+from nhigate.api.compile import (
+    build_policy_document,
+    compile_grant,
+    missing_issuers,
+    undeclared_mcp_endpoints,
+)
 from nhigate.api.durations import parse_duration
 from nhigate.api.models import IdentityIssuer, ProtectedService, Revocation, RouteGrant
 from nhigate.api.resources import describe_validation_error
@@ -450,6 +455,12 @@ class Controller:
         problem = _subject_problem(grant, ps, issuers)
         if problem is not None:
             return None, condition(c.ACCEPTED, False, *problem)
+        undeclared = undeclared_mcp_endpoints(grant, ps)
+        if undeclared:
+            message = f"MCP rules name endpoints {ps.name} does not declare in spec.mcp: "
+            return None, condition(
+                c.ACCEPTED, False, c.REASON_INVALID_SPEC, message + ", ".join(undeclared)
+            )
         return grant, condition(
             c.ACCEPTED, True, c.REASON_ACCEPTED, f"accepted for ProtectedService {ps.name}"
         )

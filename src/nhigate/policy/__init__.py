@@ -26,10 +26,12 @@ from nhigate.policy.encoding import (
 from nhigate.policy.index import Policy, compile_policy
 from nhigate.policy.model import (
     Decision,
+    Delegation,
     Facts,
     Grant,
     Identity,
     IdentityKind,
+    McpRule,
     RateLimit,
     Reason,
     Revocation,
@@ -45,6 +47,7 @@ from nhigate.policy.paths import PathPattern, PathRejected, normalise_path
 __all__ = [
     "DOCUMENT_API_VERSION",
     "Decision",
+    "Delegation",
     "Explanation",
     "Facts",
     "Grant",
@@ -53,6 +56,7 @@ __all__ = [
     "IdentityAssertion",
     "IdentityKind",
     "IssuerConfig",
+    "McpRule",
     "PathPattern",
     "PathRejected",
     "Policy",

@@ -5,6 +5,9 @@ Semantics (docs/policy-document.md, "Decision"):
 1. A revocation in force for the credential denies with `revoked`, whatever the grants say.
 2. Candidates are the grants with a subject matching the identity and a rule
    matching the method and the (canonical) path.
+   A subject accepts an actor chain (RFC 8693 `act`) only as its `delegation` says;
+   with no candidate because of the chain, the chain's reason is reported
+   (`delegation_not_allowed`, `delegation_too_deep`, `actor_not_allowed`, `actor_required`).
 3. A candidate that is valid now (`not_before <= now < expires_at`) and whose
    tenant agrees allows; the first such grant by name is reported.
 4. Otherwise the most specific deny reason among candidates wins:
@@ -23,9 +26,11 @@ from nhigate.policy.index import (
     NOT_YET_VALID,
     TENANT_MISMATCH,
     Policy,
+    chain_verdict,
+    subject_delegation,
     subject_matches,
 )
-from nhigate.policy.model import Decision, Facts, Grant, Identity, Reason, Subject
+from nhigate.policy.model import Decision, Delegation, Facts, Grant, Identity, Reason, Subject
 from nhigate.policy.paths import PathPattern, is_canonical_path, normalise_path, path_segments
 
 
@@ -43,6 +48,15 @@ def grant_status(grant: Grant, now: float, tenant: str | None) -> Reason:
 _REVOKED = Decision(allowed=False, reason=Reason.REVOKED)
 _PATH_REJECTED = Decision(allowed=False, reason=Reason.PATH_REJECTED)
 _NO_MATCHING_GRANT = Decision(allowed=False, reason=Reason.NO_MATCHING_GRANT)
+_CHAIN_DENIALS = {
+    reason: Decision(allowed=False, reason=reason)
+    for reason in (
+        Reason.DELEGATION_NOT_ALLOWED,
+        Reason.DELEGATION_TOO_DEEP,
+        Reason.ACTOR_NOT_ALLOWED,
+        Reason.ACTOR_REQUIRED,
+    )
+}
 
 
 def decide(policy: Policy, facts: Facts) -> Decision:
@@ -65,9 +79,11 @@ def decide_request(
         return _REVOKED
     if not is_canonical_path(path):
         return _PATH_REJECTED
-    candidates = policy.candidates(identity, method, path[1:].split("/"))
+    segments = path[1:].split("/")
+    candidates = policy.candidates(identity, method, segments)
     if not candidates:
-        return _NO_MATCHING_GRANT
+        chain = policy.chain_denial(identity, method, segments)
+        return _NO_MATCHING_GRANT if chain is None else _CHAIN_DENIALS[chain]
     best = _NO_MATCHING_GRANT
     best_rank = ALLOWED
     grants = policy.grants
@@ -122,6 +138,10 @@ def _rule_problems(
     problems: list[str] = []
     several = len(grant.rules) > 1
     for index, (rule, rule_patterns) in enumerate(zip(grant.rules, patterns, strict=True)):
+        if rule.mcp is not None:
+            prefix = f"rule {index + 1}: " if several else ""
+            problems.append(f"{prefix}an MCP rule (it reaches MCP endpoints only)")
+            continue
         method_ok = "*" in rule.methods or method in rule.methods
         path_ok = any(p.matches(path) for p in rule_patterns)
         if method_ok and path_ok:
@@ -133,6 +153,26 @@ def _rule_problems(
             listed = ", ".join(p.pattern for p in rule_patterns)
             problems.append(f"{prefix}path {path} matches none of [{listed}]")
     return False, problems
+
+
+def chain_problem(reason: Reason, delegation: Delegation | None, actors: tuple[str, ...]) -> str:
+    """A readable sentence for a `chain_verdict` denial."""
+    chain = " -> ".join(actors) if actors else "(none)"
+    if reason is Reason.DELEGATION_NOT_ALLOWED:
+        return f"token is used by actor chain {chain}; the subject accepts no delegation"
+    if delegation is None:  # the other reasons come from a delegation
+        return reason.value
+    if reason is Reason.ACTOR_REQUIRED:
+        return "the subject requires an actor (delegation.required) and the token has none"
+    if reason is Reason.DELEGATION_TOO_DEEP:
+        return f"actor chain {chain} is {len(actors)} deep; maxDepth is {delegation.max_depth}"
+    allowed = ", ".join(delegation.actors)
+    return f"actor chain {chain} has an actor matching none of [{allowed}]"
+
+
+def time_tenant_problems(grant: Grant, now: float, tenant: str | None) -> list[str]:
+    """Readable reasons the grant's time window or tenant does not admit the request."""
+    return _time_tenant_problems(grant, now, tenant)
 
 
 def _time_tenant_problems(grant: Grant, now: float, tenant: str | None) -> list[str]:
@@ -159,19 +199,32 @@ def explain(policy: Policy, facts: Facts) -> Explanation:
     revocation = policy.revocation(identity, facts.now)
     canonical = is_canonical_path(facts.path)
     verdicts: list[GrantVerdict] = []
+    actors = identity.actors
     for pos in policy.subject_grants(identity):
         grant = policy.grants[pos]
-        subject = next(s for s in grant.subjects if subject_matches(s, identity))
+        matching = [s for s in grant.subjects if subject_matches(s, identity)]
+        subject = next(
+            (s for s in matching if chain_verdict(subject_delegation(s), actors) is None),
+            matching[0],
+        )
+        chain = chain_verdict(subject_delegation(subject), actors)
         if canonical:
             rule_ok, problems = _rule_problems(
                 grant, policy.patterns[pos], facts.method, facts.path
             )
         else:
             rule_ok, problems = False, [f"path {facts.path!r} is not a canonical path"]
+        if chain is not None:
+            problems.insert(0, chain_problem(chain, subject_delegation(subject), actors))
         problems.extend(_time_tenant_problems(grant, facts.now, facts.tenant))
-        outcome = (
-            grant_status(grant, facts.now, facts.tenant) if rule_ok else Reason.NO_MATCHING_GRANT
-        )
+        if chain is not None:
+            outcome = chain
+        else:
+            outcome = (
+                grant_status(grant, facts.now, facts.tenant)
+                if rule_ok
+                else Reason.NO_MATCHING_GRANT
+            )
         matched = outcome is Reason.ALLOWED
         if matched and revocation is not None:
             problems.append(f"credential revoked by {revocation}")

@@ -76,6 +76,8 @@ class ServiceConfig:
     rate_limit: RateLimit | None = None
     upstream_credential: UpstreamCredential | None = None
     identity_assertion: IdentityAssertion | None = None
+    mcp_endpoints: tuple[str, ...] = ()
+    """Exact canonical paths that speak MCP (Streamable HTTP): only MCP rules reach them."""
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)

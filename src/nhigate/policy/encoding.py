@@ -31,7 +31,9 @@ from nhigate.policy.document import (
     UpstreamCredential,
 )
 from nhigate.policy.model import (
+    Delegation,
     Grant,
+    McpRule,
     RateLimit,
     Revocation,
     Rule,
@@ -40,6 +42,7 @@ from nhigate.policy.model import (
     Subject,
     TokenSubject,
 )
+from nhigate.policy.names import is_mcp_endpoint_path, name_pattern_problem
 from nhigate.policy.paths import PathPattern
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -110,25 +113,47 @@ def _rate_limit_json(rl: RateLimit | None) -> dict[str, Any] | None:
     return {"requestsPerSecond": float(rl.requests_per_second), "burst": rl.burst}
 
 
+def _delegation_json(body: dict[str, Any], delegation: Delegation | None) -> dict[str, Any]:
+    # Absent unless set: documents without delegation keep the bytes (and version) they had.
+    if delegation is not None:
+        body["delegation"] = {
+            "actors": list(delegation.actors),
+            "maxDepth": delegation.max_depth,
+            "required": delegation.required,
+        }
+    return body
+
+
 def _subject_json(subject: Subject) -> dict[str, Any]:
     if isinstance(subject, ServiceAccountSubject):
-        return {"serviceAccount": {"namespace": subject.namespace, "name": subject.name}}
+        body: dict[str, Any] = {"namespace": subject.namespace, "name": subject.name}
+        return {"serviceAccount": _delegation_json(body, subject.delegation)}
     if isinstance(subject, TokenSubject):
-        return {
-            "token": {
-                "issuer": subject.issuer,
-                "subject": subject.subject,
-                "claims": dict(subject.claims),
-            }
-        }
+        body = {"issuer": subject.issuer, "subject": subject.subject}
+        body["claims"] = dict(subject.claims)
+        return {"token": _delegation_json(body, subject.delegation)}
     return {"spiffeId": subject.spiffe_id}
+
+
+def _rule_json(rule: Rule) -> dict[str, Any]:
+    mcp = rule.mcp
+    if mcp is None:
+        return {"methods": sorted(rule.methods), "paths": list(rule.paths)}
+    return {
+        "mcp": {
+            "endpoints": list(mcp.endpoints),
+            "tools": list(mcp.tools),
+            "resources": list(mcp.resources),
+            "prompts": list(mcp.prompts),
+        }
+    }
 
 
 def _grant_json(grant: Grant) -> dict[str, Any]:
     return {
         "name": grant.name,
         "subjects": [_subject_json(s) for s in grant.subjects],
-        "rules": [{"methods": sorted(r.methods), "paths": list(r.paths)} for r in grant.rules],
+        "rules": [_rule_json(r) for r in grant.rules],
         "tenant": grant.tenant,
         "notBefore": _opt_time(grant.not_before),
         "expiresAt": _opt_time(grant.expires_at),
@@ -167,7 +192,7 @@ def _service_json(svc: ServiceConfig) -> dict[str, Any]:
     tenant = svc.tenant
     cred = svc.upstream_credential
     assertion = svc.identity_assertion
-    return {
+    body = {
         "namespace": svc.namespace,
         "name": svc.name,
         "backendService": svc.backend_service,
@@ -185,6 +210,9 @@ def _service_json(svc: ServiceConfig) -> dict[str, Any]:
             "ttlSeconds": assertion.ttl_seconds,
         },
     }
+    if svc.mcp_endpoints:  # absent unless set, like `delegation`
+        body["mcpEndpoints"] = list(svc.mcp_endpoints)
+    return body
 
 
 def _content_json(
@@ -232,6 +260,16 @@ def _obj(value: object, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
     if unknown:
         _fail(f"{where}.{unknown[0]}", "unknown field")
     return value
+
+
+def _obj_optional(
+    value: object, where: str, keys: tuple[str, ...], optional: tuple[str, ...]
+) -> dict[str, Any]:
+    """`_obj` where the `optional` keys may also appear (absent means unset)."""
+    if not isinstance(value, dict):
+        _fail(where, f"expected an object, got {_type_name(value)}")
+    present = tuple(k for k in optional if k in value)
+    return _obj(value, where, keys + present)
 
 
 def _type_name(value: object) -> str:
@@ -324,11 +362,13 @@ def _subject(value: object, where: str) -> Subject:
     ((kind, body),) = value.items()
     if kind == "serviceAccount":
         w = f"{where}.serviceAccount"
-        obj = _obj(body, w, ("namespace", "name"))
-        return ServiceAccountSubject(_str(obj, "namespace", w), _str(obj, "name", w))
+        obj = _obj_optional(body, w, ("namespace", "name"), ("delegation",))
+        return ServiceAccountSubject(
+            _str(obj, "namespace", w), _str(obj, "name", w), _delegation(obj, w)
+        )
     if kind == "token":
         w = f"{where}.token"
-        obj = _obj(body, w, ("issuer", "subject", "claims"))
+        obj = _obj_optional(body, w, ("issuer", "subject", "claims"), ("delegation",))
         claims_obj = obj["claims"]
         if not isinstance(claims_obj, dict):
             _fail(f"{w}.claims", f"expected an object, got {_type_name(claims_obj)}")
@@ -339,13 +379,56 @@ def _subject(value: object, where: str) -> Subject:
         if subject is None and not claims_obj:
             _fail(w, "set subject, claims, or both")
         return TokenSubject(
-            issuer=_str(obj, "issuer", w), subject=subject, claims=tuple(sorted(claims_obj.items()))
+            issuer=_str(obj, "issuer", w),
+            subject=subject,
+            claims=tuple(sorted(claims_obj.items())),
+            delegation=_delegation(obj, w),
         )
     if kind == "spiffeId":
         if not isinstance(body, str) or not body.startswith("spiffe://") or len(body) <= 9:
             _fail(f"{where}.spiffeId", "expected a SPIFFE ID like spiffe://trust.domain/path")
         return SpiffeSubject(body)
     _fail(f"{where}.{kind}", "unknown subject kind (serviceAccount, token, spiffeId)")
+
+
+MAX_DELEGATION_DEPTH: Final = 8
+"""Longest actor chain a grant subject may accept (`maxDepth`)."""
+
+
+def _delegation(obj: Mapping[str, Any], where: str) -> Delegation | None:
+    if "delegation" not in obj:
+        return None
+    w = f"{where}.delegation"
+    d = _obj(obj["delegation"], w, ("actors", "maxDepth", "required"))
+    actors = _str_list(d, "actors", w, empty_ok=False)
+    for i, actor in enumerate(actors):
+        problem = name_pattern_problem(actor)
+        if problem is not None:
+            _fail(f"{w}.actors[{i}]", problem)
+    return Delegation(
+        actors=actors,
+        max_depth=_int(d, "maxDepth", w, 1, MAX_DELEGATION_DEPTH),
+        required=_bool(d, "required", w),
+    )
+
+
+def _mcp_rule(value: object, where: str) -> McpRule:
+    obj = _obj(value, where, ("endpoints", "tools", "resources", "prompts"))
+    endpoints = _str_list(obj, "endpoints", where, empty_ok=True)
+    for i, endpoint in enumerate(endpoints):
+        if not is_mcp_endpoint_path(endpoint):
+            _fail(f"{where}.endpoints[{i}]", f"{endpoint!r} is not an MCP endpoint path")
+    lists = {}
+    for key in ("tools", "resources", "prompts"):
+        items = _str_list(obj, key, where, empty_ok=True)
+        for i, item in enumerate(items):
+            problem = name_pattern_problem(item, uri=key == "resources")
+            if problem is not None:
+                _fail(f"{where}.{key}[{i}]", problem)
+        lists[key] = items
+    if not (lists["tools"] or lists["resources"] or lists["prompts"]):
+        _fail(where, "name at least one tool, resource or prompt")
+    return McpRule(endpoints, lists["tools"], lists["resources"], lists["prompts"])
 
 
 @lru_cache(maxsize=1024)
@@ -357,6 +440,9 @@ _RULE_KEYS: Final = ("methods", "paths")
 
 
 def _rule(value: object, where: str) -> Rule:
+    if isinstance(value, dict) and "mcp" in value:
+        obj = _obj(value, where, ("mcp",))
+        return Rule(methods=frozenset(), paths=(), mcp=_mcp_rule(obj["mcp"], f"{where}.mcp"))
     obj = _obj(value, where, _RULE_KEYS)
     methods = _str_list(obj, "methods", where, empty_ok=False)
     for i, method in enumerate(methods):
@@ -588,7 +674,15 @@ def _service(value: object, where: str) -> ServiceConfig:
         "upstreamCredential",
         "identityAssertion",
     )
-    obj = _obj(value, where, keys)
+    obj = _obj_optional(value, where, keys, ("mcpEndpoints",))
+    mcp_endpoints: tuple[str, ...] = ()
+    if "mcpEndpoints" in obj:
+        mcp_endpoints = _str_list(obj, "mcpEndpoints", where, empty_ok=False)
+        for i, endpoint in enumerate(mcp_endpoints):
+            if not is_mcp_endpoint_path(endpoint):
+                _fail(f"{where}.mcpEndpoints[{i}]", f"{endpoint!r} is not an MCP endpoint path")
+        if len(set(mcp_endpoints)) != len(mcp_endpoints):
+            _fail(f"{where}.mcpEndpoints", "duplicate endpoint")
     tenant: TenantMapping | None = None
     if obj["tenant"] is not None:
         w = f"{where}.tenant"
@@ -623,6 +717,7 @@ def _service(value: object, where: str) -> ServiceConfig:
         rate_limit=_rate_limit(obj["rateLimit"], f"{where}.rateLimit"),
         upstream_credential=cred,
         identity_assertion=assertion,
+        mcp_endpoints=mcp_endpoints,
     )
 
 
@@ -659,16 +754,40 @@ def _parse_content(obj: dict[str, Any], version: str) -> PolicyDocument:
 # --- public API -----------------------------------------------------------------------------
 
 
+def _delegation_key(delegation: Delegation | None) -> tuple[str, ...]:
+    if delegation is None:
+        return ()
+    flags = f"depth={delegation.max_depth},required={delegation.required}"
+    return ("\x00delegation", flags, *delegation.actors)
+
+
 def _subject_key(subject: Subject) -> tuple[str, ...]:
     if isinstance(subject, ServiceAccountSubject):
-        return ("serviceAccount", subject.namespace, subject.name)
+        key: tuple[str, ...] = ("serviceAccount", subject.namespace, subject.name)
+        return key + _delegation_key(subject.delegation)
     if isinstance(subject, TokenSubject):
         flat = tuple(f"{k}={v}" for k, v in subject.claims)
-        return ("token", subject.issuer, subject.subject or "", *flat)
+        key = ("token", subject.issuer, subject.subject or "", *flat)
+        return key + _delegation_key(subject.delegation)
     return ("spiffeId", subject.spiffe_id)
 
 
+def _canonical_delegation(delegation: Delegation | None) -> Delegation | None:
+    if delegation is None:
+        return None
+    actors = tuple(sorted(set(delegation.actors)))
+    if actors == delegation.actors:
+        return delegation
+    return Delegation(actors, delegation.max_depth, delegation.required)
+
+
 def _canonical_subject(subject: Subject) -> Subject:
+    if isinstance(subject, ServiceAccountSubject | TokenSubject) and subject.delegation:
+        delegation = _canonical_delegation(subject.delegation)
+        if delegation is not subject.delegation:
+            if isinstance(subject, ServiceAccountSubject):
+                return ServiceAccountSubject(subject.namespace, subject.name, delegation)
+            subject = TokenSubject(subject.issuer, subject.subject, subject.claims, delegation)
     if not isinstance(subject, TokenSubject) or not subject.claims:
         return subject
     claims = dict(subject.claims)
@@ -681,7 +800,7 @@ def _canonical_subject(subject: Subject) -> Subject:
     ordered = tuple(sorted(claims.items()))
     if ordered == subject.claims:
         return subject
-    return TokenSubject(subject.issuer, subject.subject, ordered)
+    return TokenSubject(subject.issuer, subject.subject, ordered, subject.delegation)
 
 
 def _opt_canonical_time(t: float | None) -> float | None:
@@ -702,11 +821,21 @@ def _canonical_subjects(subjects: tuple[Subject, ...]) -> tuple[Subject, ...]:
 
 
 def _canonical_rule(rule: Rule) -> Rule:
+    mcp = rule.mcp
+    if mcp is not None:
+        canonical = McpRule(*(tuple(sorted(set(items))) for items in _mcp_lists(mcp)))
+        return rule if canonical == mcp else Rule(frozenset(), (), canonical)
     paths = tuple(sorted(set(rule.paths)))
     return rule if paths == rule.paths else Rule(methods=rule.methods, paths=paths)
 
 
-def _rule_key(rule: Rule) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _mcp_lists(mcp: McpRule) -> tuple[tuple[str, ...], ...]:
+    return (mcp.endpoints, mcp.tools, mcp.resources, mcp.prompts)
+
+
+def _rule_key(rule: Rule) -> tuple[tuple[str, ...], ...]:
+    if rule.mcp is not None:  # after every HTTP rule; MCP rules ordered by their lists
+        return (("\x7fmcp",), *_mcp_lists(rule.mcp))
     return (tuple(sorted(rule.methods)), rule.paths)
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from nhigate.policy.allocation import gc_paused
 from nhigate.policy.document import PolicyDocument
 from nhigate.policy.model import (
     Decision,
+    Delegation,
     Grant,
     Identity,
     IdentityKind,
@@ -28,15 +29,22 @@ from nhigate.policy.model import (
     Subject,
     TokenSubject,
 )
+from nhigate.policy.names import any_name_matches
 from nhigate.policy.paths import PathPattern
 
 Claims = tuple[tuple[str, str], ...]
-_Entry = tuple[frozenset[str], int, Claims]
+_Entry = tuple[frozenset[str], int, Claims, Delegation | None]
 """(a rule's methods, position of its grant in `Policy.grants`, claims the identity must
-also carry): one shared tuple per (grant, subject, rule), referenced from each of the
-rule's patterns."""
+also carry, the actor chains the subject accepts): one shared tuple per (grant, subject,
+rule), referenced from each of the rule's patterns."""
 
 _ANY_METHOD = "*"
+
+MCP_METHOD: Final = "mcp:"
+"""The pseudo-method MCP rules are indexed under, at each MCP endpoint path. It is not an
+HTTP token (`:`), so no HTTP request can carry it; MCP endpoints are decided by
+`nhigate.policy.mcp`, never by `decide()`."""
+_MCP_METHODS: Final = frozenset({MCP_METHOD})
 
 
 _NO_CHILDREN: dict[str, _Node] = {}
@@ -158,6 +166,41 @@ def subject_matches(subject: Subject, identity: Identity) -> bool:
     return identity.kind is IdentityKind.SPIFFE and identity.spiffe_id == subject.spiffe_id
 
 
+_CHAIN_RANK: Final = {
+    Reason.DELEGATION_NOT_ALLOWED: 1,
+    Reason.ACTOR_REQUIRED: 2,
+    Reason.ACTOR_NOT_ALLOWED: 3,
+    Reason.DELEGATION_TOO_DEEP: 4,
+}
+"""Among chain denials, a higher rank is more specific (reported first)."""
+
+
+def chain_verdict(delegation: Delegation | None, actors: tuple[str, ...]) -> Reason | None:
+    """Why a subject with `delegation` does not accept this actor chain (None: it does).
+
+    No `delegation`: only tokens without an actor chain. Otherwise the chain may be
+    at most `max_depth` long, every actor must match one of `delegation.actors`, and
+    a `required` delegation refuses tokens without an actor.
+    """
+    if delegation is None:
+        return Reason.DELEGATION_NOT_ALLOWED if actors else None
+    if not actors:
+        return Reason.ACTOR_REQUIRED if delegation.required else None
+    if len(actors) > delegation.max_depth:
+        return Reason.DELEGATION_TOO_DEEP
+    for actor in actors:
+        if not any_name_matches(delegation.actors, actor):
+            return Reason.ACTOR_NOT_ALLOWED
+    return None
+
+
+def subject_delegation(subject: Subject) -> Delegation | None:
+    """The subject's delegation constraint (SPIFFE subjects have none)."""
+    if isinstance(subject, ServiceAccountSubject | TokenSubject):
+        return subject.delegation
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class _RevocationHit:
     until: float
@@ -207,6 +250,8 @@ class Policy:
     _revoked_tokens: Mapping[str, _RevocationHit] = field(repr=False)
     _revoked_sa_uids: Mapping[str, _RevocationHit] = field(repr=False)
     _has_revocations: bool = field(repr=False)
+    _requires_actor: bool = field(repr=False, default=False)
+    """Some subject sets `delegation.required` (so a token without `act` can be refused)."""
 
     @property
     def version(self) -> str:
@@ -240,40 +285,71 @@ class Policy:
             self._decisions[slot] = decision
         return decision
 
-    def candidates(self, identity: Identity, method: str, segments: list[str]) -> list[int]:
-        """Positions of grants with a subject matching `identity` and a rule matching
-        (`method`, path `segments`), ascending and without duplicates."""
-        found: list[_Entry] = []
+    def _collect(
+        self, identity: Identity, method: str, segments: list[str], found: list[_Entry]
+    ) -> None:
         kind = identity.kind
         if kind is IdentityKind.SPIFFE:
             if identity.spiffe_id is not None:
                 node = self._by_spiffe.get(identity.spiffe_id)
                 if node is not None:
                     node.collect(segments, 0, method, found)
-        else:
-            sa = identity.service_account
-            if kind is IdentityKind.SERVICE_ACCOUNT and sa is not None:
-                node = self._by_service_account.get((sa.namespace, sa.name))
-                if node is not None:
-                    node.collect(segments, 0, method, found)
-            subjects = self._by_subject.get(identity.issuer)
-            if subjects is not None:
-                node = subjects.get(identity.subject)
-                if node is not None:
-                    node.collect(segments, 0, method, found)
-            node = self._by_issuer.get(identity.issuer)
+            return
+        sa = identity.service_account
+        if kind is IdentityKind.SERVICE_ACCOUNT and sa is not None:
+            node = self._by_service_account.get((sa.namespace, sa.name))
             if node is not None:
                 node.collect(segments, 0, method, found)
+        subjects = self._by_subject.get(identity.issuer)
+        if subjects is not None:
+            node = subjects.get(identity.subject)
+            if node is not None:
+                node.collect(segments, 0, method, found)
+        node = self._by_issuer.get(identity.issuer)
+        if node is not None:
+            node.collect(segments, 0, method, found)
+
+    def candidates(self, identity: Identity, method: str, segments: list[str]) -> list[int]:
+        """Positions of grants with a subject matching `identity` (claims and actor chain
+        included) and a rule matching (`method`, path `segments`), ascending and without
+        duplicates."""
+        found: list[_Entry] = []
+        self._collect(identity, method, segments, found)
         if not found:
             return []
+        actors = identity.actors
         if len(found) == 1:
-            _, pos, required = found[0]
-            return [pos] if not required or claims_match(required, identity.claims) else []
+            _, pos, required, delegation = found[0]
+            if required and not claims_match(required, identity.claims):
+                return []
+            if (delegation is not None or actors) and chain_verdict(delegation, actors):
+                return []
+            return [pos]
         claims = identity.claims
         positions = {
-            pos for _, pos, required in found if not required or claims_match(required, claims)
+            pos
+            for _, pos, required, delegation in found
+            if (not required or claims_match(required, claims))
+            and ((delegation is None and not actors) or chain_verdict(delegation, actors) is None)
         }
         return sorted(positions)
+
+    def chain_denial(self, identity: Identity, method: str, segments: list[str]) -> Reason | None:
+        """When `candidates()` found nothing: the most specific delegation reason among the
+        entries whose subject and claims match but whose actor chain does not, else None.
+        (Only on the deny path: it repeats the lookup.)"""
+        if not identity.actors and not self._requires_actor:
+            return None  # no subject requires an actor: the chain cannot be the reason
+        found: list[_Entry] = []
+        self._collect(identity, method, segments, found)
+        best: Reason | None = None
+        for _, _, required, delegation in found:
+            if required and not claims_match(required, identity.claims):
+                continue
+            verdict = chain_verdict(delegation, identity.actors)
+            if verdict is not None and (best is None or _CHAIN_RANK[verdict] > _CHAIN_RANK[best]):
+                best = verdict
+        return best
 
     def subject_grants(self, identity: Identity) -> list[int]:
         """Positions of every grant with a subject matching `identity` (linear; for explain)."""
@@ -316,9 +392,13 @@ def _compile(doc: PolicyDocument) -> Policy:
     by_issuer: dict[str, _Node] = {}
     by_spiffe: dict[str, _Node] = {}
     compile_pattern = PathPattern.compile  # cached by pattern text
+    mcp_endpoints = doc.service.mcp_endpoints
+    requires_actor = False
     for pos, grant in enumerate(doc.grants):
         for subject in grant.subjects:
             claims: Claims = ()
+            delegation = subject_delegation(subject)
+            requires_actor = requires_actor or (delegation is not None and delegation.required)
             if isinstance(subject, ServiceAccountSubject):
                 key = (subject.namespace, subject.name)
                 node = by_sa.get(key) or by_sa.setdefault(key, _Node())
@@ -338,7 +418,14 @@ def _compile(doc: PolicyDocument) -> Policy:
                     subject.spiffe_id, _Node()
                 )
             for rule in grant.rules:
-                entry = (rule.methods, pos, claims)
+                if rule.mcp is not None:
+                    # Indexed at each endpoint it covers, under a method no HTTP request has.
+                    mcp_entry = (_MCP_METHODS, pos, claims, delegation)
+                    for endpoint in rule.mcp.endpoints or mcp_endpoints:
+                        if endpoint in mcp_endpoints:
+                            node.insert(compile_pattern(endpoint), mcp_entry)
+                    continue
+                entry = (rule.methods, pos, claims, delegation)
                 for path in rule.paths:
                     node.insert(compile_pattern(path), entry)
     by_pair: dict[tuple[str, str], _RevocationHit] = {}
@@ -364,17 +451,21 @@ def _compile(doc: PolicyDocument) -> Policy:
         _revoked_tokens=by_token,
         _revoked_sa_uids=by_uid,
         _has_revocations=bool(doc.revocations),
+        _requires_actor=requires_actor,
     )
 
 
 __all__ = [
     "ALLOWED",
     "EXPIRED",
+    "MCP_METHOD",
     "NOT_YET_VALID",
     "TENANT_MISMATCH",
     "Policy",
+    "chain_verdict",
     "claim_matches",
     "claims_match",
     "compile_policy",
+    "subject_delegation",
     "subject_matches",
 ]

@@ -38,6 +38,22 @@ class Reason(StrEnum):
     TENANT_MISMATCH = "tenant_mismatch"
     REVOKED = "revoked"
     PATH_REJECTED = "path_rejected"
+    # delegation chains (RFC 8693 `act`, docs/mcp.md)
+    DELEGATION_NOT_ALLOWED = "delegation_not_allowed"
+    """The token carries an actor chain and the matching grant subject accepts none."""
+    DELEGATION_TOO_DEEP = "delegation_too_deep"
+    """The actor chain is longer than the grant subject's `maxDepth`."""
+    ACTOR_NOT_ALLOWED = "actor_not_allowed"
+    """An actor in the chain is not one the grant subject names."""
+    ACTOR_REQUIRED = "actor_required"
+    """The grant subject requires an actor and the token carries none."""
+    # MCP endpoints (docs/mcp.md)
+    MCP_METHOD_NOT_ALLOWED = "mcp_method_not_allowed"
+    """A JSON-RPC method the proxy does not know how to authorise (denied, fail closed)."""
+    MCP_SESSION_MISMATCH = "mcp_session_mismatch"
+    """The `Mcp-Session-Id` was issued to another identity."""
+    MCP_REJECTED = "mcp_rejected"
+    """The request is not a well-formed, strictly parsed JSON-RPC request for an MCP endpoint."""
     # authentication (proxy)
     CREDENTIAL_MISSING = "credential_missing"
     TOKEN_MALFORMED = "token_malformed"  # noqa: S105 (a reason, not a secret)
@@ -85,6 +101,24 @@ class Identity:
     spiffe_id: str | None = None
     token_id: str | None = None
     """The token's `jti`, when present, for revocation by token."""
+    actors: tuple[str, ...] = ()
+    """The RFC 8693 actor chain (`act.sub`, nested `act.act.sub`, ...), current actor first;
+    empty for a token used by its own subject."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    """Which actor chains a grant subject accepts (RFC 8693 `act`; docs/mcp.md).
+
+    A subject without a `Delegation` matches only tokens without an actor chain.
+    With one, every actor in the chain must match one of `actors` (name patterns:
+    `*` matches any run of characters), the chain may be at most `max_depth`
+    long, and when `required` a token without an actor does not match.
+    """
+
+    actors: tuple[str, ...]
+    max_depth: int = 1
+    required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +127,7 @@ class ServiceAccountSubject:
 
     namespace: str
     name: str
+    delegation: Delegation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +141,7 @@ class TokenSubject:
     issuer: str
     subject: str | None = None
     claims: tuple[tuple[str, str], ...] = ()
+    delegation: Delegation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,16 +155,34 @@ Subject = ServiceAccountSubject | TokenSubject | SpiffeSubject
 
 
 @dataclass(frozen=True, slots=True)
+class McpRule:
+    """MCP tools, resources and prompts on MCP endpoints of the service (docs/mcp.md).
+
+    `endpoints` are exact paths the service declares as MCP endpoints; empty means
+    every one it declares. Entries are name patterns (tool and prompt names,
+    resource URIs) where `*` matches any run of characters and everything else is
+    literal and case-sensitive.
+    """
+
+    endpoints: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
-    """Methods x path patterns. `methods` are upper-case; `"*"` means any method.
+    """Methods x path patterns, or an MCP rule. `methods` are upper-case; `"*"` means any.
 
     Path patterns follow the grammar in docs/path-grammar.md: exact
     (`/v1/items`), one-segment wildcard (`/v1/items/*/history`) and a trailing
-    subtree (`/v1/items/**`, which also matches `/v1/items`).
+    subtree (`/v1/items/**`, which also matches `/v1/items`). An MCP rule has no
+    methods and no paths (it never allows a plain HTTP request) and sets `mcp`.
     """
 
     methods: frozenset[str]
     paths: tuple[str, ...]
+    mcp: McpRule | None = None
 
 
 @dataclass(frozen=True, slots=True)

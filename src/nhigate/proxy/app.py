@@ -46,6 +46,7 @@ from nhigate.policy import (
 )
 from nhigate.policy.decide import decide_request
 from nhigate.policy.document import ServiceConfig, UpstreamCredential
+from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
 from nhigate.proxy.audit import AuditLog, audit_line
 from nhigate.proxy.forward import (
     RequestBody,
@@ -64,6 +65,13 @@ from nhigate.proxy.headers import (
     filter_request_headers,
     filter_response_headers,
     safe_header_value,
+)
+from nhigate.proxy.mcp import (
+    McpAuthorised,
+    McpDeniedError,
+    McpGate,
+    McpUpstreamError,
+    SessionBindings,
 )
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
@@ -99,6 +107,13 @@ STATUS_FOR: dict[Reason, int] = {
     Reason.GRANT_EXPIRED: 403,
     Reason.TENANT_MISMATCH: 403,
     Reason.REVOKED: 403,
+    Reason.DELEGATION_NOT_ALLOWED: 403,
+    Reason.DELEGATION_TOO_DEEP: 403,
+    Reason.ACTOR_NOT_ALLOWED: 403,
+    Reason.ACTOR_REQUIRED: 403,
+    Reason.MCP_METHOD_NOT_ALLOWED: 403,
+    Reason.MCP_SESSION_MISMATCH: 403,
+    Reason.MCP_REJECTED: 400,
     Reason.RATE_LIMITED: 429,
     Reason.BODY_TOO_LARGE: 413,
     Reason.UPSTREAM_UNAVAILABLE: 502,
@@ -179,11 +194,14 @@ class DenyError(Exception):
         detail: str | None = None,
         *,
         extra_headers: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> None:
         super().__init__(reason.value)
         self.reason = reason
         self.detail = detail
         self.extra_headers = extra_headers
+        self.body = body
+        """A JSON body to answer with instead of the default (a JSON-RPC error on MCP)."""
 
 
 class BodyTooLargeError(Exception):
@@ -203,6 +221,8 @@ class _Exchange:
     identity: Identity | None = None
     decision: Decision | None = None
     tenant: str | None = None
+    mcp: dict[str, Any] | None = None
+    """The MCP messages of the request (method and tool/resource/prompt), for the audit."""
 
 
 @dataclass
@@ -222,6 +242,7 @@ class ProxyState:
     inflight: int = 0
     background: list[asyncio.Task[None]] = field(default_factory=list)
     credential: UpstreamCredentialFile | None = None
+    mcp_sessions: SessionBindings = field(default_factory=SessionBindings)
 
     @property
     def ready(self) -> bool:
@@ -232,9 +253,12 @@ class ProxyState:
 STATE: web.AppKey[ProxyState] = web.AppKey("nhigate_proxy_state", ProxyState)
 
 
-def _json_error(reason: Reason, request_id: str, headers: dict[str, str] | None) -> web.Response:
+def _json_error(
+    reason: Reason, request_id: str, headers: dict[str, str] | None, body: bytes | None = None
+) -> web.Response:
     status = STATUS_FOR.get(reason, 403)
-    body = orjson.dumps({"error": reason.value, "request_id": request_id})
+    if body is None:
+        body = orjson.dumps({"error": reason.value, "request_id": request_id})
     resp = web.Response(status=status, body=body, content_type="application/json")
     resp.headers[REQUEST_ID] = request_id
     if headers:
@@ -269,6 +293,7 @@ class ProxyHandler:
         self._last_identity_headers: tuple[
             Identity | None, Decision | None, list[tuple[str, str]]
         ] = (None, None, [])
+        self._mcp = McpGate(self._max_body, state.mcp_sessions, answers_expect=answers_expect)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         state = self.state
@@ -300,6 +325,10 @@ class ProxyHandler:
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = self._tenant(request, service, identity)
+        if service.mcp_endpoints:
+            endpoint = mcp_endpoint_of(service, path)
+            if endpoint is not None:  # decided per JSON-RPC message, never by path rules
+                return await self._mcp_exchange(request, ex, policy, identity, endpoint, query)
         decision = self._authorise(policy, ex, identity, path)
         if decision.rate_limit is not None or service.rate_limit is not None:
             self._rate_limit(service, identity, decision)
@@ -403,6 +432,28 @@ class ProxyHandler:
             raise DenyError(decision.reason)
         return decision
 
+    async def _mcp_exchange(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        policy: Policy,
+        identity: Identity,
+        endpoint: str,
+        query: str,
+    ) -> web.StreamResponse:
+        """An MCP endpoint request: `nhigate.proxy.mcp` reads and decides the body."""
+        scope = mcp_scope(policy, identity, endpoint, ex.now, ex.tenant)
+        try:
+            authorised = await self._mcp.authorise(request, ex.request_id, scope, identity, query)
+        except McpDeniedError as denied:
+            ex.decision, ex.mcp = denied.decision, denied.audit
+            raise DenyError(denied.reason, denied.detail, body=denied.body) from None
+        ex.decision, ex.mcp = authorised.decision, authorised.audit
+        service = policy.document.service
+        if authorised.decision.rate_limit is not None or service.rate_limit is not None:
+            self._rate_limit(service, identity, authorised.decision)
+        return await self._forward(request, ex, policy, ex.path, "", mcp=authorised)
+
     def _rate_limit(self, service: ServiceConfig, identity: Identity, decision: Decision) -> None:
         limit = decision.rate_limit or service.rate_limit
         if limit is None:
@@ -416,7 +467,13 @@ class ProxyHandler:
             )
 
     async def _forward(
-        self, request: web.Request, ex: _Exchange, policy: Policy, path: str, query: str
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        policy: Policy,
+        path: str,
+        query: str,
+        mcp: McpAuthorised | None = None,
     ) -> web.StreamResponse:
         state = self.state
         pool = state.pool
@@ -430,7 +487,11 @@ class ProxyHandler:
             raise DenyError(Reason.BODY_TOO_LARGE, f"Content-Length {length} > {self._max_body}")
         headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
         body: RequestBody = None
-        if (
+        if mcp is not None:
+            body = mcp.body  # exactly the bytes that were parsed and authorised
+            if body:
+                headers.append(("Content-Length", str(len(body))))
+        elif (
             self._answers_expect
             and request.body_exists
             and "Expect" in request.headers
@@ -439,7 +500,9 @@ class ProxyHandler:
             # Only now, authorised: the caller may send its body (`_target` checked the value).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
-        if length is not None and length > 0:
+        if mcp is not None:
+            pass
+        elif length is not None and length > 0:
             headers.append(("Content-Length", str(length)))
             if length <= BUFFERED_BODY_LIMIT:
                 body = await request.read()
@@ -465,6 +528,16 @@ class ProxyHandler:
                 Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
             ) from None
         state.metrics.upstream_duration.observe(time.perf_counter() - sent)
+        if mcp is not None:
+            try:
+                return await mcp.responder.respond(
+                    request,
+                    upstream,
+                    lambda status, detail: self._audit_allowed(ex, status, detail),
+                    lambda: _abort(request),
+                )
+            except McpUpstreamError as exc:
+                raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
         if upstream.body is not None and ex.method != "HEAD":
             return self._respond_buffered(ex, upstream, upstream.body)
         return await self._respond(request, ex, upstream)
@@ -612,7 +685,7 @@ class ProxyHandler:
         status = STATUS_FOR.get(reason, 403)
         grant = ex.decision.grant if ex.decision is not None else None
         self._record(ex, "deny", reason, grant, status, denied.detail)
-        return _json_error(reason, ex.request_id, denied.extra_headers)
+        return _json_error(reason, ex.request_id, denied.extra_headers, denied.body)
 
     def _record(
         self,
@@ -642,6 +715,7 @@ class ProxyHandler:
                 grant,
                 detail,
                 ex.tenant,
+                mcp=ex.mcp,
             )
         )
         state.metrics.observe_request(decision, reason.value, grant, elapsed)

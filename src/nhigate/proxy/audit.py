@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 
 _OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
 
-_identity_cache: list[tuple[Identity | None, dict[str, str] | None]] = [(None, None)]
+_identity_cache: list[tuple[Identity | None, dict[str, Any] | None]] = [(None, None)]
 
 
-def _identity_record(identity: Identity | None) -> dict[str, str] | None:
+def _identity_record(identity: Identity | None) -> dict[str, Any] | None:
     # Identities are immutable and a cached token yields the same object on every hit:
     # remember the last one's record (orjson only reads it).
     if identity is None:
@@ -40,6 +40,8 @@ def _identity_record(identity: Identity | None) -> dict[str, str] | None:
     cached, record = _identity_cache[0]
     if cached is not identity or record is None:
         record = {"issuer": identity.issuer, "subject": identity.subject, "kind": identity.kind}
+        if identity.actors:  # the RFC 8693 chain, current actor first
+            record["actors"] = list(identity.actors)
         _identity_cache[0] = (identity, record)
     return record
 
@@ -60,6 +62,8 @@ def audit_line(
     detail: str | None = None,
     tenant: str | None = None,
     peer: str | None = None,
+    *,
+    mcp: dict[str, Any] | None = None,
 ) -> bytes:
     """One audit record (the fields of `AuditEvent`, in its order) as one JSON line."""
     record: dict[str, Any] = {
@@ -82,6 +86,8 @@ def audit_line(
         record["tenant"] = tenant
     if peer is not None:
         record["peer"] = peer
+    if mcp is not None:
+        record["mcp"] = mcp
     return orjson.dumps(record, option=_OPTIONS)
 
 
@@ -104,6 +110,8 @@ class AuditEvent:
     detail: str | None = None
     tenant: str | None = None
     peer: str | None = None
+    mcp: dict[str, Any] | None = None
+    """On MCP endpoints: the JSON-RPC method and the tool, resource or prompt it names."""
 
     def to_json(self) -> bytes:
         """The record as one JSON line."""
@@ -123,6 +131,7 @@ class AuditEvent:
             self.detail,
             self.tenant,
             self.peer,
+            mcp=self.mcp,
         )
 
 

@@ -339,6 +339,36 @@ def _service_account(claims: dict[str, Any], subject: str) -> ServiceAccountRef:
     return ServiceAccountRef(namespace=namespace, name=name, uid=uid)
 
 
+MAX_ACTOR_CHAIN = 16
+"""Deepest RFC 8693 `act` nesting read from a token; deeper tokens are invalid (grants
+accept at most 8, see `Delegation.max_depth`)."""
+
+
+def actor_chain(claims: dict[str, Any]) -> tuple[str, ...]:
+    """The RFC 8693 actor chain of a token: `act.sub`, then the nested `act.act.sub`, ...
+
+    The current actor comes first. Raises TokenError (`token_invalid`) when `act` (at any
+    depth) is not an object with a non-empty string `sub`, or nests deeper than
+    `MAX_ACTOR_CHAIN`.
+    """
+    if "act" not in claims:
+        return ()
+    chain: list[str] = []
+    holder: dict[str, Any] = claims
+    while "act" in holder:
+        act = holder["act"]
+        if not isinstance(act, dict):
+            raise TokenError(Reason.TOKEN_INVALID, "act claim is not an object")
+        sub = act.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > 1024:
+            raise TokenError(Reason.TOKEN_INVALID, "act claim without a string sub")
+        chain.append(sub)
+        if len(chain) > MAX_ACTOR_CHAIN:
+            raise TokenError(Reason.TOKEN_INVALID, f"act chain deeper than {MAX_ACTOR_CHAIN}")
+        holder = act
+    return tuple(chain)
+
+
 def validate_claims(claims: dict[str, Any], issuer: IssuerConfig, now: float) -> ValidatedToken:
     """Check the time window, lifetime cap, audience, subject (and Kubernetes binding).
 
@@ -365,6 +395,7 @@ def validate_claims(claims: dict[str, Any], issuer: IssuerConfig, now: float) ->
     if subject is None:
         raise TokenError(Reason.TOKEN_INVALID, "missing sub claim")
     token_id = _optional_str(claims, "jti")
+    actors = actor_chain(claims)
     frozen_claims = MappingProxyType(claims)
     if issuer.kubernetes:
         identity = Identity(
@@ -374,6 +405,7 @@ def validate_claims(claims: dict[str, Any], issuer: IssuerConfig, now: float) ->
             claims=frozen_claims,
             service_account=_service_account(claims, subject),
             token_id=token_id,
+            actors=actors,
         )
     else:
         identity = Identity(
@@ -382,5 +414,6 @@ def validate_claims(claims: dict[str, Any], issuer: IssuerConfig, now: float) ->
             subject=subject,
             claims=frozen_claims,
             token_id=token_id,
+            actors=actors,
         )
     return ValidatedToken(identity=identity, not_before=not_before, expires_at=expires_at)
