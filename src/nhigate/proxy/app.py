@@ -50,6 +50,7 @@ from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
 from nhigate.proxy.audit import AuditLog, audit_line
 from nhigate.proxy.forward import (
     RequestBody,
+    UnsafeHeadError,
     UpstreamPool,
     UpstreamResponse,
     UpstreamTimeoutError,
@@ -513,7 +514,10 @@ class ProxyHandler:
             body = chunked(_limited(request, self._max_body))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
-        head = serialise_head(ex.method, path + query, headers)
+        try:
+            head = serialise_head(ex.method, path + query, headers)
+        except UnsafeHeadError as exc:  # a proxy-made header broke framing: never send it
+            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
         sent = time.perf_counter()
         try:
             upstream = await pool.request(head, body, is_head=ex.method == "HEAD")

@@ -18,6 +18,7 @@ Redirects are never followed: the response goes back to the caller as is.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -463,12 +464,52 @@ class UpstreamPool:
             self._idle.pop()._close()
 
 
+class UnsafeHeadError(ValueError):
+    """A request line or header the serialiser refuses to write (it would change the framing)."""
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""RFC 9110 `token`: the only shape of a method or a header name."""
+
+_SAFE_NAMES: set[str] = set()
+"""Header names already checked against `_TOKEN` (names repeat: one set lookup each)."""
+
+_SAFE_NAMES_MAX = 4096
+
+
+def _check_names(headers: list[tuple[str, str]]) -> None:
+    for name, _ in headers:
+        if name not in _SAFE_NAMES:
+            if _TOKEN.fullmatch(name) is None:
+                raise UnsafeHeadError(f"header name {name[:64]!r} is not an HTTP token")
+            if len(_SAFE_NAMES) < _SAFE_NAMES_MAX:
+                _SAFE_NAMES.add(name)
+
+
 def serialise_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
-    """The request line and header block, as bytes (header text round-trips the raw bytes)."""
+    """The request line and header block, as bytes (header text round-trips the raw bytes).
+
+    Raises `UnsafeHeadError` rather than write a CR, LF or NUL inside a header value, a
+    header name that is not a token, or a request line that would not parse as one: the
+    inbound parser and the callers already keep such bytes out, and this is the last check
+    before they would reach the upstream as a second header or a second request.
+    """
+    if _TOKEN.fullmatch(method) is None:
+        raise UnsafeHeadError(f"method {method[:32]!r} is not an HTTP token")
+    if not target or any(ch in target for ch in _TARGET_FORBIDDEN):
+        raise UnsafeHeadError("request target holds whitespace, a control character or nothing")
     if not headers:
         return f"{method} {target} HTTP/1.1\r\n\r\n".encode("utf-8", "surrogateescape")
+    _check_names(headers)
     block = "\r\n".join(map(": ".join, headers))
+    separators = len(headers) - 1
+    # Every CR and LF in the block must be one of the separators just inserted.
+    if block.count("\n") != separators or block.count("\r") != separators or "\x00" in block:
+        raise UnsafeHeadError("a header value holds CR, LF or NUL")
     return f"{method} {target} HTTP/1.1\r\n{block}\r\n\r\n".encode("utf-8", "surrogateescape")
+
+
+_TARGET_FORBIDDEN = (" ", "\t", "\r", "\n", "\x00")
 
 
 async def chunked(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
