@@ -49,6 +49,7 @@ from nhigate.policy.document import ServiceConfig, UpstreamCredential
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
 from nhigate.proxy.audit import AuditLog, audit_line
 from nhigate.proxy.forward import (
+    IDEMPOTENT_METHODS,
     RequestBody,
     UnsafeHeadError,
     UpstreamPool,
@@ -520,7 +521,9 @@ class ProxyHandler:
             raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
         sent = time.perf_counter()
         try:
-            upstream = await pool.request(head, body, is_head=ex.method == "HEAD")
+            upstream = await pool.request(
+                head, body, is_head=ex.method == "HEAD", idempotent=ex.method in IDEMPOTENT_METHODS
+            )
         except UpstreamTimeoutError as exc:
             raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
         except UpstreamUnavailableError as exc:

@@ -9,8 +9,13 @@ directions with flow control, and timeouts that never hang:
   refused/reset -> `UpstreamUnavailableError`;
 - upstream silence longer than `read_timeout` while waiting for the response
   head or the next body chunk -> `UpstreamTimeoutError`;
-- a pooled connection the upstream closed while idle is retried once on a new
-  connection when the request body was fully buffered (nothing was consumed).
+- a request is sent twice only when RFC 9110 section 9.2.2 allows it: an idempotent
+  request whose body was fully buffered, on a pooled connection that failed before any
+  response byte arrived, is retried once on a new connection. A non-idempotent request
+  (POST, PATCH, ...) is never retried once written: the upstream may have acted on it.
+  Before writing one on a pooled connection, the socket is checked for an end-of-file the
+  event loop has not dispatched yet, so an upstream that closed the idle connection earlier
+  costs a new connection, not a 502.
 
 Redirects are never followed: the response goes back to the caller as is.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -46,6 +52,14 @@ class UpstreamTimeoutError(UpstreamError):
     """No connection or no bytes within the configured time (-> 504)."""
 
 
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""RFC 9110 section 9.2.2: the methods a client may repeat without changing the outcome."""
+
+
+class NotRetriedError(UpstreamUnavailableError):
+    """A non-idempotent request failed after it was written: the upstream may have acted."""
+
+
 _FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
 
 
@@ -65,6 +79,7 @@ class _Connection(asyncio.Protocol):
         "_loop",
         "_paused_reading",
         "_paused_writing",
+        "_poll",
         "_timeout",
         "_timer",
         "_waiter",
@@ -89,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self._paused_writing = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._poll: select.poll | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -241,6 +257,20 @@ class _Connection(asyncio.Protocol):
             # A timer left by an earlier exchange stays armed: when it fires it re-arms
             # itself from `_last_activity`, so a timer per exchange is not needed.
             self._timer = self._loop.call_later(self._timeout, self._on_timer)
+
+    def socket_quiet(self) -> bool:
+        """True when the socket has nothing to read: no end-of-file (the upstream closed its
+        side) and no stray bytes that the event loop has not delivered yet (~1 us: one poll)."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return False
+        if self._poll is None:
+            raw = transport.get_extra_info("socket")
+            if raw is None:
+                return True  # not a socket transport: nothing to check, the exchange will tell
+            self._poll = select.poll()
+            self._poll.register(raw.fileno(), select.POLLIN)
+        return not self._poll.poll(0)  # any event (readable, hang-up, error): unusable
 
     def finish(self) -> bool:
         """End the exchange; True when the connection may be reused."""
@@ -412,24 +442,41 @@ class UpstreamPool:
         elif not conn.closed:
             conn._close()
 
-    async def request(self, head: bytes, body: RequestBody, *, is_head: bool) -> UpstreamResponse:
+    async def request(
+        self, head: bytes, body: RequestBody, *, is_head: bool, idempotent: bool = False
+    ) -> UpstreamResponse:
         """Send one request (`head` is the serialised request line and headers) and read the head.
 
         A streamed `body` (async iterator) must already carry its chunked framing when the
-        head says `Transfer-Encoding: chunked`.
+        head says `Transfer-Encoding: chunked`. `idempotent` (the method is one of
+        `IDEMPOTENT_METHODS`) allows one retry on a new connection when a pooled one failed
+        before any response byte; otherwise a failure after writing raises `NotRetriedError`.
         """
-        conn = self._idle_connection()
+        conn = self._idle_connection() if idempotent else self._live_idle_connection()
         reused = conn is not None
         if conn is None:
             conn = await self._connect()
         try:
             return await self._exchange(conn, head, body, is_head)
-        except UpstreamUnavailableError:
-            if not (reused and not conn.received_any and not isinstance(body, AsyncIterator)):
+        except UpstreamUnavailableError as exc:
+            if not reused or conn.received_any:
                 raise
-        # A pooled connection went stale while idle: retry once on a fresh one.
+            if not idempotent:
+                # The request left: whether the upstream read it before closing is unknowable.
+                raise NotRetriedError(f"{exc} after the request was sent (not retried)") from None
+            if isinstance(body, AsyncIterator):
+                raise  # the streamed body was consumed: nothing to send again
+        # A pooled connection went stale while idle and the request may be repeated.
         conn = await self._connect()
         return await self._exchange(conn, head, body, is_head)
+
+    def _live_idle_connection(self) -> _Connection | None:
+        """An idle connection whose socket has no pending end-of-file (or data) either."""
+        while (conn := self._idle_connection()) is not None:
+            if conn.socket_quiet():
+                return conn
+            conn._close()
+        return None
 
     async def _exchange(
         self, conn: _Connection, head: bytes, body: RequestBody, is_head: bool
