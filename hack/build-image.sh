@@ -105,25 +105,37 @@ if [[ ${FORCE} -eq 0 && -f "${NHIGATE_ARCHIVE}" && -f "${PAUSE_ARCHIVE}" ]]; the
   print_result
   exit 0
 fi
+# Unmount whatever is mounted below the image cache, deepest first (debootstrap mounts /proc
+# and /sys, sometimes binds /dev, in its target, and only unmounts them when it finishes).
+unmount_cache() {
+  local mnt
+  while read -r mnt; do
+    if [[ -n "${mnt}" ]]; then umount -l "${mnt}" 2>/dev/null || true; fi
+  done < <(findmnt -rn -o TARGET | grep -F "${IMAGES}/" | sort -r)
+}
+
+# rm -rf that never crosses into another file system (a mount left behind is skipped, not emptied).
+remove_tree() {
+  rm -rf --one-file-system "$@"
+}
+
 # Holding the lock, no other build is running: what a killed build left behind can go.
-rm -rf "${IMAGES}"/.work.* "${IMAGES}"/*.partial
+unmount_cache
+remove_tree "${IMAGES}"/.work.* "${IMAGES}"/*.partial
 
 START=${SECONDS}
 WORK="$(mktemp -d "${IMAGES}/.work.XXXXXX")"
 
-# Leave nothing mounted and no half-built folder behind, whatever happens (debootstrap mounts
-# /proc and /sys in its target and only unmounts them when it finishes).
+# Leave nothing mounted and no half-built folder behind, whatever happens.
 cleanup() {
-  local rc=$? mnt
-  while read -r mnt; do
-    if [[ -n "${mnt}" ]]; then umount -l "${mnt}" 2>/dev/null || true; fi
-  done < <(findmnt -rn -o TARGET | grep -F "${IMAGES}/" | sort -r)
+  local rc=$?
+  unmount_cache
   if [[ ${KEEP_ROOTFS} -eq 1 && ${rc} -eq 0 ]]; then
-    log "kept work folder ${WORK}"
+    log "kept work folder ${WORK} (removed by the next build)"
   else
-    rm -rf "${WORK}"
+    remove_tree "${WORK}"
   fi
-  rm -rf "${BASE_DIR}.partial"
+  remove_tree "${BASE_DIR}.partial"
   exit "${rc}"
 }
 trap cleanup EXIT
@@ -199,18 +211,19 @@ build_base() {
   fi
   local mirror stage="${BASE_DIR}.partial"
   mirror="$(debian_mirror)"
-  rm -rf "${stage}"
+  remove_tree "${stage}"
   mkdir -p "${stage}"
   log "[base] debootstrap ${BASE_SUITE} minbase + ${BASE_PACKAGES} from ${mirror} (~2 min)"
   run_logged "${WORK}/debootstrap.log" debootstrap --variant=minbase \
     --include="${BASE_PACKAGES}" "${BASE_SUITE}" "${stage}/rootfs" "${mirror}"
   local r="${stage}/rootfs"
   # What an image never needs: package caches and lists, docs, man pages, translations, logs.
-  rm -rf "${r}"/var/cache/apt/* "${r}"/var/lib/apt/lists/* "${r}"/var/cache/debconf/*-old \
+  unmount_cache
+  remove_tree "${r}"/var/cache/apt/* "${r}"/var/lib/apt/lists/* "${r}"/var/cache/debconf/*-old \
     "${r}"/usr/share/doc/* "${r}"/usr/share/man/* "${r}"/usr/share/info/* \
     "${r}"/usr/share/locale/* "${r}"/var/log/* "${r}"/tmp/* "${r}"/root/.cache
   # The container runtime provides /dev, /proc, /sys and /run; the image carries empty folders.
-  find "${r}/dev" "${r}/proc" "${r}/sys" "${r}/run" -mindepth 1 -delete 2>/dev/null || true
+  find "${r}/dev" "${r}/proc" "${r}/sys" "${r}/run" -xdev -mindepth 1 -delete 2>/dev/null || true
   touch "${stage}/.complete"
   mv "${stage}" "${BASE_DIR}"
   log "[base] done after $((SECONDS - START)) s: $(du -sh "${BASE_DIR}/rootfs" | cut -f1)"
@@ -223,7 +236,7 @@ ensure_pip() {
   PY="${PIP_VENV}/bin/python"
   if [[ ! -f "${PIP_VENV}/.complete" ]]; then
     log "[nhigate] virtualenv with pip ${PIP_VERSION} for the build: ${PIP_VENV}"
-    rm -rf "${PIP_VENV}"
+    remove_tree "${PIP_VENV}"
     python3 -m venv "${PIP_VENV}"
     "${PY}" -m pip install -q --disable-pip-version-check "pip==${PIP_VERSION}" >&2
     touch "${PIP_VENV}/.complete"
@@ -268,7 +281,7 @@ build_nhigate() {
     --no-cache-dir --no-index --disable-pip-version-check --root-user-action=ignore \
     --break-system-packages --find-links=/tmp/build/wheels -c /tmp/build/constraints.txt \
     "nhigate==${VERSION}"
-  rm -rf "${r}/tmp/build" "${r}/root/.cache"
+  remove_tree "${r}/tmp/build" "${r}/root/.cache"
   # python:*-slim has `python` on PATH and the chart's `helm test` Pod runs it.
   ln -sfn /usr/bin/python3 "${r}/usr/local/bin/python"
   "${OCI[@]}" add-user --rootfs "${r}" --name "${NONROOT_NAME}" --uid 65532 --gid 65532 \
