@@ -12,6 +12,12 @@ For every example:
 - otherwise the caller got a 4xx deny;
 - exactly one audit record was written; the bytes the upstream received re-parse strictly
   into exactly the requests it recorded; and the proxy still serves a plain request.
+
+The same proxy is then fuzzed with headers and query parameters that backends route on
+instead of the request line (method and path overrides, in every spelling a CGI/WSGI/PHP
+backend folds into the same name, mixed with look-alikes): a request carrying one is refused
+with `override_rejected` and never reaches the upstream; one that reaches it carries no
+override, and its method and path are the request line's.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nhigate.policy import Facts, Identity, IdentityKind, decide, normalise_path
+from nhigate.proxy.overrides import (
+    METHOD_OVERRIDE_HEADERS,
+    PATH_OVERRIDE_HEADERS,
+    canonical_header,
+    is_override_parameter,
+)
 
 OUTSIDER = "outsider-agent"  # a valid token with no grant at all
 
@@ -200,6 +212,103 @@ def test_the_authorised_path_is_the_path_the_upstream_received(
     assert status == 200
 
 
+# -- headers: nothing the proxy forwards may change the method or path a backend routes on --
+
+OVERRIDE_HEADER_NAMES = sorted(METHOD_OVERRIDE_HEADERS | PATH_OVERRIDE_HEADERS)
+BENIGN_HEADERS = ("X-Custom", "Accept", "X-Method", "X-Path", "X-Forwarded-Host", "Method")
+OVERRIDE_VALUES = ("DELETE", "put", "/admin", "/v1/admin", "/v1/items/../../admin", "GET", "")
+
+
+@st.composite
+def header_names(draw: st.DrawFn) -> str:
+    name = draw(st.sampled_from(OVERRIDE_HEADER_NAMES + list(BENIGN_HEADERS)))
+    spelling = draw(st.sampled_from(["as is", "upper", "title", "underscores", "mixed"]))
+    if spelling == "upper":
+        return name.upper()
+    if spelling == "title":
+        return name.title()
+    if spelling == "underscores":
+        return name.replace("-", "_")
+    if spelling == "mixed":
+        return "".join(c.upper() if i % 2 else c for i, c in enumerate(name)).replace("-", "_", 1)
+    return name
+
+
+override_queries = st.sampled_from(
+    [
+        "",
+        "",
+        "",
+        "?q=1",
+        "?_method=DELETE",
+        "?%5Fmethod=PUT",
+        "?.method=DELETE",
+        "?_HttpMethod=x",
+        "?a=1;_method=PUT",
+        "?_method[]=DELETE",
+        "?method=GET",
+        "?q=_method",
+    ]
+)
+
+
+HEADER_TRIED = {"examples": 0, "reached": 0, "refused": 0}
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=st.sampled_from(["GET", "GET", "POST", "HEAD"]),
+    base=st.sampled_from(["/v1/items/1", "/v1/items/42", "/status"]),
+    query=override_queries,
+    extra=st.lists(st.tuples(header_names(), st.sampled_from(OVERRIDE_VALUES)), max_size=3),
+)
+def test_no_forwarded_header_or_parameter_changes_the_method_or_path_a_backend_routes_on(
+    proxy: ProxyThread, method: str, base: str, query: str, extra: list[tuple[str, str]]
+) -> None:
+    HEADER_TRIED["examples"] += 1
+    audit_before = len(proxy.audit_records())
+    upstream_before = len(proxy.upstream.messages)
+    lines = "".join(f"{name}: {value}\r\n" for name, value in extra)
+    body_headers = "Content-Length: 0\r\n" if method == "POST" else ""
+    request = (
+        f"{method} {base}{query} HTTP/1.1\r\nHost: proxy\r\n{lines}"
+        f"Authorization: Bearer {proxy.token(SUBJECT)}\r\n{body_headers}Connection: close\r\n\r\n"
+    ).encode()
+    responses, raw, closed = raw_exchange(
+        proxy.port, request, timeout=5.0, head_only=method == "HEAD"
+    )
+    assert responses, f"no response (closed={closed}, got {raw[:200]!r})"
+    status = responses[0].status
+    records = _wait_audit(proxy, audit_before + 1)
+    assert len(records) == audit_before + 1
+    carried = [name for name, _ in extra if canonical_header(name) in OVERRIDE_HEADER_NAMES]
+    fields = query.lstrip("?").replace(";", "&").split("&") if query else []
+    carried += [f for f in fields if is_override_parameter(f.split("=", 1)[0])]
+    reached = proxy.upstream.messages[upstream_before:]
+    if carried:
+        # The default service honours no override: every request carrying one is refused.
+        assert not reached, f"{carried} reached the upstream"
+        assert status == 400
+        assert records[-1]["reason"] == "override_rejected", records[-1]
+        HEADER_TRIED["refused"] += 1
+        return
+    if not reached:
+        assert 400 <= status < 500
+        return
+    HEADER_TRIED["reached"] += 1
+    seen = reached[0]
+    assert seen.method == method
+    assert seen.path == base
+    for name, _ in seen.headers:
+        assert canonical_header(name) not in OVERRIDE_HEADER_NAMES, name
+    for part in seen.target.partition("?")[2].replace(";", "&").split("&"):
+        assert not is_override_parameter(part.split("=", 1)[0]), seen.target
+
+
 def test_the_upstream_bytes_are_exactly_the_recorded_requests_and_the_proxy_is_healthy(
     proxy: ProxyThread,
 ) -> None:
@@ -213,7 +322,9 @@ def test_the_upstream_bytes_are_exactly_the_recorded_requests_and_the_proxy_is_h
     assert TRIED["examples"] >= 100, TRIED
     assert TRIED["reached"] > 0, TRIED
     assert TRIED["denied"] > 0, TRIED
-    print(f"differential paths: {TRIED} {dict(REASONS)}")
+    assert HEADER_TRIED["reached"] > 0, HEADER_TRIED
+    assert HEADER_TRIED["refused"] > 0, HEADER_TRIED
+    print(f"differential paths: {TRIED} {dict(REASONS)}; headers: {HEADER_TRIED}")
 
 
 def _wait_audit(proxy: ProxyThread, count: int) -> list[dict[str, object]]:

@@ -16,6 +16,7 @@ from nhigate.api.durations import duration_seconds
 from nhigate.api.models import (
     DelegationSpec,
     IdentityIssuer,
+    OverrideHandling,
     ProtectedService,
     RateLimitSpec,
     Revocation,
@@ -176,6 +177,7 @@ def compile_service(service: ProtectedService) -> ServiceConfig:
             audience=ia.audience or service.key,
             ttl_seconds=duration_seconds(ia.ttl),
         )
+    overrides = spec.overrides
     return ServiceConfig(
         namespace=service.namespace,
         name=service.name,
@@ -186,6 +188,10 @@ def compile_service(service: ProtectedService) -> ServiceConfig:
         upstream_credential=credential,
         identity_assertion=assertion,
         mcp_endpoints=tuple(spec.mcp.endpoints) if spec.mcp is not None else (),
+        authorise_method_overrides=overrides is not None
+        and overrides.method is OverrideHandling.AUTHORIZE,
+        authorise_path_overrides=overrides is not None
+        and overrides.path is OverrideHandling.AUTHORIZE,
     )
 
 

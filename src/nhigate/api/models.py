@@ -821,6 +821,30 @@ class McpSpec(SpecModel):
     )
 
 
+class OverrideHandling(StrEnum):
+    """What the proxy does with a request that asks the backend for another method or path."""
+
+    REJECT = "Reject"
+    """Refuse it: 400 `override_rejected` (the default; docs/security.md lists the names)."""
+    AUTHORIZE = "Authorize"
+    """The backend honours overrides: the override must be granted as well as the request line."""
+
+
+class OverridesSpec(SpecModel):
+    """Method- and path-override headers and parameters (docs/security.md#overrides)."""
+
+    method: OverrideHandling = Field(
+        default=OverrideHandling.REJECT,
+        description="X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, `_method`, ...: "
+        "Reject (400) or Authorize (the override method must be granted too).",
+    )
+    path: OverrideHandling = Field(
+        default=OverrideHandling.REJECT,
+        description="X-Original-URL, X-Rewrite-URL, X-Forwarded-Uri, ...: Reject (400) or "
+        "Authorize (the override path must be granted too).",
+    )
+
+
 class ProtectedServiceSpec(SpecModel):
     """One backend Service put behind an nhigate proxy."""
 
@@ -854,6 +878,11 @@ class ProtectedServiceSpec(SpecModel):
     )
     mcp: McpSpec | None = Field(
         default=None, description="MCP endpoints: JSON-RPC bodies decided per tool (docs/mcp.md)."
+    )
+    overrides: OverridesSpec | None = Field(
+        default=None,
+        description="Requests naming another method or path for the backend are refused "
+        "unless this says the backend honours them (then both must be granted).",
     )
 
 

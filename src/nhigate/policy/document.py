@@ -78,6 +78,10 @@ class ServiceConfig:
     identity_assertion: IdentityAssertion | None = None
     mcp_endpoints: tuple[str, ...] = ()
     """Exact canonical paths that speak MCP (Streamable HTTP): only MCP rules reach them."""
+    authorise_method_overrides: bool = False
+    """The backend honours method-override headers/parameters: authorise them too (else 400)."""
+    authorise_path_overrides: bool = False
+    """The backend honours path-override headers (`X-Original-URL`): authorise them too."""
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)

@@ -212,6 +212,11 @@ def _service_json(svc: ServiceConfig) -> dict[str, Any]:
     }
     if svc.mcp_endpoints:  # absent unless set, like `delegation`
         body["mcpEndpoints"] = list(svc.mcp_endpoints)
+    if svc.authorise_method_overrides or svc.authorise_path_overrides:  # absent unless set
+        body["authorizeOverrides"] = {
+            "method": svc.authorise_method_overrides,
+            "path": svc.authorise_path_overrides,
+        }
     return body
 
 
@@ -674,7 +679,13 @@ def _service(value: object, where: str) -> ServiceConfig:
         "upstreamCredential",
         "identityAssertion",
     )
-    obj = _obj_optional(value, where, keys, ("mcpEndpoints",))
+    obj = _obj_optional(value, where, keys, ("mcpEndpoints", "authorizeOverrides"))
+    authorise_method = authorise_path = False
+    if "authorizeOverrides" in obj:
+        w = f"{where}.authorizeOverrides"
+        o = _obj(obj["authorizeOverrides"], w, ("method", "path"))
+        authorise_method = _bool(o, "method", w)
+        authorise_path = _bool(o, "path", w)
     mcp_endpoints: tuple[str, ...] = ()
     if "mcpEndpoints" in obj:
         mcp_endpoints = _str_list(obj, "mcpEndpoints", where, empty_ok=False)
@@ -718,6 +729,8 @@ def _service(value: object, where: str) -> ServiceConfig:
         upstream_credential=cred,
         identity_assertion=assertion,
         mcp_endpoints=mcp_endpoints,
+        authorise_method_overrides=authorise_method,
+        authorise_path_overrides=authorise_path,
     )
 
 

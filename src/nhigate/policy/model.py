@@ -68,6 +68,7 @@ class Reason(StrEnum):
     # request / runtime (proxy)
     RATE_LIMITED = "rate_limited"
     REQUEST_REJECTED = "request_rejected"
+    OVERRIDE_REJECTED = "override_rejected"
     BODY_TOO_LARGE = "body_too_large"
     NO_POLICY = "no_policy"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"

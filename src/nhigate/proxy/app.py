@@ -8,7 +8,10 @@ The pipeline, in order (one function each, `ProxyHandler.handle` reads top to bo
 3. policy loaded? -> 503 `no_policy`;
 4. authenticate (bearer token or SPIFFE ID from the client certificate) -> 401;
 5. tenant: header and claim must agree -> 403 `tenant_mismatch`;
-6. `decide()` on the normalised path with the proxy's own clock -> 403;
+   method/path overrides (`X-HTTP-Method-Override`, `X-Original-URL`, `?_method=`; form-body
+   `_method` while the body is read in 8.) -> 400 `override_rejected` (`overrides.py`);
+6. `decide()` on the normalised path with the proxy's own clock (and on the override, when
+   the service declares that its backend honours them) -> 403;
 7. token bucket per (identity, grant) -> 429 with `Retry-After`;
 8. forward exactly the authorised path (+ query) with filtered headers -> 413/502/504;
 9. one audit line and metrics, for every outcome above.
@@ -23,6 +26,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import secrets
 import ssl
 import time
@@ -76,6 +80,17 @@ from nhigate.proxy.mcp import (
     SessionBindings,
 )
 from nhigate.proxy.metrics import ProxyMetrics
+from nhigate.proxy.overrides import (
+    METHOD_OVERRIDE_HEADERS,
+    PATH_OVERRIDE_HEADERS,
+    BodyOverrideError,
+    FormOverrideScanner,
+    Overrides,
+    canonical_header,
+    check_form_body,
+    find_overrides,
+    form_kind,
+)
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
 from nhigate.proxy.settings import ProxySettings
@@ -92,6 +107,7 @@ REJECTED_METHODS = frozenset({"CONNECT", "TRACE"})
 
 STATUS_FOR: dict[Reason, int] = {
     Reason.REQUEST_REJECTED: 400,
+    Reason.OVERRIDE_REJECTED: 400,
     Reason.PATH_REJECTED: 400,
     Reason.NO_POLICY: 503,
     Reason.CREDENTIAL_MISSING: 401,
@@ -225,6 +241,8 @@ class _Exchange:
     tenant: str | None = None
     mcp: dict[str, Any] | None = None
     """The MCP messages of the request (method and tool/resource/prompt), for the audit."""
+    override: tuple[str | None, str | None] | None = None
+    """The (method, path) an authorised override named, as forwarded; None: no override."""
 
 
 @dataclass
@@ -327,11 +345,16 @@ class ProxyHandler:
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = self._tenant(request, service, identity)
+        overrides = find_overrides(request.headers.items(), query)
+        if overrides:
+            ex.override = self._override(service, overrides)
         if service.mcp_endpoints:
             endpoint = mcp_endpoint_of(service, path)
             if endpoint is not None:  # decided per JSON-RPC message, never by path rules
                 return await self._mcp_exchange(request, ex, policy, identity, endpoint, query)
         decision = self._authorise(policy, ex, identity, path)
+        if ex.override is not None:
+            self._authorise_override(policy, ex, identity, path)
         if decision.rate_limit is not None or service.rate_limit is not None:
             self._rate_limit(service, identity, decision)
         return await self._forward(request, ex, policy, path, query)
@@ -456,6 +479,55 @@ class ProxyHandler:
             self._rate_limit(service, identity, authorised.decision)
         return await self._forward(request, ex, policy, ex.path, "", mcp=authorised)
 
+    def _override(
+        self, service: ServiceConfig, overrides: Overrides
+    ) -> tuple[str | None, str | None]:
+        """Refuse a method or path override the service does not declare; otherwise the one
+        method and the one canonical path it names (both are authorised, and forwarded)."""
+        method: str | None = None
+        target: str | None = None
+        if overrides.methods:
+            if not service.authorise_method_overrides:
+                raise DenyError(
+                    Reason.OVERRIDE_REJECTED, f"method override: {overrides.describe()}"
+                )
+            values = {value.strip().upper() for _, value in overrides.methods}
+            if len(values) != 1:
+                raise DenyError(Reason.OVERRIDE_REJECTED, "method overrides disagree")
+            method = values.pop()
+            if not _METHOD_TOKEN.fullmatch(method) or method in REJECTED_METHODS:
+                raise DenyError(Reason.OVERRIDE_REJECTED, "method override is not a method")
+        if overrides.paths:
+            if not service.authorise_path_overrides:
+                detail = f"path override: {overrides.describe()}"
+                raise DenyError(Reason.OVERRIDE_REJECTED, detail)
+            values = {value.strip() for _, value in overrides.paths}
+            if len(values) != 1:
+                raise DenyError(Reason.OVERRIDE_REJECTED, "path overrides disagree")
+            raw_path, sep, override_query = values.pop().partition("?")
+            if not raw_path.startswith("/") or "#" in raw_path:
+                raise DenyError(Reason.OVERRIDE_REJECTED, "path override must be an origin path")
+            try:
+                target = normalise_path(raw_path) + sep + override_query
+            except PathRejected as exc:
+                raise DenyError(Reason.OVERRIDE_REJECTED, f"path override: {exc.reason}") from None
+        return method, target
+
+    def _authorise_override(
+        self, policy: Policy, ex: _Exchange, identity: Identity, path: str
+    ) -> None:
+        """The backend may act on the override or on the request line: both must be granted."""
+        assert ex.override is not None
+        method, target = ex.override
+        override_method = method or ex.method
+        override_path = target.partition("?")[0] if target is not None else path
+        decision = decide_request(
+            policy, identity, override_method, override_path, ex.now, ex.tenant
+        )
+        if not decision.allowed:
+            detail = f"override {override_method} {override_path[:200]} not granted"
+            raise DenyError(decision.reason, detail)
+
     def _rate_limit(self, service: ServiceConfig, identity: Identity, decision: Decision) -> None:
         limit = decision.rate_limit or service.rate_limit
         if limit is None:
@@ -506,13 +578,17 @@ class ProxyHandler:
             pass
         elif length is not None and length > 0:
             headers.append(("Content-Length", str(length)))
+            form = form_kind(request.headers.get("Content-Type", ""))
             if length <= BUFFERED_BODY_LIMIT:
                 body = await request.read()
+                if form is not None:
+                    _check_form(body, form)
             else:
-                body = _limited(request, self._max_body)
+                body = _limited(request, self._max_body, form)
         elif length is None and request.body_exists:
             headers.append(("Transfer-Encoding", "chunked"))
-            body = chunked(_limited(request, self._max_body))
+            form = form_kind(request.headers.get("Content-Type", ""))
+            body = chunked(_limited(request, self._max_body, form))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
         try:
@@ -530,6 +606,8 @@ class ProxyHandler:
             raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
         except BodyTooLargeError:
             raise DenyError(Reason.BODY_TOO_LARGE, f"body over {self._max_body} bytes") from None
+        except BodyOverrideError as exc:  # found mid-stream: the upstream got no complete request
+            raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
         except (aiohttp.ClientPayloadError, ConnectionError) as exc:
             raise DenyError(
                 Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
@@ -564,6 +642,8 @@ class ProxyHandler:
         headers = filter_request_headers(
             request.headers.items(), owned=self._owned_headers(service), trusted_peer=trusted
         )
+        if ex.override is not None:
+            headers = _canonical_overrides(headers, ex.override)
         forwarded_for = peer
         proto = self._scheme
         host = request.headers.get("Host", "")
@@ -744,6 +824,22 @@ def request_id_source() -> Callable[[], str]:
     return lambda: f"{prefix}{next(counter) & 0xFFFFFFFF:08x}"
 
 
+def _canonical_overrides(
+    headers: list[tuple[str, str]], override: tuple[str | None, str | None]
+) -> list[tuple[str, str]]:
+    """Forward authorised override headers with exactly the values that were authorised."""
+    method, target = override
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        canonical = canonical_header(name)
+        if method is not None and canonical in METHOD_OVERRIDE_HEADERS:
+            value = method
+        elif target is not None and canonical in PATH_OVERRIDE_HEADERS:
+            value = target
+        out.append((name, value))
+    return out
+
+
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     for name, value in headers:
         if name.lower() == b"content-length":
@@ -760,17 +856,35 @@ def _abort(request: web.Request) -> None:
         transport.abort()
 
 
-async def _limited(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited(
+    request: web.Request, limit: int, form: str | None = None
+) -> AsyncIterator[bytes]:
+    """The request body, streamed; a form body is scanned for a method override on the way."""
     total = 0
     content = request.content
+    scanner = FormOverrideScanner(form) if form is not None else None
     while True:
         chunk = await content.readany()
         if not chunk:
+            if scanner is not None:
+                scanner.finish()
             return
         total += len(chunk)
         if total > limit:
             raise BodyTooLargeError
+        if scanner is not None:
+            scanner.feed(chunk)  # raises before the chunk naming an override is forwarded
         yield chunk
+
+
+def _check_form(body: bytes, form: str) -> None:
+    try:
+        check_form_body(body, form)
+    except BodyOverrideError as exc:
+        raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
+
+
+_METHOD_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Z]+")
 
 
 AuthenticatorFactory = Callable[[ProxySettings, aiohttp.ClientSession, Clock], Authenticating]
