@@ -15,7 +15,7 @@ import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +24,7 @@ from nhigate.api.models import IdentityIssuer
 from nhigate.api.resources import ResourceError, ResourceSet, load_resources
 from nhigate.policy import (
     Decision,
+    Delegation,
     Facts,
     Identity,
     IdentityKind,
@@ -40,6 +41,7 @@ from nhigate.policy import (
     normalise_path,
     who_can,
 )
+from nhigate.policy.mcp import McpKind, explain_mcp, mcp_endpoint_of, who_can_mcp
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = 1
@@ -77,6 +79,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="RFC3339",
         help="evaluate at this time, e.g. 2026-01-02T03:04:05Z (default: now)",
     )
+    mcp = parser.add_mutually_exclusive_group()
+    mcp.add_argument(
+        "--mcp-tool",
+        metavar="NAME",
+        help="on an MCP endpoint PATH: the tool a tools/call names (docs/mcp.md)",
+    )
+    mcp.add_argument("--mcp-resource", metavar="URI", help="on an MCP endpoint: resources/read")
+    mcp.add_argument("--mcp-prompt", metavar="NAME", help="on an MCP endpoint: prompts/get")
     parser.add_argument("method", metavar="METHOD", help="HTTP method, e.g. GET")
     parser.add_argument("path", metavar="PATH", help="request path, e.g. /v1/payments/42")
 
@@ -113,6 +123,14 @@ def add_parser(subparsers: Any) -> None:
         help="take the identity from a JWT's claims; the signature is NOT verified",
     )
     explain_parser.add_argument("--tenant", metavar="T", help="the tenant the request resolves to")
+    explain_parser.add_argument(
+        "--actor",
+        action="append",
+        default=[],
+        metavar="SUB",
+        help="an RFC 8693 actor acting for the identity (repeat for a chain, current actor "
+        "first); replaces --token's act chain",
+    )
     explain_parser.set_defaults(func=run_explain)
 
     who_parser = subparsers.add_parser(
@@ -329,6 +347,21 @@ def caller_from_token(
     )
 
 
+def _with_actors(caller: Caller, actors: Sequence[str]) -> Caller:
+    """The caller with its actor chain: --actor values, else the --token's `act` claims."""
+    chain = tuple(actors)
+    if not chain and caller.unverified_claims is not None:
+        from nhigate.proxy.tokens import TokenError, actor_chain
+
+        try:
+            chain = actor_chain(dict(caller.unverified_claims))
+        except TokenError as exc:
+            return replace(caller, rejected=(Reason.TOKEN_INVALID, exc.detail))
+    if not chain:
+        return caller
+    return replace(caller, identity=replace(caller.identity, actors=chain))
+
+
 def _fmt(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -339,7 +372,8 @@ def _fmt(epoch: float) -> str:
 def describe_subject(subject: Subject) -> str:
     """One line naming a grant subject."""
     if isinstance(subject, ServiceAccountSubject):
-        return f"service account {subject.namespace}/{subject.name}"
+        text = f"service account {subject.namespace}/{subject.name}"
+        return text + _describe_delegation(subject.delegation)
     if isinstance(subject, SpiffeSubject):
         return f"SPIFFE ID {subject.spiffe_id}"
     assert isinstance(subject, TokenSubject)
@@ -347,7 +381,27 @@ def describe_subject(subject: Subject) -> str:
     parts.append(f"subject {subject.subject}" if subject.subject else "any subject")
     if subject.claims:
         parts.append("with " + ", ".join(f"{k}={v}" for k, v in subject.claims))
-    return ", ".join(parts)
+    return ", ".join(parts) + _describe_delegation(subject.delegation)
+
+
+def _describe_delegation(delegation: Delegation | None) -> str:
+    if delegation is None:
+        return ""
+    required = ", required" if delegation.required else ""
+    actors = ", ".join(delegation.actors)
+    return f", acted for by [{actors}] (max depth {delegation.max_depth}{required})"
+
+
+def mcp_target(args: argparse.Namespace) -> tuple[McpKind | None, str, str] | None:
+    """(kind, name, flag) from --mcp-tool/--mcp-resource/--mcp-prompt, or None."""
+    for kind, flag, value in (
+        (McpKind.TOOL, "--mcp-tool", args.mcp_tool),
+        (McpKind.RESOURCE, "--mcp-resource", args.mcp_resource),
+        (McpKind.PROMPT, "--mcp-prompt", args.mcp_prompt),
+    ):
+        if value is not None:
+            return kind, value, flag
+    return None
 
 
 _REASON_TEXT: dict[Reason, str] = {
@@ -405,6 +459,7 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
         caller = caller_from_token(args.token, claims, resources.issuers, names, now)
     else:
         caller = caller_from_as(args.as_identity, claims, resources.issuers, names)
+    caller = _with_actors(caller, args.actor)
 
     canonical: str | None = None
     path_problem: str | None = None
@@ -420,6 +475,8 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"claims:    {shown}\n")
     if caller.unverified_claims is not None:
         out.write("           (read from --token WITHOUT signature verification)\n")
+    if caller.identity.actors:
+        out.write(f"actors:    {' -> '.join(caller.identity.actors)} (current actor first)\n")
     if args.tenant is not None:
         out.write(f"tenant:    {args.tenant}\n")
     for note in caller.notes:
@@ -437,14 +494,26 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_DENIED
     assert canonical is not None
 
-    facts = Facts(
-        identity=caller.identity,
-        method=method,
-        path=canonical,
-        now=now.timestamp(),
-        tenant=args.tenant,
-    )
-    explanation = explain(policy, facts)
+    target = mcp_target(args)
+    endpoint = mcp_endpoint_of(policy.document.service, canonical)
+    if target is not None and endpoint is None:
+        raise InputError(f"{target[2]}: {canonical} is not an MCP endpoint of this service")
+    if endpoint is not None:
+        kind, name = (target[0], target[1]) if target is not None else (None, "")
+        what = f"{kind.value} {name}" if kind is not None else "session-level methods only"
+        out.write(f"MCP:       endpoint {endpoint}: {what}\n")
+        explanation = explain_mcp(
+            policy, caller.identity, endpoint, kind, name, now.timestamp(), args.tenant
+        )
+    else:
+        facts = Facts(
+            identity=caller.identity,
+            method=method,
+            path=canonical,
+            now=now.timestamp(),
+            tenant=args.tenant,
+        )
+        explanation = explain(policy, facts)
     out.write(_decision_line(explanation.decision) + "\n")
     if explanation.revocation is not None:
         out.write(f"  revoked by Revocation {explanation.revocation}\n")
@@ -506,12 +575,22 @@ def _who_can(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"\nNobody: the proxy rejects this path ({exc}).\n")
         return EXIT_DENIED
     _print_header(out, policy.version, policy, method, args.path, canonical, now)
-    answers = who_can(policy, method, canonical, now.timestamp())
+    target = mcp_target(args)
+    endpoint = mcp_endpoint_of(policy.document.service, canonical)
+    if target is not None and endpoint is None:
+        raise InputError(f"{target[2]}: {canonical} is not an MCP endpoint of this service")
+    what = f"{method} {canonical}"
+    if endpoint is not None:
+        kind, name = (target[0], target[1]) if target is not None else (None, "")
+        what = f"use {kind.value} {name} on MCP endpoint {endpoint}" if kind else f"use {endpoint}"
+        answers = who_can_mcp(policy, endpoint, kind, name, now.timestamp())
+    else:
+        answers = who_can(policy, method, canonical, now.timestamp())
     out.write("\n")
     if not answers:
-        out.write(f"Nobody may {method} {canonical} at this time.\n")
+        out.write(f"Nobody may {what} at this time.\n")
         return EXIT_DENIED
-    out.write(f"May {method} {canonical}:\n")
+    out.write(f"May {what}:\n")
     for grant, subject in answers:
         extras = []
         if grant.tenant is not None:
