@@ -70,6 +70,7 @@ _SESSION_METHODS: Final = frozenset(
         "prompts/list",
         "logging/setLevel",
         "subscriptions/listen",
+        "server/discover",
         "tasks/get",
         "tasks/list",
         "tasks/result",
