@@ -396,6 +396,20 @@ async def test_wrong_or_missing_content_type_is_refused(
     assert mcp.upstream.requests == []
 
 
+async def test_two_content_types_are_refused(mcp: SimpleNamespace) -> None:
+    # A backend reading the last Content-Type must not see a different body type.
+    proxy = mcp.proxy
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Type", "text/plain"),
+        *proxy.auth("agent-1").items(),
+    ]
+    body = rpc("tools/call", 1, name="get_weather")
+    async with proxy.session.post(proxy.url + "/mcp", data=body, headers=headers) as resp:
+        assert resp.status == 400
+    assert mcp.upstream.requests == []
+
+
 async def test_jsonrpc_over_get_and_query_strings_are_refused(mcp: SimpleNamespace) -> None:
     proxy = mcp.proxy
     auth = proxy.auth("agent-1")

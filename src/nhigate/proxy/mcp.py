@@ -804,7 +804,8 @@ class McpGate:
                 Reason.MCP_REJECTED, f"method {method} on an MCP endpoint", request_id,
                 code=INVALID_REQUEST, audit=audit,
             )  # fmt: skip
-        if not _json_content_type(request.headers.get("Content-Type")):
+        content_types = request.headers.getall("Content-Type", ())
+        if len(content_types) != 1 or not _json_content_type(content_types[0]):
             raise _denied(
                 Reason.MCP_REJECTED, "Content-Type must be application/json", request_id,
                 code=INVALID_REQUEST, audit=audit,
