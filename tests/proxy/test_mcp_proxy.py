@@ -77,6 +77,7 @@ class Backend:
         self.slow: asyncio.Event | None = None
         self.get_events: list[bytes] = []
         self.session_id = "sess-1"
+        self.list_content_type = "application/json"
 
 
 async def _backend_handler(backend: Backend, request: web.Request) -> web.StreamResponse:
@@ -104,6 +105,9 @@ async def _backend_handler(backend: Backend, request: web.Request) -> web.Stream
     else:
         result = {"jsonrpc": "2.0", "id": message["id"], "result": {"echo": message.get("params")}}
     if not backend.sse:
+        if message["method"] == "tools/list":
+            body = orjson.dumps(result)
+            return web.Response(body=body, headers={"Content-Type": backend.list_content_type})
         return web.json_response(result)
     stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await stream.prepare(request)
@@ -453,6 +457,16 @@ async def test_tools_list_is_filtered_per_identity_in_json(mcp: SimpleNamespace)
     assert listed(orjson.loads(raw)) == ["get_weather"]
     records = await mcp.proxy.wait_audit(2)
     assert records[-1]["detail"] == "3 list items filtered"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", ""])
+async def test_a_list_answer_is_filtered_whatever_its_content_type(
+    mcp: SimpleNamespace, content_type: str
+) -> None:
+    mcp.backend.list_content_type = content_type
+    status, raw, _ = await post(mcp, rpc("tools/list", 5), sub="viewer")
+    assert status == 200
+    assert listed(orjson.loads(raw)) == ["get_weather"]
 
 
 async def test_tools_list_is_filtered_in_a_slow_sse_stream(mcp: SimpleNamespace) -> None:

@@ -443,6 +443,9 @@ class ListFilter:
         return orjson.dumps(value) if changed else None
 
 
+_BOM: Final = b"\xef\xbb\xbf"
+
+
 class SseFilter:
     """Incremental `text/event-stream` filter: complete events pass through `transform`.
 
@@ -459,11 +462,20 @@ class SseFilter:
         self._buffer = bytearray()
         self._event: list[bytes] = []
         self._size = 0
+        self._started = False
         self.dropped = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a chunk of the upstream stream; return the bytes ready for the caller."""
         self._buffer += chunk
+        if not self._started:
+            if len(self._buffer) < 3 and _BOM.startswith(bytes(self._buffer)):
+                return b""  # maybe a byte order mark split across chunks
+            self._started = True
+            if self._buffer.startswith(_BOM):
+                # SSE clients skip a leading BOM; parse (and forward) the stream without it so
+                # its first field is read exactly as the client reads it.
+                del self._buffer[:3]
         return self._drain(final=False)
 
     def close(self) -> bytes:
@@ -518,10 +530,11 @@ class SseFilter:
                 data.append(value[1:] if value.startswith(b" ") else value)
             elif content:
                 others.append(content)
-        if not data:
-            return b"".join(lines)
+        payload = b"\n".join(data)
+        if not payload.strip():
+            return b"".join(lines)  # no message (e.g. an event that only primes Last-Event-ID)
         try:
-            changed = self._filter.filter_payload(b"\n".join(data))
+            changed = self._filter.filter_payload(payload)
         except ValueError as exc:
             self.dropped += 1
             log.warning("dropped an SSE event from the MCP backend: %s", exc)
@@ -557,6 +570,8 @@ class McpResponder:
     owner: IdentityKey
     filter_json: bool
     """Parse `application/json` responses (only when the request had a `*/list`)."""
+    list_request: bool = False
+    """The request carried a `*/list` message: its answer is parsed whatever its type."""
     deleting_session: str | None = None
 
     def bind_session(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -614,7 +629,12 @@ class McpResponder:
                 detail = (detail + "; " if detail else "") + note
             audit(status, detail)
             return stream
-        if self.filter_json and content_type == b"application/json" and request.method != "HEAD":
+        # A list answer is filtered whatever its Content-Type says (a lenient client may parse a
+        # text/plain body as JSON); only GET/DELETE answers are trusted to label themselves.
+        as_json = content_type == b"application/json" or (
+            self.list_request and content_type != b"text/event-stream"
+        )
+        if self.filter_json and as_json and request.method != "HEAD":
             try:
                 body = upstream.body
                 if body is None:
@@ -882,6 +902,7 @@ class McpGate:
             self.sessions,
             owner,
             filter_json=bool(list_ids),
+            list_request=bool(list_ids),
         )
         return McpAuthorised(allowed, body, responder, audit)
 
