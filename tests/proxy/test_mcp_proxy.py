@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -576,3 +577,21 @@ async def test_malformed_act_claims_are_invalid_tokens(mcp: SimpleNamespace) -> 
         headers = {**JSON_HEADERS, "Authorization": f"Bearer {proxy.token('alice', act=act)}"}
         async with proxy.session.post(proxy.url + "/mcp", data=rpc("ping"), headers=headers) as r:
             assert r.status == 401
+
+
+async def test_overrides_cannot_reach_or_leave_an_mcp_endpoint(mcp: SimpleNamespace) -> None:
+    # Even for a backend declared to honour overrides: MCP rules cannot authorise another
+    # method or path, and a path rule must not reach /mcp through X-Original-URL.
+    service = replace(MCP_SERVICE, authorise_path_overrides=True, authorise_method_overrides=True)
+    mcp.proxy.set_policy(GRANTS, service=service)
+    call = rpc("tools/call", 1, name="get_weather")
+    status, _, _ = await post(mcp, call, **{"X-Original-URL": "/admin"})
+    assert status == 400
+    status, _, _ = await post(mcp, call, **{"X-HTTP-Method-Override": "DELETE"})
+    assert status == 400
+    smuggled = rpc("tools/call", 2, name="delete_all")
+    status, _, _ = await post(mcp, smuggled, "http-admin", "/v1/x", **{"X-Original-URL": "/MCP"})
+    assert status == 400
+    assert mcp.upstream.requests == []
+    records = await mcp.proxy.wait_audit(3)
+    assert {r["reason"] for r in records} == {"override_rejected"}

@@ -351,6 +351,8 @@ class ProxyHandler:
         if service.mcp_endpoints:
             endpoint = mcp_endpoint_of(service, path)
             if endpoint is not None:  # decided per JSON-RPC message, never by path rules
+                if ex.override is not None:  # MCP rules cannot authorise another method/path
+                    raise DenyError(Reason.OVERRIDE_REJECTED, "override on an MCP endpoint")
                 return await self._mcp_exchange(request, ex, policy, identity, endpoint, query)
         decision = self._authorise(policy, ex, identity, path)
         if ex.override is not None:
@@ -521,6 +523,10 @@ class ProxyHandler:
         method, target = ex.override
         override_method = method or ex.method
         override_path = target.partition("?")[0] if target is not None else path
+        service = policy.document.service
+        if service.mcp_endpoints and mcp_endpoint_of(service, override_path) is not None:
+            # A path rule must not reach an MCP endpoint through the backend's override.
+            raise DenyError(Reason.OVERRIDE_REJECTED, "path override names an MCP endpoint")
         decision = decide_request(
             policy, identity, override_method, override_path, ex.now, ex.tenant
         )
