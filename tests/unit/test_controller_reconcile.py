@@ -235,3 +235,28 @@ async def test_issuer_with_an_invalid_spec_is_not_ready_with_invalid_spec(
     assert ready["status"] == "False"
     assert ready["reason"] == "InvalidSpec"
     assert "spec.algorithms" in ready["message"]
+
+
+async def test_mcp_grants_are_compiled_and_undeclared_endpoints_are_not_accepted(
+    api: MemoryApi, controller: Controller
+) -> None:
+    ps = protected_service(NS)
+    ps["spec"]["mcp"] = {"endpoints": ["/mcp"]}
+    api.put(ps)
+    tools = route_grant(NS, "tools")
+    tools["spec"]["rules"] = [{"mcp": {"tools": ["get_weather"]}}]
+    elsewhere = route_grant(NS, "elsewhere")
+    elsewhere["spec"]["rules"] = [{"mcp": {"endpoints": ["/other"], "tools": ["x"]}}]
+    api.put(tools)
+    api.put(elsewhere)
+    await controller.reconcile_service(NS, "api")
+
+    doc = policy(api)
+    assert doc["service"]["mcpEndpoints"] == ["/mcp"]
+    assert [g["name"] for g in doc["grants"]] == [f"{NS}/tools"]
+    assert doc["grants"][0]["rules"] == [
+        {"mcp": {"endpoints": [], "tools": ["get_weather"], "resources": [], "prompts": []}}
+    ]
+    accepted = condition(api.objects[("routegrants", NS, "elsewhere")], "Accepted")
+    assert (accepted["status"], accepted["reason"]) == ("False", "InvalidSpec")
+    assert "/other" in accepted["message"]
