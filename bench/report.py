@@ -657,6 +657,39 @@ def _reconcile_section(results: JSON) -> list[str]:
     return [*lines, ""]
 
 
+def _mcp_section(results: JSON) -> list[str]:
+    lines = ["## MCP decisions", ""]
+    mcp = part(results, "mcp")
+    if not mcp:
+        return lines + _not_measured(results, "mcp")
+    decision = mcp.get("decision") or {}
+    settings = mcp.get("settings") or {}
+    lines += [
+        "In process: `decide_request()` for a plain request "
+        f"{_fmt(decision.get('plain_decide_us'), '.2f')} µs vs reading the MCP body and "
+        f"deciding the tool {_fmt(decision.get('mcp_parse_and_decide_us'), '.2f')} µs "
+        f"(+{_fmt(decision.get('added_us'), '.2f')} µs per `tools/call`).",
+        "",
+        f"Through one proxy process, {settings.get('connections', '?')} keep-alive connections, "
+        f"{settings.get('duration_s', '?')} s per case, median run by CPU "
+        f"(load {_fmt(mcp.get('load_average'), '.1f')}):",
+        "",
+    ]
+    rows = [
+        [
+            name,
+            _fmt(r.get("rps"), ".0f"),
+            _fmt(r.get("p50_ms"), ".2f"),
+            _fmt(r.get("p99_ms"), ".2f"),
+            _fmt(r.get("cpu_us"), ".1f"),
+            _fmt(r.get("added_cpu_us"), "+.1f") if r.get("added_cpu_us") is not None else "",
+        ]
+        for name, r in (mcp.get("proxy") or {}).items()
+    ]
+    lines += _table(["case", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "vs plain"], rows)
+    return [*lines, ""]
+
+
 def _token_section(results: JSON) -> list[str]:
     lines = ["## Token verification", ""]
     token = part(results, "token")
@@ -710,6 +743,7 @@ def render_markdown(results: JSON) -> str:
     lines += _revocation_section(results)
     lines += _reconcile_section(results)
     lines += _token_section(results)
+    lines += _mcp_section(results)
     lines += _commands(results)
     return "\n".join(lines)
 

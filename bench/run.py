@@ -4,7 +4,8 @@
 
 Parts (each a separate bench/ command, run in this order, each with a hard time limit, all
 on 127.0.0.1): proxy (proxy_bench.py), decide (decide_bench.py), token (token_bench.py),
-scale (scale_bench.py), revocation (revocation_bench.py), reconcile (reconcile_bench.py).
+scale (scale_bench.py), revocation (revocation_bench.py), reconcile (reconcile_bench.py),
+mcp (mcp_bench.py).
 A part that fails or times out is recorded with its error and the run goes on. Every part's
 output is kept in OUT/logs/<part>.log and its JSON in OUT/raw/<part>.json.
 
@@ -35,7 +36,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = sys.executable
-PARTS = ("proxy", "decide", "token", "scale", "revocation", "reconcile")
+PARTS = ("proxy", "decide", "token", "scale", "revocation", "reconcile", "mcp")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
     revocation = [PY, script("revocation_bench.py"), "--trials", "10" if quick else "50"]
     reconcile = [PY, script("reconcile_bench.py"), "--grants", "200" if quick else "1000"]
     reconcile += ["--timeout", "120" if quick else "300"]
+    mcp = [PY, script("mcp_bench.py"), "--duration", duration, "--repeat", str(repeat)]
     return [
         Part("proxy", [*proxy, "--json", str(raw / "proxy.json")], 900, raw / "proxy.json"),
         Part(
@@ -95,6 +97,7 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
             900,
             raw / "reconcile.json",
         ),
+        Part("mcp", [*mcp, "--json", str(raw / "mcp.json")], 600, raw / "mcp.json"),
     ]
 
 

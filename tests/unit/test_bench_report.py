@@ -183,6 +183,27 @@ CANNED: dict[str, Any] = {
                 },
             }
         ),
+        "mcp": ok(
+            {
+                "decision": {
+                    "plain_decide_us": 3.7,
+                    "mcp_parse_and_decide_us": 18.9,
+                    "added_us": 15.2,
+                },
+                "proxy": {
+                    "plain": {"rps": 4000.0, "p50_ms": 1.8, "p99_ms": 7.0, "cpu_us": 220.0},
+                    "tools/call": {
+                        "rps": 3900.0,
+                        "p50_ms": 1.6,
+                        "p99_ms": 3.4,
+                        "cpu_us": 226.0,
+                        "added_cpu_us": 6.0,
+                    },
+                },
+                "load_average": 0.5,
+                "settings": {"duration_s": 4.0, "connections": 8, "repeat": 3, "tools": 20},
+            }
+        ),
         "reconcile": {
             "status": "timeout",
             "command": [".venv/bin/python", "bench/reconcile_bench.py"],
@@ -273,6 +294,8 @@ def test_write_report_renders_markdown_and_every_plot(tmp_path: Path) -> None:
         "| failed (non-2xx + socket errors) | **0** |",
         "| delete RouteGrant | 4 | 100 | 150 | 180 | 180 |",
         "| ES256 | 200.0 | 2.5 |",
+        "deciding the tool 18.90 µs (+15.20 µs per `tools/call`)",
+        "| tools/call | 3900 | 1.60 | 3.40 | 226.0 | +6.0 |",
         "_Not measured: timeout: no result within 900 s_",
         ".venv/bin/python bench/run.py --quick",
         "# reconcile: timeout in 900 s",
