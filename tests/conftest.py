@@ -5,6 +5,8 @@ kube-controller-manager once per session; ``namespace`` gives each test a fresh 
 ``crds_installed`` applies every manifest in ``crds/``. Any test that uses ``control_plane``
 (directly or through another fixture) is marked ``cluster`` automatically. If the control plane
 cannot be built or started the test fails with the log tail; it never skips.
+When the session ends, ``control_plane`` also checks through /proc that no process the control
+plane started (found by the state dir in its environment) still runs.
 ``kube`` is an nhigate KubeClient on it; ``controller`` runs ``nhigate controller`` for the
 test's namespace as a separate process; ``upstream`` is an echoing backend on 127.0.0.1.
 """
@@ -31,6 +33,7 @@ from cluster import (
 )
 from controller_harness import ControllerProcess, free_port
 from nhigate.k8s import KubeClient
+from processes import assert_none_left
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,7 +54,11 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     try:
         yield cp
     finally:
-        stop_control_plane(cp)
+        try:
+            stop_control_plane(cp)
+        finally:
+            # Every process `hack/control-plane.sh start` runs inherits NHIGATE_CP_STATE_DIR.
+            assert_none_left("NHIGATE_CP_STATE_DIR", str(state_dir), "the session's control plane")
 
 
 @pytest.fixture
