@@ -5,7 +5,9 @@
 # usage: hack/control-plane.sh start|stop|env|status
 #   start   build the binaries if needed, start etcd, kube-apiserver and kube-controller-manager,
 #           wait until /readyz and the controller manager's /healthz answer ok, print env lines.
-#   stop    stop every process this state dir started and delete its data (logs are kept).
+#   stop    stop every process this state dir started, by PID, dependents before etcd: SIGTERM,
+#           NHIGATE_CP_STOP_GRACE seconds, then SIGKILL; verify each is gone, then delete the
+#           data (logs are kept). Exits 1, naming it and keeping the PID files, if one survives.
 #   env     print shell `export` lines (KUBECONFIG, PATH, ...) for the running control plane.
 #   status  exit 0 if all three processes are alive and /readyz answers ok.
 #
@@ -14,6 +16,7 @@
 #   NHIGATE_CP_BIN_DIR    use these binaries instead of building (default: hack/build-control-plane.sh)
 #   NHIGATE_CP_WATCH_PID  stop the control plane automatically when this process exits
 #   NHIGATE_CP_TIMEOUT    seconds to wait for readiness (default 120)
+#   NHIGATE_CP_STOP_GRACE seconds each process gets to exit on SIGTERM before SIGKILL (default 10)
 #   NHIGATE_CP_ADDRESS    address the API server binds, advertises and is reached at (default
 #                         127.0.0.1; hack/node.sh passes its bridge gateway: kubelet and pods
 #                         need a non-loopback endpoint for the `kubernetes` Service)
@@ -24,9 +27,16 @@ set -euo pipefail
 
 # shellcheck disable=SC1091 # shellcheck runs without -x in hack/test.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/control-plane.sh"
+# shellcheck source=hack/lib/process.sh
+source "${HACK_DIR}/lib/process.sh"
 
 STATE_DIR="${NHIGATE_CP_STATE_DIR:-${HACK_DIR}/.work/control-plane}"
 TIMEOUT="${NHIGATE_CP_TIMEOUT:-120}"
+STOP_GRACE="${NHIGATE_CP_STOP_GRACE:-10}"
+[[ "${STOP_GRACE}" =~ ^[0-9]+$ ]] || {
+  log "NHIGATE_CP_STOP_GRACE must be a whole number of seconds, not '${STOP_GRACE}'"
+  exit 2
+}
 PKI="${STATE_DIR}/pki"
 LOGS="${STATE_DIR}/logs"
 RUN="${STATE_DIR}/run"
@@ -44,13 +54,6 @@ free_port() {
 pid_of() {
   local f="${RUN}/$1.pid"
   [[ -f "${f}" ]] && cat "${f}"
-}
-
-# running PID: the process exists and is not a zombie (PID 1 in a container may never reap).
-running() {
-  local state
-  state="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
-  [[ -n "${state}" && "${state}" != Z* ]]
 }
 
 alive() {
@@ -152,32 +155,23 @@ wait_for() {
   return 1
 }
 
-# stop_one NAME: SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
-stop_one() {
-  local pid
-  pid="$(pid_of "$1" || true)"
-  # The watchdog is skipped when it is the process running this stop.
-  [[ -n "${pid}" && "${pid}" != "$$" ]] || return 0
-  kill -TERM "${pid}" 2>/dev/null || return 0
-  for _ in $(seq 1 40); do
-    running "${pid}" || return 0
-    sleep 0.25
-  done
-  log "$1 (pid ${pid}) ignored SIGTERM for 10 s; killing it"
-  kill -KILL "${pid}" 2>/dev/null || true
-}
-
+# stop_all: every recorded process, one at a time, dependents first (kube-apiserver ignores
+# SIGTERM once etcd is gone); each is verified gone (lib/process.sh stop_pid). The watchdog is
+# skipped when it is the process running this stop. Fails, naming them, if any survives.
 stop_all() {
-  # One at a time, dependents first: the API server shuts down slowly once etcd is gone.
-  local name
+  local name survivors=()
   for name in watchdog kube-controller-manager kube-apiserver etcd; do
-    stop_one "${name}"
+    stop_pid "${name}" "$(pid_of "${name}" || true)" "${STOP_GRACE}" || survivors+=("${name}")
   done
+  ((${#survivors[@]} == 0)) || {
+    log "could not stop ${survivors[*]} (PID files kept in ${RUN})"
+    return 1
+  }
 }
 
 cmd_stop() {
   [[ -d "${STATE_DIR}" ]] || return 0
-  stop_all
+  stop_all || return 1
   # Keep logs for post-mortems; everything else (etcd data, keys, kubeconfigs) goes.
   rm -rf "${RUN}" "${PKI}" "${STATE_DIR}/etcd" "${STATE_DIR}/kubeconfig" \
     "${STATE_DIR}/kube-controller-manager.kubeconfig" "${ENV_FILE}" "${STATE_DIR}/kcm-certs" \

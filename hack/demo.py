@@ -1,7 +1,9 @@
 """The local demo: a real control plane, the controller, one proxy replica and a backend.
 
-Run through `hack/demo.sh`, which prepares the virtualenv and the binaries first. Everything
-listens on 127.0.0.1 and is stopped at the end, also on Ctrl-C or failure.
+Run through `hack/demo.sh --local`, which prepares the virtualenv and the binaries first.
+Everything listens on 127.0.0.1 and is stopped at the end, also on Ctrl-C or failure; the control
+plane through tests/cluster.py, as the test suite stops its own, and the demo exits 1 if any of
+its processes survives that.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from pathlib import Path
 import jwt
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the control plane helpers the test suite uses
+
+from cluster import (  # noqa: E402
+    ControlPlane,
+    ControlPlaneError,
+    build_binaries,
+    start_control_plane,
+    stop_control_plane,
+)
+
 NAMESPACE = "payments"
 SERVICE = "payments-api"
 POLICY_CONFIGMAP = f"nhigate-{SERVICE}-policy"
@@ -97,9 +109,8 @@ class Demo:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.cp: ControlPlane | None = None
         self.env = dict(os.environ)
-        self.env["NHIGATE_CP_STATE_DIR"] = str(work / "control-plane")
-        self.env["NHIGATE_CP_WATCH_PID"] = str(os.getpid())
 
     def run(self, *args: str, check: bool = True, quiet: bool = False) -> str:
         out = subprocess.run(
@@ -133,27 +144,27 @@ class Demo:
 
     def start_control_plane(self) -> None:
         say("starting etcd + kube-apiserver + kube-controller-manager on 127.0.0.1")
-        self.run(str(ROOT / "hack" / "control-plane.sh"), "start", quiet=True)
-        for line in self.run(
-            str(ROOT / "hack" / "control-plane.sh"), "env", quiet=True
-        ).splitlines():
-            if line.startswith("export "):
-                key, _, value = line.removeprefix("export ").partition("=")
-                self.env[key] = value.strip("'\"")
+        # A watchdog stops it if this process dies without cleaning up (NHIGATE_CP_WATCH_PID).
+        self.cp = start_control_plane(self.work / "control-plane", build_binaries())
+        self.env = self.cp.env()
         print(self.kubectl("get", "--raw", "/readyz", quiet=True).strip() or "ready")
 
     def apply_resources(self) -> None:
-        say("applying the CRDs and examples/ (issuer, protected service, two grants, a revocation)")
+        say(
+            "applying the CRDs and examples/ (namespace, backend, issuer, protected service,"
+            " two grants, a revocation)"
+        )
         self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         self.kubectl(
             "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s", quiet=True
         )
-        self.kubectl("create", "namespace", NAMESPACE)
-        # The backend Service the ProtectedService fronts (its pods are the local echo server).
-        self.kubectl("create", "service", "clusterip", SERVICE, "-n", NAMESPACE, "--tcp=8080:8080")
+        # examples/ is self-contained: the namespace first, then the backend Deployment+Service
+        # (its pods never start here, without a kubelet; the local echo server stands in).
         self.kubectl("apply", "--server-side", "-f", str(ROOT / "examples"))
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the controller, the proxy and the control plane; False, having said what is
+        left, when a process survives."""
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -162,12 +173,15 @@ class Demo:
                 proc.wait(timeout=10)
             if proc.poll() is None:
                 proc.kill()
-        subprocess.run(
-            [str(ROOT / "hack" / "control-plane.sh"), "stop"],
-            env=self.env,
-            check=False,
-            capture_output=True,
-        )
+                proc.wait(timeout=10)
+        if self.cp is None:
+            return True
+        try:
+            stop_control_plane(self.cp)
+        except ControlPlaneError as err:
+            print(f"\ncleanup FAILED: {err}", file=sys.stderr)
+            return False
+        return True
 
 
 def audit_lines(path: Path) -> list[str]:
@@ -188,9 +202,24 @@ def next_audit_line(path: Path, seen: int, timeout_s: float = 5.0) -> str:
 
 
 def main() -> int:
-    started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="nhigate-demo-"))
     demo = Demo(work)
+    status = 1
+    try:
+        status = run(demo)
+    finally:
+        stopped = demo.stop()
+        if stopped:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"processes are left running; their PID files and logs are in {work}")
+    return status if stopped else 1
+
+
+def run(demo: Demo) -> int:
+    """The demo's steps; 0 when each showed what it should."""
+    started = time.monotonic()
+    work = demo.work
     try:
         demo.start_control_plane()
         demo.apply_resources()
@@ -333,9 +362,6 @@ def main() -> int:
             print(f"--- last lines of {log.name} ---", file=sys.stderr)
             print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), file=sys.stderr)
         return 1
-    finally:
-        demo.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

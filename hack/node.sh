@@ -10,7 +10,9 @@
 #           print env lines (KUBECONFIG, PATH, NHIGATE_NODE_*, NHIGATE_IMAGE_REF).
 #   stop    delete the pods, stop every process by PID, remove what start created (iptables and
 #           ipset entries, nft guard, netns, bridge, mounts, cgroups) and restore the sysctls
-#           kubelet, kube-proxy and the CNI plugin change; then stop the control plane.
+#           kubelet, kube-proxy and the CNI plugin change; then stop the control plane. Each
+#           process gets SIGTERM, then SIGKILL, and is verified gone; stop exits 1, naming them,
+#           if a process of the node or the control plane survives (it still undoes the rest).
 #   env     print shell `export` lines for the running node.
 #   status  exit 0 when every process is alive and the node is Ready.
 #
@@ -29,6 +31,8 @@ set -euo pipefail
 
 # shellcheck disable=SC1091
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/node.sh"
+# shellcheck source=hack/lib/process.sh
+source "${HACK_DIR}/lib/process.sh"
 
 STATE_DIR="${NHIGATE_NODE_STATE_DIR:-${HACK_DIR}/.work/node}"
 TIMEOUT="${NHIGATE_NODE_TIMEOUT:-180}"
@@ -55,12 +59,6 @@ free_port() {
 pid_of() {
   local f="${RUN}/$1.pid"
   [[ -f "${f}" ]] && cat "${f}"
-}
-
-running() {
-  local state
-  state="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
-  [[ -n "${state}" && "${state}" != Z* ]]
 }
 
 alive() {
@@ -617,25 +615,9 @@ cmd_start() {
 }
 
 # --- stop ----------------------------------------------------------------------------------------
-stop_pid() {
-  local name=$1 pid=$2 grace=${3:-10}
-  [[ -n "${pid}" && "${pid}" != "$$" ]] || return 0
-  running "${pid}" || return 0
-  kill -TERM "${pid}" 2>/dev/null || return 0
-  local i
-  for ((i = 0; i < grace * 4; i++)); do
-    running "${pid}" || return 0
-    sleep 0.25
-  done
-  log "${name} (pid ${pid}) ignored SIGTERM for ${grace} s; killing it"
-  kill -KILL "${pid}" 2>/dev/null || true
-  for ((i = 0; i < 20; i++)); do
-    running "${pid}" || return 0
-    sleep 0.25
-  done
-  log "${name} (pid ${pid}) is still running after SIGKILL"
-  return 1
-}
+# stop_pid (lib/process.sh) verifies each process is gone; what survives is named in SURVIVORS and
+# fails stop once everything else is undone.
+SURVIVORS=()
 
 # Pods first, through the API while kubelet still runs, so CNI DEL releases their addresses,
 # veths and netns the normal way.
@@ -670,7 +652,7 @@ kill_containers() {
 kill_shims() {
   local pid
   for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address ${STATE_DIR}/containerd/containerd.sock" || true); do
-    stop_pid containerd-shim "${pid}" 5 || true
+    stop_pid containerd-shim "${pid}" 5 || SURVIVORS+=("containerd-shim:${pid}")
   done
 }
 
@@ -726,15 +708,15 @@ cmd_stop() {
   local slot=""
   [[ -f "${SAVED}/slot" ]] && slot="$(cat "${SAVED}/slot")"
   [[ -z "${slot}" ]] || slot_settings "${slot}"
-  stop_pid watchdog "$(pid_of watchdog || true)" 2 || true
+  stop_pid watchdog "$(pid_of watchdog || true)" 2 || SURVIVORS+=(watchdog)
   delete_pods
   local i
   # kube-router, CoreDNS, scheduler, kube-proxy, kubelet: reverse start order; containerd last.
   for ((i = ${#COMPONENTS[@]} - 1; i >= 1; i--)); do
-    stop_pid "${COMPONENTS[i]}" "$(pid_of "${COMPONENTS[i]}" || true)" || true
+    stop_pid "${COMPONENTS[i]}" "$(pid_of "${COMPONENTS[i]}" || true)" || SURVIVORS+=("${COMPONENTS[i]}")
   done
   kill_containers
-  stop_pid containerd "$(pid_of containerd || true)" || true
+  stop_pid containerd "$(pid_of containerd || true)" || SURVIVORS+=(containerd)
   kill_shims
   remove_kube_iptables
   if [[ -n "${slot}" ]]; then
@@ -746,12 +728,18 @@ cmd_stop() {
   remove_netns
   unmount_under "${STATE_DIR}"
   restore_sysctls
-  NHIGATE_CP_STATE_DIR="${CP_STATE_DIR}" "${HACK_DIR}/control-plane.sh" stop || true
+  NHIGATE_CP_STATE_DIR="${CP_STATE_DIR}" "${HACK_DIR}/control-plane.sh" stop || SURVIVORS+=(control-plane)
   [[ -f "${OWNER_MARKER}" && "$(cat "${OWNER_MARKER}")" == "${STATE_DIR}" ]] && rm -f "${OWNER_MARKER}"
   # Keep logs for post-mortems; the rest (images, pod data, keys) goes.
-  rm -rf "${RUN}" "${PKI}" "${SAVED}" "${ENV_FILE}" "${STATE_DIR}/containerd" "${STATE_DIR}/kubelet" \
+  # The PID files stay while a process survives, so a second stop can find it.
+  ((${#SURVIVORS[@]} > 0)) || rm -rf "${RUN}"
+  rm -rf "${PKI}" "${SAVED}" "${ENV_FILE}" "${STATE_DIR}/containerd" "${STATE_DIR}/kubelet" \
     "${STATE_DIR}/cni" "${STATE_DIR}"/*.kubeconfig "${STATE_DIR}"/*.yaml "${STATE_DIR}/Corefile" \
     "${STATE_DIR}/resolv.conf" 2>/dev/null || log "could not remove everything under ${STATE_DIR}"
+  if ((${#SURVIVORS[@]} > 0)); then
+    log "node stop FAILED: still running after SIGKILL: ${SURVIVORS[*]} (see the lines above)"
+    return 1
+  fi
   log "node stopped (${STATE_DIR})"
 }
 

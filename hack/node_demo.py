@@ -56,6 +56,7 @@ def main() -> int:
     except ControlPlaneError as exc:
         print(exc, file=sys.stderr)
         return 1
+    status = 1
     try:
         s = Scenario(cluster=cluster, namespace=NAMESPACE)
         api = cluster.api
@@ -128,11 +129,15 @@ def main() -> int:
             s.connect("client", service_ip, BACKEND_PORT),
         )
         say(f"done in {time.monotonic() - started:.0f} s; stopping the node")
-        return 0
+        status = 0
     finally:
+        # hack/node.sh stop verifies every process is gone; when one is not, the demo fails.
         proc = stop_node(cluster)
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
+            print("stopping the node FAILED (see above): something is left", file=sys.stderr)
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     finally:
         try:
             stop_control_plane(cp)
+        except ControlPlaneError as exc:
+            pytest.fail(str(exc), pytrace=False)
         finally:
             # Every process `hack/control-plane.sh start` runs inherits NHIGATE_CP_STATE_DIR.
             assert_none_left("NHIGATE_CP_STATE_DIR", str(state_dir), "the session's control plane")
