@@ -394,14 +394,6 @@ def poll(probe: Any, what: str, within: float = WALKTHROUGH_TIMEOUT_S) -> Any:
     raise AssertionError(f"timed out after {within:.0f} s waiting for {what}")
 
 
-def test_walkthrough_is_what_the_test_runs() -> None:
-    """Each README walkthrough command has its check below; a new one needs its own."""
-    commands = walkthrough_commands(README.read_text())
-    assert [next(k for k in WALKTHROUGH_CHECKS if re.search(k, c)) for c in commands] == list(
-        WALKTHROUGH_CHECKS
-    ), f"README walkthrough commands changed: {commands}"
-
-
 WALKTHROUGH_CHECKS = (
     r"^kubectl apply -f examples/",
     r"^kubectl get routegrants -n payments",
@@ -413,13 +405,29 @@ WALKTHROUGH_CHECKS = (
 )
 
 
+def walkthrough_by_check() -> dict[str, str]:
+    """README's walkthrough commands by the WALKTHROUGH_CHECKS pattern each one matches, in order;
+    fails when the README has a command without a check here, or lacks one."""
+    commands = walkthrough_commands(README.read_text())
+    matched = [next((k for k in WALKTHROUGH_CHECKS if re.search(k, c)), c) for c in commands]
+    assert matched == list(WALKTHROUGH_CHECKS), (
+        f"the README walkthrough changed; each command needs its check here: {commands}"
+    )
+    return dict(zip(WALKTHROUGH_CHECKS, commands, strict=True))
+
+
+def test_walkthrough_is_what_the_test_runs() -> None:
+    """Each README walkthrough command has its check below; a new one needs its own."""
+    assert len(walkthrough_by_check()) == len(WALKTHROUGH_CHECKS)
+
+
 @pytest.mark.timeout(420)
 def test_readme_walkthrough_works_verbatim(
     control_plane: ControlPlane, crds_installed: list[str], tmp_path: Path
 ) -> None:
     """README.md's walkthrough, command by command and exactly as written, on a fresh cluster
     with nhigate's CRDs and its controller (the README's premise); then its promises hold."""
-    commands = dict(zip(WALKTHROUGH_CHECKS, walkthrough_commands(README.read_text()), strict=True))
+    commands = walkthrough_by_check()
     cp = control_plane
     assert cp.kubectl("get", "namespace", EXAMPLE_NAMESPACE, check=False).returncode != 0, (
         "namespace payments exists before the walkthrough: it would not start from a fresh cluster"
