@@ -57,8 +57,7 @@ free_port() {
 }
 
 pid_of() {
-  local f="${RUN}/$1.pid"
-  [[ -f "${f}" ]] && cat "${f}"
+  read_pid_file "${RUN}/$1.pid"
 }
 
 alive() {

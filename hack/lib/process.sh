@@ -21,6 +21,30 @@ proc_pgid() {
   printf '%s\n' "${fields[2]}"
 }
 
+# proc_started_epoch PID: when the process started, in seconds since the epoch.
+proc_started_epoch() {
+  local stat fields btime ticks
+  read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+  read -r -a fields <<<"${stat##*) }"
+  btime="$(awk '$1 == "btime" {print $2}' /proc/stat)"
+  ticks="$(getconf CLK_TCK)"
+  # Field 22 of stat (index 19 after the command name): start time in clock ticks since boot.
+  printf '%s\n' "$((btime + fields[19] / ticks))"
+}
+
+# read_pid_file FILE: the PID FILE records, unless that PID now names a process started after
+# FILE was written (the recorded process is gone and its PID was reused: not ours to signal).
+read_pid_file() {
+  local file=$1 pid started
+  [[ -f "${file}" ]] || return 1
+  pid="$(<"${file}")"
+  if started="$(proc_started_epoch "${pid}")" && ((started > $(stat -c %Y "${file}") + 2)); then
+    log "pid ${pid} of ${file} is another process now (started after the file was written); leaving it alone"
+    return 1
+  fi
+  printf '%s\n' "${pid}"
+}
+
 # running PID: the process exists and is neither a zombie nor dead (PID 1 in a container may
 # never reap what it inherits).
 running() {

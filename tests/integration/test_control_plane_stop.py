@@ -156,3 +156,24 @@ def test_stop_kills_what_ignores_sigterm_dependents_before_etcd(state_dir: Path)
     # Two components ignore SIGTERM for the whole grace period; nothing waits longer.
     assert 2 * GRACE_S <= took < 2 * GRACE_S + 8, f"stop took {took:.1f} s"
     assert not (state_dir / "run").exists()
+
+
+def test_stop_leaves_a_reused_pid_alone(state_dir: Path) -> None:
+    """A PID file older than the process that now has its PID names a process that is gone: the
+    PID was reused by another one, which stop must not signal (nor its group)."""
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        other = stand_in(state_dir, "kube-apiserver", "exit", children)
+        pid_file = state_dir / "run" / "kube-apiserver.pid"
+        an_hour_ago = time.time() - 3600
+        os.utime(pid_file, (an_hour_ago, an_hour_ago))
+        proc = run_stop(state_dir)
+        still_there = other.poll() is None
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert still_there, "stop signalled a process that merely reused a recorded PID"
+    assert "is another process now" in proc.stderr, proc.stderr
+    assert not (state_dir / "term.log").exists()
