@@ -492,7 +492,7 @@ def test_readme_walkthrough_works_verbatim(
         assert get_status(url, ci) == 502
         deleted = run_readme(cp, commands[WALKTHROUGH_CHECKS[3]])
         assert deleted.returncode == 0, deleted.stderr
-        assert deleted.stdout.strip() == 'routegrant.nhigate.io "ci-deploy" deleted'
+        assert deleted.stdout.startswith('routegrant.nhigate.io "ci-deploy" deleted'), deleted
         poll(lambda: get_status(url, ci) == 403, "the next request to be denied", within=10)
     finally:
         if proxy is not None:
