@@ -68,11 +68,12 @@ def kill_all(leftovers: list[Leftover], timeout_s: float = 10.0) -> list[Leftove
     alive = leftovers
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = [p for p in alive if _alive(p.pid)]
+        alive = [p for p in alive if is_running(p.pid)]
     return alive
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie is not)."""
     try:
         state, _ = stat_fields((PROC / str(pid) / "stat").read_text())
     except OSError:

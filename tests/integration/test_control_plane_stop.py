@@ -4,7 +4,8 @@ kube-apiserver ignores SIGTERM once etcd is gone (and can take longer than the g
 while it is there); kube-controller-manager may hang the same way. Stand-in processes recorded in
 the state dir's PID files, as `start` records the real ones, show that stop signals dependents
 before etcd, waits a bounded time, escalates to SIGKILL, takes the watchdog's children with it,
-and leaves no process of the state dir alive. No API server is needed.
+and leaves no process of the state dir alive. No API server is needed for those; the last test
+does the same to a real control plane whose etcd was killed first.
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster import CONTROL_PLANE_SCRIPT
-from processes import assert_none_left, processes_with
+from cluster import (
+    CONTROL_PLANE_SCRIPT,
+    ControlPlaneError,
+    build_binaries,
+    start_control_plane,
+)
+from processes import assert_none_left, is_running, processes_with
 
 # A component: on SIGTERM, log "<name> <states of the PIDs it watches>" and exit unless it
 # ignores SIGTERM; it writes its ready file once the handler is installed.
@@ -177,3 +183,26 @@ def test_stop_leaves_a_reused_pid_alone(state_dir: Path) -> None:
     assert still_there, "stop signalled a process that merely reused a recorded PID"
     assert "is another process now" in proc.stderr, proc.stderr
     assert not (state_dir / "term.log").exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_stop_kills_a_real_api_server_whose_etcd_is_gone(tmp_path: Path) -> None:
+    """The reported leak: kube-apiserver ignores SIGTERM once etcd is gone. A control plane of
+    its own (the session's stays intact), etcd SIGKILLed, then stop: the API server is killed
+    after the grace period and nothing of the state dir remains."""
+    state_dir = tmp_path / "cp"
+    try:
+        cp = start_control_plane(state_dir, build_binaries())
+    except ControlPlaneError as exc:
+        pytest.fail(f"the control plane did not start:\n{exc}", pytrace=False)
+    try:
+        etcd, apiserver, kcm = cp.pids
+        os.kill(etcd, 9)
+        proc = run_stop(state_dir)
+    finally:
+        assert_none_left("NHIGATE_CP_STATE_DIR", str(state_dir), "the etcd-less control plane")
+    assert proc.returncode == 0, proc.stderr
+    assert f"kube-apiserver (pid {apiserver}) ignored SIGTERM" in proc.stderr, proc.stderr
+    assert not is_running(apiserver)
+    assert not is_running(kcm)
