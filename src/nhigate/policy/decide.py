@@ -2,7 +2,9 @@
 
 Semantics (docs/policy-document.md, "Decision"):
 
-1. A revocation in force for the credential denies with `revoked`, whatever the grants say.
+1. A revocation in force for the credential denies with `revoked`, whatever the grants say;
+   a token of a service account or pod that no longer exists denies with `identity_retired`
+   (`retirement.py`).
 2. Candidates are the grants with a subject matching the identity and a rule
    matching the method and the (canonical) path.
    A subject accepts an actor chain (RFC 8693 `act`) only as its `delegation` says;
@@ -46,6 +48,7 @@ def grant_status(grant: Grant, now: float, tenant: str | None) -> Reason:
 
 
 _REVOKED = Decision(allowed=False, reason=Reason.REVOKED)
+_RETIRED = Decision(allowed=False, reason=Reason.IDENTITY_RETIRED)
 _PATH_REJECTED = Decision(allowed=False, reason=Reason.PATH_REJECTED)
 _NO_MATCHING_GRANT = Decision(allowed=False, reason=Reason.NO_MATCHING_GRANT)
 _CHAIN_DENIALS = {
@@ -77,6 +80,8 @@ def decide_request(
     a frozen `Facts` per request (the proxy's hot path)."""
     if policy.revocation(identity, now) is not None:
         return _REVOKED
+    if policy.retirement(identity) is not None:
+        return _RETIRED
     if not is_canonical_path(path):
         return _PATH_REJECTED
     segments = path[1:].split("/")
@@ -197,6 +202,7 @@ def explain(policy: Policy, facts: Facts) -> Explanation:
     decision = decide(policy, facts)
     identity = facts.identity
     revocation = policy.revocation(identity, facts.now)
+    retired = policy.retirement(identity)
     canonical = is_canonical_path(facts.path)
     verdicts: list[GrantVerdict] = []
     actors = identity.actors
@@ -228,6 +234,8 @@ def explain(policy: Policy, facts: Facts) -> Explanation:
         matched = outcome is Reason.ALLOWED
         if matched and revocation is not None:
             problems.append(f"credential revoked by {revocation}")
+        if matched and retired is not None:
+            problems.append(f"identity retired: {retired}")
         verdicts.append(
             GrantVerdict(
                 grant=grant.name,

@@ -84,6 +84,34 @@ class ServiceConfig:
     """The backend honours path-override headers (`X-Original-URL`): authorise them too."""
 
 
+@dataclass(frozen=True, slots=True)
+class LiveServiceAccount:
+    """A service account a grant names, as the controller last listed it."""
+
+    namespace: str
+    name: str
+    uid: str | None
+    """Its UID, or None: no service account of that name exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveIdentities:
+    """Which service accounts and pods behind the service-account subjects exist (the
+    controller's snapshot, docs/policy-document.md "Live identities").
+
+    Every service account and pod created before `observed_at` (epoch seconds) that runs
+    as one of `service_accounts` is listed; `retired` holds UIDs of service accounts and
+    pods the controller saw deleted or replaced (kept for a while, then dropped: a token
+    older than the snapshot whose UID is not live is refused anyway).
+    """
+
+    observed_at: float
+    service_accounts: tuple[LiveServiceAccount, ...]
+    pods: tuple[str, ...] = ()
+    """UIDs of the live pods running as those service accounts."""
+    retired: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class PolicyDocument:
     """Everything one proxy replica enforces. `version` is derived from the content."""
@@ -93,3 +121,5 @@ class PolicyDocument:
     grants: tuple[Grant, ...]
     revocations: tuple[Revocation, ...]
     version: str
+    identities: LiveIdentities | None = None
+    """The live service accounts and pods (cluster mode); None: not checked (standalone)."""

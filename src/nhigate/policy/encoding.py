@@ -25,6 +25,8 @@ from nhigate.policy.document import (
     DOCUMENT_API_VERSION,
     IdentityAssertion,
     IssuerConfig,
+    LiveIdentities,
+    LiveServiceAccount,
     PolicyDocument,
     ServiceConfig,
     TenantMapping,
@@ -220,19 +222,34 @@ def _service_json(svc: ServiceConfig) -> dict[str, Any]:
     return body
 
 
+def _identities_json(live: LiveIdentities) -> dict[str, Any]:
+    return {
+        "observedAt": format_time(live.observed_at),
+        "serviceAccounts": [
+            {"namespace": a.namespace, "name": a.name, "uid": a.uid} for a in live.service_accounts
+        ],
+        "pods": list(live.pods),
+        "retired": list(live.retired),
+    }
+
+
 def _content_json(
     service: ServiceConfig,
     issuers: Iterable[IssuerConfig],
     grants: Iterable[Grant],
     revocations: Iterable[Revocation],
+    identities: LiveIdentities | None = None,
 ) -> dict[str, Any]:
-    return {
+    body = {
         "apiVersion": DOCUMENT_API_VERSION,
         "service": _service_json(service),
         "issuers": [_issuer_json(i) for i in issuers],
         "grants": [_grant_json(g) for g in grants],
         "revocations": [_revocation_json(r) for r in revocations],
     }
+    if identities is not None:  # absent unless set (standalone documents have none)
+        body["identities"] = _identities_json(identities)
+    return body
 
 
 def _canonical_bytes(obj: object) -> bytes:
@@ -627,6 +644,44 @@ def _revocation(value: object, where: str) -> Revocation:
     return rev
 
 
+_MAX_UID_LENGTH: Final = 64
+
+
+def _uid_list(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    uids = _str_list(obj, key, where, empty_ok=True)
+    for i, uid in enumerate(uids):
+        if len(uid) > _MAX_UID_LENGTH:
+            _fail(f"{where}.{key}[{i}]", f"a UID is at most {_MAX_UID_LENGTH} characters")
+    return uids
+
+
+def _identities(value: object, where: str) -> LiveIdentities:
+    obj = _obj(value, where, ("observedAt", "serviceAccounts", "pods", "retired"))
+    observed_at = _opt_time_field(obj, "observedAt", where)
+    if observed_at is None:
+        _fail(f"{where}.observedAt", "missing time")
+    accounts = []
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(_list(obj, "serviceAccounts", where)):
+        w = f"{where}.serviceAccounts[{i}]"
+        a = _obj(item, w, ("namespace", "name", "uid"))
+        account = LiveServiceAccount(
+            namespace=_str(a, "namespace", w), name=_str(a, "name", w), uid=_opt_str(a, "uid", w)
+        )
+        if account.uid is not None and len(account.uid) > _MAX_UID_LENGTH:
+            _fail(f"{w}.uid", f"a UID is at most {_MAX_UID_LENGTH} characters")
+        if (account.namespace, account.name) in seen:
+            _fail(w, f"duplicate service account {account.namespace}/{account.name}")
+        seen.add((account.namespace, account.name))
+        accounts.append(account)
+    return LiveIdentities(
+        observed_at=observed_at,
+        service_accounts=tuple(accounts),
+        pods=_uid_list(obj, "pods", where),
+        retired=_uid_list(obj, "retired", where),
+    )
+
+
 def _issuer(value: object, where: str) -> IssuerConfig:
     keys = (
         "name",
@@ -755,12 +810,14 @@ def _parse_content(obj: dict[str, Any], version: str) -> PolicyDocument:
     _unique((i.name for i in issuers), "issuers")
     _unique((g.name for g in grants), "grants")
     _unique((r.name for r in revocations), "revocations")
+    identities = obj.get("identities")
     return PolicyDocument(
         service=_service(obj["service"], "service"),
         issuers=issuers,
         grants=grants,
         revocations=revocations,
         version=version,
+        identities=None if identities is None else _identities(identities, "identities"),
     )
 
 
@@ -897,11 +954,24 @@ def _canonical_issuer(iss: IssuerConfig) -> IssuerConfig:
     )
 
 
+def _canonical_identities(live: LiveIdentities | None) -> LiveIdentities | None:
+    if live is None:
+        return None
+    accounts = {(a.namespace, a.name): a for a in live.service_accounts}
+    return LiveIdentities(
+        observed_at=canonical_time(live.observed_at),
+        service_accounts=tuple(accounts[k] for k in sorted(accounts)),
+        pods=tuple(sorted(set(live.pods))),
+        retired=tuple(sorted(set(live.retired))),
+    )
+
+
 def make_document(
     service: ServiceConfig,
     issuers: Iterable[IssuerConfig],
     grants: Iterable[Grant],
     revocations: Iterable[Revocation],
+    identities: LiveIdentities | None = None,
 ) -> PolicyDocument:
     """Build a validated document in canonical order, with its content-hash `version`.
 
@@ -916,6 +986,7 @@ def make_document(
             sorted(map(_canonical_issuer, issuers), key=_by_name),
             sorted(map(_canonical_grant, grants), key=_by_name),
             sorted(map(_canonical_revocation, revocations), key=_by_name),
+            _canonical_identities(identities),
         )
         content = _canonical_bytes(canonical)
         version = _version_of_bytes(content)
@@ -960,7 +1031,9 @@ def _version_of_bytes(content: bytes) -> str:
 
 
 def _content_bytes(doc: PolicyDocument) -> bytes:
-    return _canonical_bytes(_content_json(doc.service, doc.issuers, doc.grants, doc.revocations))
+    return _canonical_bytes(
+        _content_json(doc.service, doc.issuers, doc.grants, doc.revocations, doc.identities)
+    )
 
 
 def _with_version(content: bytes, version: str) -> bytes:
@@ -1006,6 +1079,7 @@ def decode_document(data: bytes) -> PolicyDocument:
 
 _TOP_KEYS: Final = ("apiVersion", "version", "service", "issuers", "grants", "revocations")
 _TOP_KEYSET: Final = frozenset(_TOP_KEYS)
+_TOP_KEYSETS: Final = (_TOP_KEYSET, _TOP_KEYSET | {"identities"})
 
 
 def _decode_canonical(data: bytes) -> PolicyDocument | None:
@@ -1018,7 +1092,7 @@ def _decode_canonical(data: bytes) -> PolicyDocument | None:
     """
     try:
         obj = json.loads(data)
-        if type(obj) is not dict or obj.keys() != _TOP_KEYSET:
+        if type(obj) is not dict or obj.keys() not in _TOP_KEYSETS:
             return None
         version = obj["version"]
         if type(version) is not str or _VERSION_RE.fullmatch(version) is None:
@@ -1043,7 +1117,7 @@ def _decode_any(data: bytes) -> PolicyDocument:
         raise PolicyDocumentError(f"document: not valid JSON: {exc}") from None
     if isinstance(obj, dict) and obj.get("apiVersion") != DOCUMENT_API_VERSION:
         _fail("apiVersion", f"expected {DOCUMENT_API_VERSION!r}, got {obj.get('apiVersion')!r}")
-    obj = _obj(obj, "", _TOP_KEYS)
+    obj = _obj_optional(obj, "", _TOP_KEYS, ("identities",))
     version = obj["version"]
     if not isinstance(version, str) or _VERSION_RE.fullmatch(version) is None:
         _fail("version", "expected 'sha256:' followed by 16 lower-case hex digits")

@@ -31,6 +31,7 @@ from nhigate.policy.model import (
 )
 from nhigate.policy.names import any_name_matches
 from nhigate.policy.paths import PathPattern
+from nhigate.policy.retirement import LiveIndex, index_live_identities, retirement
 
 Claims = tuple[tuple[str, str], ...]
 _Entry = tuple[frozenset[str], int, Claims, Delegation | None]
@@ -252,6 +253,8 @@ class Policy:
     _has_revocations: bool = field(repr=False)
     _requires_actor: bool = field(repr=False, default=False)
     """Some subject sets `delegation.required` (so a token without `act` can be refused)."""
+    _live: LiveIndex | None = field(repr=False, default=None)
+    """The document's live service accounts and pods, indexed (None: not checked)."""
 
     @property
     def version(self) -> str:
@@ -359,6 +362,12 @@ class Policy:
             if any(subject_matches(subject, identity) for subject in grant.subjects)
         ]
 
+    def retirement(self, identity: Identity) -> str | None:
+        """Why the credential's service account or pod no longer exists, or None."""
+        if self._live is None:
+            return None
+        return retirement(self._live, identity)
+
     def revocation(self, identity: Identity, now: float) -> str | None:
         """Name of a revocation in force at `now` for this credential, or None."""
         if not self._has_revocations:
@@ -452,6 +461,7 @@ def _compile(doc: PolicyDocument) -> Policy:
         _revoked_sa_uids=by_uid,
         _has_revocations=bool(doc.revocations),
         _requires_actor=requires_actor,
+        _live=None if doc.identities is None else index_live_identities(doc.identities),
     )
 
 

@@ -87,6 +87,7 @@ def rules_allow(rules: tuple[McpRule, ...], kind: McpKind, name: str) -> bool:
 
 
 _REVOKED = Decision(allowed=False, reason=Reason.REVOKED)
+_RETIRED = Decision(allowed=False, reason=Reason.IDENTITY_RETIRED)
 _NO_MATCHING_GRANT = Decision(allowed=False, reason=Reason.NO_MATCHING_GRANT)
 
 
@@ -138,6 +139,8 @@ def mcp_scope(
     """The caller's MCP grants on `endpoint` (one of the service's `mcp_endpoints`)."""
     if policy.revocation(identity, now) is not None:
         return McpScope(policy, endpoint, (), (), _REVOKED)
+    if policy.retirement(identity) is not None:
+        return McpScope(policy, endpoint, (), (), _RETIRED)
     segments = endpoint[1:].split("/")
     valid: list[tuple[int, tuple[McpRule, ...]]] = []
     invalid: list[tuple[int, int, tuple[McpRule, ...]]] = []
@@ -194,6 +197,7 @@ def explain_mcp(
     the MCP message. `decision` is exactly `decide_mcp(...)`."""
     decision = decide_mcp(policy, identity, endpoint, kind, name, now, tenant)
     revocation = policy.revocation(identity, now)
+    retired = policy.retirement(identity)
     verdicts: list[GrantVerdict] = []
     for pos in policy.subject_grants(identity):
         grant = policy.grants[pos]
@@ -225,6 +229,8 @@ def explain_mcp(
         matched = outcome is Reason.ALLOWED
         if matched and revocation is not None:
             problems.append(f"credential revoked by {revocation}")
+        if matched and retired is not None:
+            problems.append(f"identity retired: {retired}")
         verdicts.append(
             GrantVerdict(
                 grant=grant.name,

@@ -37,6 +37,9 @@ class Reason(StrEnum):
     GRANT_EXPIRED = "grant_expired"
     TENANT_MISMATCH = "tenant_mismatch"
     REVOKED = "revoked"
+    IDENTITY_RETIRED = "identity_retired"
+    """The token's service account or pod was deleted or replaced (a new UID under the
+    same name): the API server would no longer accept the token either."""
     PATH_REJECTED = "path_rejected"
     # delegation chains (RFC 8693 `act`, docs/mcp.md)
     DELEGATION_NOT_ALLOWED = "delegation_not_allowed"
@@ -83,6 +86,8 @@ class ServiceAccountRef:
     namespace: str
     name: str
     uid: str | None = None
+    pod_uid: str | None = None
+    """The pod a pod-bound token is bound to (`kubernetes.io.pod.uid`), else None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +110,8 @@ class Identity:
     actors: tuple[str, ...] = ()
     """The RFC 8693 actor chain (`act.sub`, nested `act.act.sub`, ...), current actor first;
     empty for a token used by its own subject."""
+    issued_at: float | None = None
+    """The token's `iat` (epoch seconds), when the credential is a token."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,7 @@ STATUS_FOR: dict[Reason, int] = {
     Reason.GRANT_EXPIRED: 403,
     Reason.TENANT_MISMATCH: 403,
     Reason.REVOKED: 403,
+    Reason.IDENTITY_RETIRED: 401,
     Reason.DELEGATION_NOT_ALLOWED: 403,
     Reason.DELEGATION_TOO_DEEP: 403,
     Reason.ACTOR_NOT_ALLOWED: 403,
@@ -293,6 +294,15 @@ def _www_authenticate(reason: Reason) -> dict[str, str]:
     return {"WWW-Authenticate": value}
 
 
+def _denial(policy: Policy, identity: Identity, decision: Decision) -> DenyError:
+    """The refusal for a denying decision; a retired identity's token is no longer a valid
+    credential (401, like the API server's own answer), with the reason in the audit detail."""
+    if decision.reason is Reason.IDENTITY_RETIRED:
+        challenge = _www_authenticate(decision.reason)
+        return DenyError(decision.reason, policy.retirement(identity), extra_headers=challenge)
+    return DenyError(decision.reason)
+
+
 class ProxyHandler:
     """The catch-all request handler: the pipeline described in the module docstring."""
 
@@ -456,7 +466,7 @@ class ProxyHandler:
         decision = decide_request(policy, identity, ex.method, path, ex.now, ex.tenant)
         ex.decision = decision
         if not decision.allowed:
-            raise DenyError(decision.reason)
+            raise _denial(policy, identity, decision)
         return decision
 
     async def _mcp_exchange(

@@ -334,9 +334,12 @@ def _service_account(claims: dict[str, Any], subject: str) -> ServiceAccountRef:
     pod = k8s.get("pod")
     if pod is not None and (not isinstance(pod, dict) or not isinstance(pod.get("name"), str)):
         raise TokenError(Reason.TOKEN_INVALID, "bad kubernetes.io pod")
+    pod_uid = None if pod is None else pod.get("uid")
+    if pod_uid is not None and (not isinstance(pod_uid, str) or not pod_uid or len(pod_uid) > 64):
+        raise TokenError(Reason.TOKEN_INVALID, "bad kubernetes.io pod uid")
     if subject != f"{_SA_PREFIX}{namespace}:{name}":
         raise TokenError(Reason.TOKEN_INVALID, "sub disagrees with kubernetes.io claim")
-    return ServiceAccountRef(namespace=namespace, name=name, uid=uid)
+    return ServiceAccountRef(namespace=namespace, name=name, uid=uid, pod_uid=pod_uid)
 
 
 MAX_ACTOR_CHAIN = 16
@@ -406,6 +409,7 @@ def validate_claims(claims: dict[str, Any], issuer: IssuerConfig, now: float) ->
             service_account=_service_account(claims, subject),
             token_id=token_id,
             actors=actors,
+            issued_at=iat,
         )
     else:
         identity = Identity(
@@ -415,5 +419,6 @@ def validate_claims(claims: dict[str, Any], issuer: IssuerConfig, now: float) ->
             claims=frozen_claims,
             token_id=token_id,
             actors=actors,
+            issued_at=iat,
         )
     return ValidatedToken(identity=identity, not_before=not_before, expires_at=expires_at)
