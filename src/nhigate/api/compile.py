@@ -29,6 +29,7 @@ from nhigate.policy import (
     Grant,
     IdentityAssertion,
     IssuerConfig,
+    LiveIdentities,
     McpRule,
     PolicyDocument,
     RateLimit,
@@ -238,6 +239,7 @@ def build_policy_document(
     now: datetime,
     issuer_jwks: Mapping[str, Mapping[str, Any]] | None = None,
     drop_expired: bool = True,
+    identities: LiveIdentities | None = None,
 ) -> PolicyDocument:
     """The policy document for `service`.
 
@@ -247,7 +249,8 @@ def build_policy_document(
     past their `until` are dropped (unless `drop_expired=False`, which
     `nhigate explain` uses to say *why* an expired grant no longer allows);
     not-yet-valid grants are kept, because the proxy checks `notBefore` on its
-    own clock. `issuer_jwks` maps issuer names to fetched JWK Sets.
+    own clock. `issuer_jwks` maps issuer names to fetched JWK Sets; `identities` is the
+    controller's snapshot of the live service accounts and pods (None in standalone mode).
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -267,5 +270,9 @@ def build_policy_document(
         compiled_grants = [g for g in compiled_grants if g.expires_at is None or g.expires_at > at]
         compiled_revocations = [r for r in compiled_revocations if r.until is None or r.until > at]
     return make_document(
-        compile_service(service), issuer_configs, compiled_grants, compiled_revocations
+        compile_service(service),
+        issuer_configs,
+        compiled_grants,
+        compiled_revocations,
+        identities,
     )

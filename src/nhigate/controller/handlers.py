@@ -29,6 +29,7 @@ from nhigate.k8s import (
     PROTECTEDSERVICES,
     REVOCATIONS,
     ROUTEGRANTS,
+    SERVICEACCOUNTS,
     SERVICES,
     KubeClient,
     ResourceRef,
@@ -171,6 +172,16 @@ def build_registry(
     @kopf.on.event(*_selector(PODS), registry=registry)
     async def network_event(namespace: str | None, **_: Any) -> None:
         ctl().network_event(namespace)
+
+    # -- live identities behind service-account subjects -----------------------------------
+
+    @kopf.on.event(*_selector(SERVICEACCOUNTS), registry=registry)
+    async def service_account_event(event: Mapping[str, Any], **_: Any) -> None:
+        ctl().service_account_event(str(event.get("type")), _raw(event))
+
+    @kopf.on.event(*_selector(PODS), registry=registry)
+    async def pod_event(event: Mapping[str, Any], **_: Any) -> None:
+        ctl().pod_event(str(event.get("type")), _raw(event))
 
     @kopf.on.event(*_selector(NAMESPACES), registry=registry)
     async def namespace_event(**_: Any) -> None:

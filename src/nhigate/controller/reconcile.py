@@ -39,6 +39,20 @@ from nhigate.api.models import IdentityIssuer, ProtectedService, Revocation, Rou
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
 from nhigate.controller.bypass import BypassPath, find_bypass_paths
+from nhigate.controller.identities import (
+    SNAPSHOT_CLOCK_SLACK,
+    SNAPSHOT_REFRESH,
+    Account,
+    RetiredUids,
+    Snapshot,
+    account_uids,
+    granted_accounts,
+    namespaces_of,
+    pod_account,
+    retire_vanished,
+    same_content,
+    subjects_found,
+)
 from nhigate.controller.jwks import (
     InvalidJwks,
     assertion_public_jwks,
@@ -79,12 +93,13 @@ from nhigate.k8s import (
     REVOCATIONS,
     ROUTEGRANTS,
     SECRETS,
+    SERVICEACCOUNTS,
     SERVICES,
     KubeClient,
     KubeError,
     ResourceRef,
 )
-from nhigate.policy import Grant, pack_document
+from nhigate.policy import Grant, LiveIdentities, pack_document
 
 JSON = dict[str, Any]
 _VERSIONS_KEPT = 32
@@ -116,6 +131,10 @@ class _GrantView:
     accepted: JSON
     compiled: Grant | None = None
     active: JSON | None = None
+    grant: RouteGrant | None = None
+    """The grant as accepted (None when it was not)."""
+    subjects: JSON | None = None
+    """Its `SubjectsFound` condition, once the service accounts were looked up."""
 
     @property
     def name(self) -> str:
@@ -143,6 +162,12 @@ class _Observed:
     backend_found: bool = True
     contents: OrderedDict[str, dict[str, Grant]] = field(default_factory=OrderedDict)
     """Policy version -> the grants (by `namespace/name`) it contains, newest last."""
+    identities: LiveIdentities | None = None
+    """The live service accounts and pods last published in the policy."""
+    accounts: dict[Account, str | None] = field(default_factory=dict)
+    """Granted service accounts -> live UID (None: not found), as last listed."""
+    pod_accounts: dict[str, Account] = field(default_factory=dict)
+    """Live pod UID -> the granted service account it runs as, as last listed."""
 
 
 @dataclass
@@ -186,6 +211,9 @@ class Controller:
         self._grant_targets: dict[tuple[str, str], str] = {}
         self._httproutes_served: tuple[bool, float] | None = None
         self._http: aiohttp.ClientSession | None = None
+        self._retired = RetiredUids()
+        self._account_watchers: defaultdict[Account, set[Key]] = defaultdict(set)
+        """Granted service account -> the ProtectedServices whose grants name it."""
 
     async def close(self) -> None:
         """Stop every worker and timer; close the JWKS HTTP session."""
@@ -277,6 +305,27 @@ class Controller:
                 return
             aspects = Aspect.POLICY | Aspect.INFRA  # someone else wrote our policy: restore it
         self._request(key, aspects)
+
+    def service_account_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A ServiceAccount a grant names was created or deleted: republish the live
+        identities of the services that grant it (its old UID is retired at once)."""
+        meta = _meta(body)
+        account = (str(meta.get("namespace")), str(meta.get("name")))
+        self._identity_changed(event_type, account, meta.get("uid"))
+
+    def pod_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A pod running as a granted service account was deleted: its pod-bound tokens end."""
+        if event_type == "DELETED":
+            self._identity_changed(event_type, pod_account(body), _meta(body).get("uid"))
+
+    def _identity_changed(self, event_type: str, account: Account, uid: object) -> None:
+        keys = self._account_watchers.get(account)
+        if not keys or event_type not in ("ADDED", "DELETED"):
+            return
+        if event_type == "DELETED" and isinstance(uid, str) and uid:
+            self._retired.retire(uid, account, self.clock())
+        for key in list(keys):
+            self._request(key, Aspect.POLICY)
 
     def network_event(self, namespace: str | None) -> None:
         """NetworkPolicy/Service/Ingress/HTTPRoute/Pod/Namespace change: re-run bypass analysis."""
@@ -377,15 +426,25 @@ class Controller:
                 continue
             self._grant_targets[(namespace, str(_meta(body).get("name")))] = ps.name
             grant, verdict = self._judge_grant(body, ps, issuers)
-            views.append(_GrantView(body=body, accepted=verdict))
+            views.append(_GrantView(body=body, accepted=verdict, grant=grant))
             if grant is not None:
                 accepted.append(grant)
+        identities = await self._live_identities((namespace, ps.name), accepted, observed)
+        for view in views:
+            if view.grant is not None:
+                view.subjects = subjects_found(view.grant, observed.accounts)
         jwks = await self._kubernetes_issuer_keys(ps, issuers)
         moment = datetime.fromtimestamp(now, tz=UTC)
         observed.missing_issuers = missing_issuers(ps, issuers)
         try:
             document = build_policy_document(
-                ps, issuers, accepted, revocations, now=moment, issuer_jwks=jwks
+                ps,
+                issuers,
+                accepted,
+                revocations,
+                now=moment,
+                issuer_jwks=jwks,
+                identities=identities,
             )
             data = pack_document(document)
             manifest = m.build_policy_configmap(ps, data, document.version)
@@ -399,7 +458,13 @@ class Controller:
             self.log.error("%s/%s: %s", namespace, ps.name, observed.policy_error)
             try:
                 document = build_policy_document(
-                    ps, issuers, [], revocations, now=moment, issuer_jwks=jwks
+                    ps,
+                    issuers,
+                    [],
+                    revocations,
+                    now=moment,
+                    issuer_jwks=jwks,
+                    identities=identities,
                 )
                 data = pack_document(document)
                 manifest = m.build_policy_configmap(ps, data, document.version)
@@ -439,6 +504,60 @@ class Controller:
         upcoming_all = [t for t in transitions if t > now]
         if upcoming_all:  # flip Active / drop expired grants and revocations exactly on time
             self.queue.request_at(key, Aspect.POLICY, min(upcoming_all), slot="validity")
+
+    async def _live_identities(
+        self, key: Key, grants: list[RouteGrant], observed: _Observed
+    ) -> LiveIdentities:
+        """List the granted service accounts and their pods; retire what went away; the
+        snapshot to publish (the last one, unchanged, when nothing changed)."""
+        accounts = granted_accounts(grants)
+        for account, keys in list(self._account_watchers.items()):
+            if account not in accounts:
+                keys.discard(key)
+                if not keys:
+                    del self._account_watchers[account]
+        for account in accounts:
+            self._account_watchers[account].add(key)
+        started = self.clock()  # everything created before now is in the lists below
+        uids: dict[Account, str | None] = {}
+        pod_accounts: dict[str, Account] = {}
+        for namespace in namespaces_of(accounts):
+            mine = {a for a in accounts if a[0] == namespace}
+            try:
+                (sas, _), (pods, _) = await asyncio.gather(
+                    self.client.list(SERVICEACCOUNTS, namespace),
+                    self.client.list(PODS, namespace),
+                )
+            except KubeError as exc:
+                # Keep what we knew (unknown accounts stay unjudged) rather than refuse every
+                # token of the namespace or stop publishing revocations; retried next sync.
+                self.log.warning("cannot list service accounts/pods in %s: %s", namespace, exc)
+                uids.update({a: u for a, u in observed.accounts.items() if a in mine})
+                pod_accounts.update({u: a for u, a in observed.pod_accounts.items() if a in mine})
+                continue
+            uids.update(account_uids(mine, sas))
+            for pod in pods:
+                uid, account = _meta(pod).get("uid"), pod_account(pod)
+                if uid and account in mine:
+                    pod_accounts[str(uid)] = account
+        now = self.clock()
+        found = Snapshot(uids, frozenset(pod_accounts), frozenset())
+        retire_vanished(
+            self._retired, observed.identities, found.identities(now), observed.pod_accounts, now
+        )
+        self._retired.prune(now)
+        snapshot = Snapshot(uids, frozenset(pod_accounts), frozenset(self._retired.of(accounts)))
+        published = observed.identities
+        if (
+            published is not None
+            and same_content(published, snapshot)
+            and started - published.observed_at < SNAPSHOT_REFRESH
+        ):
+            live = published  # same content, same time: the policy version does not move
+        else:
+            live = snapshot.identities(started - SNAPSHOT_CLOCK_SLACK)
+        observed.identities, observed.accounts, observed.pod_accounts = live, uids, pod_accounts
+        return live
 
     def _judge_grant(
         self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer]
@@ -761,8 +880,12 @@ class Controller:
             extra: JSON = {"enforcedReplicas": ratio}
             if view.compiled is not None and observed.version:
                 extra["policyVersion"] = observed.version
+            subjects = view.subjects or condition(
+                c.SUBJECTS_FOUND, c.UNKNOWN, c.REASON_NOT_ACCEPTED, "the grant is not accepted"
+            )
+            desired = [view.accepted, active, enforced, subjects]
             async with limit:
-                await self._write_grant_status(view.body, [view.accepted, active, enforced], extra)
+                await self._write_grant_status(view.body, desired, extra)
 
         await asyncio.gather(*(write(v) for v in observed.grants))
 
