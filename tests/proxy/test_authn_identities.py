@@ -55,7 +55,9 @@ async def test_service_account_token(sa_key: TestKey) -> None:
     assert result.kind is IdentityKind.SERVICE_ACCOUNT
     assert result.issuer == "cluster"
     assert result.subject == "system:serviceaccount:ci:deployer"
-    assert result.service_account == ServiceAccountRef("ci", "deployer", "u-1")
+    pod_uid = claims["kubernetes.io"]["pod"]["uid"]
+    assert result.service_account == ServiceAccountRef("ci", "deployer", "u-1", pod_uid=pod_uid)
+    assert result.issued_at == claims["iat"]  # judged against the live identities
 
 
 async def test_service_account_token_without_pod(sa_key: TestKey) -> None:
@@ -86,6 +88,8 @@ def _tamper(claims: dict[str, Any], how: str) -> None:
         k8s["serviceaccount"]["uid"] = 5
     elif how == "pod not an object":
         k8s["pod"] = "worker"
+    elif how == "pod uid not a string":
+        k8s["pod"]["uid"] = 7
     else:
         raise AssertionError(how)
 
@@ -102,6 +106,7 @@ def _tamper(claims: dict[str, Any], how: str) -> None:
         "serviceaccount not an object",
         "uid not a string",
         "pod not an object",
+        "pod uid not a string",
     ],
 )
 async def test_service_account_claims_must_agree(sa_key: TestKey, how: str) -> None:
