@@ -341,6 +341,9 @@ MUST = [
     ("patch", "poddisruptionbudgets.policy", True),
     ("delete", "horizontalpodautoscalers.autoscaling", True),
     ("watch", "pods", True),
+    ("list", "pods", True),  # pods running as granted service accounts (pod-bound tokens)
+    ("watch", "serviceaccounts", True),  # a deleted granted account ends its tokens
+    ("list", "serviceaccounts", True),
     ("list", "services", True),
     ("watch", "ingresses.networking.k8s.io", True),
     ("watch", "httproutes.gateway.networking.k8s.io", True),

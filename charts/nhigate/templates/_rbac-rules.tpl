@@ -26,9 +26,11 @@ cluster-scoped reads, always in a ClusterRole.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Proxy ServiceAccounts are written; every ServiceAccount is watched so that the tokens of
+# a deleted (or recreated) granted account stop working (docs/security.md, retired identities).
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Only nhigate-<name>-assertion-key is read or written; never listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]
