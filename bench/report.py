@@ -165,7 +165,8 @@ def targets(results: JSON) -> list[Target]:
         )
     )
     revocation = part(results, "revocation") or {}
-    for key, label in (("delete_grant", "delete RouteGrant"), ("revoke_jti", "Revocation (jti)")):
+    for key, label in _revocation_scenarios(revocation):
+        label = label.replace("create Revocation", "Revocation")
         p99 = (revocation.get(key) or {}).get("p99_ms")
         out.append(
             _target(
@@ -271,19 +272,34 @@ def plot_decide(results: JSON, path: Path) -> bool:
     return True
 
 
+REVOCATION_SCENARIOS = (
+    ("delete_grant", "delete RouteGrant"),
+    ("revoke_jti", "create Revocation (jti)"),
+    ("delete_serviceaccount", "delete ServiceAccount"),
+    ("delete_pod", "delete Pod (pod-bound token)"),
+)
+"""(result key, label) of the revocation bench's scenarios; the last two are absent from
+results recorded before they existed, and then not shown."""
+
+
+def _revocation_scenarios(revocation: JSON) -> list[tuple[str, str]]:
+    first_two = list(REVOCATION_SCENARIOS[:2])
+    return first_two + [(k, v) for k, v in REVOCATION_SCENARIOS[2:] if k in revocation]
+
+
 def plot_revocation(results: JSON, path: Path) -> bool:
     """CDF of revocation latency for both scenarios."""
     revocation = part(results, "revocation")
     if not revocation:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, label in (("delete_grant", "delete RouteGrant"), ("revoke_jti", "Revocation (jti)")):
+    for key, label in _revocation_scenarios(revocation):
         samples = sorted((revocation.get(key) or {}).get("samples_ms") or [])
         if samples:
             ys = [(i + 1) / len(samples) for i in range(len(samples))]
             ax.step(samples, ys, where="post", label=f"{label} (n={len(samples)})")
     ax.axvline(1000, color="red", linestyle=":", label="target p99: 1 s")
-    ax.set_xlabel("API call returned → first 403 at the proxy, ms")
+    ax.set_xlabel("API call returned → first refusal (403, or 401 for retired identities), ms")
     ax.set_ylabel("fraction of trials")
     ax.set_ylim(0, 1.02)
     ax.set_xlim(left=0)
@@ -599,10 +615,7 @@ def _revocation_section(results: JSON) -> list[str]:
         "",
     ]
     rows = []
-    for key, label in (
-        ("delete_grant", "delete RouteGrant"),
-        ("revoke_jti", "create Revocation (jti)"),
-    ):
+    for key, label in _revocation_scenarios(revocation):
         r = revocation.get(key) or {}
         rows.append(
             [

@@ -6,13 +6,20 @@ Starts its own control plane (etcd + kube-apiserver + kube-controller-manager on
 built by hack/, via tests/cluster.py), installs the CRDs, and runs the controller
 (`nhigate controller --namespace NS`), one proxy replica exactly as its Deployment runs it
 (`nhigate proxy --kube ...`, watching its policy ConfigMap through the API and reporting a
-Lease) and an aiohttp backend, all on 127.0.0.1. Two scenarios, `--trials` each:
+Lease) and an aiohttp backend, all on 127.0.0.1. Four scenarios, `--trials` each:
 
 - `delete-grant`: apply a RouteGrant, wait until the token is allowed, then DELETE the grant;
 - `revoke-jti`: a fresh token (new `jti`) under a standing grant is allowed; then CREATE a
-  Revocation `{tokenId: <jti>}`.
+  Revocation `{tokenId: <jti>}`;
+- `delete-serviceaccount`: (re)create ServiceAccount `bench-sa`, granted by a standing
+  `serviceAccount` RouteGrant through an IdentityIssuer of the `kubernetes: {}` form; a token
+  from the TokenRequest API (`kubectl create token`) is allowed; then DELETE the account
+  (the proxy answers 401 `identity_retired`);
+- `delete-pod`: a pod running as `bench-sa` (an object; no node runs it) and a token bound
+  to it (`--bound-object-kind Pod`) is allowed; then DELETE the pod (401 `identity_retired`).
 
-The clock starts when the API call returns and stops at the first 403 from the proxy, which
+The clock starts when the API call returns and stops at the first 403 (401 for the last
+two) from the proxy, which
 is polled every `--poll-ms` (bounded at 10 s per trial; a trial that never sees 403 fails the
 run). 200 ms of quiet precede each trial. The controller's CPU seconds and peak RSS are
 recorded too. Everything is stopped at the end, also on failure.
@@ -59,12 +66,20 @@ from controller_harness import (  # noqa: E402
     protected_service,
     route_grant,
 )
-from nhigate.k8s import CONFIGMAPS, REVOCATIONS, ROUTEGRANTS, KubeClient  # noqa: E402
+from nhigate.k8s import (  # noqa: E402
+    CONFIGMAPS,
+    PODS,
+    REVOCATIONS,
+    ROUTEGRANTS,
+    SERVICEACCOUNTS,
+    KubeClient,
+)
 
 JSON = dict[str, Any]
 API = "nhigate.io/v1alpha1"
 ISSUER_URL = "https://ci.example"
 AUDIENCE = "nhigate"
+BENCH_ACCOUNT = "bench-sa"
 POLICY_CONFIGMAP = "nhigate-api-policy"
 TRIAL_TIMEOUT_S = 10.0
 
@@ -217,7 +232,19 @@ class Stack:
     async def start(self, upstream_port: int) -> None:
         """Issuer, backend Service, ProtectedService `api`; controller; proxy ready."""
         ns = self.namespace
-        await self.apply(self.issuer.resource(ns), backend_service(ns), protected_service(ns))
+        discovery = json.loads(await self.kube.get_raw("/.well-known/openid-configuration"))
+        cluster_issuer = {
+            "apiVersion": API,
+            "kind": "IdentityIssuer",
+            "metadata": {"name": "cluster", "namespace": ns},
+            "spec": {"issuer": discovery["issuer"], "kubernetes": {}, "audiences": [AUDIENCE]},
+        }
+        await self.apply(
+            self.issuer.resource(ns),
+            cluster_issuer,
+            backend_service(ns),
+            protected_service(ns, issuers=["ci", "cluster"]),
+        )
         self.controller.start()
         try:
             await wait_for(
@@ -311,6 +338,86 @@ async def revoke_jti_trials(
     return out
 
 
+def create_token(stack: Stack, pod: str | None = None) -> str:
+    """A TokenRequest token of `bench-sa` (bound to `pod` when given), 10 minutes."""
+    args = ["create", "token", BENCH_ACCOUNT, "-n", stack.namespace, "--audience", AUDIENCE]
+    args += ["--duration", "10m"]
+    if pod is not None:
+        args += ["--bound-object-kind", "Pod", "--bound-object-name", pod]
+    return stack.cp.kubectl(*args).stdout.strip()
+
+
+def bench_account(ns: str) -> JSON:
+    """ServiceAccount `bench-sa`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": BENCH_ACCOUNT, "namespace": ns},
+    }
+
+
+def bench_pod(ns: str, name: str) -> JSON:
+    """A pod object running as `bench-sa` (no node runs it; its tokens can be bound to it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "serviceAccountName": BENCH_ACCOUNT,
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "client", "image": "client:bench"}],
+        },
+    }
+
+
+async def account_grant(stack: Stack) -> None:
+    """A standing RouteGrant for ServiceAccount `bench-sa`."""
+    grant = route_grant(stack.namespace, "bench-account")
+    grant["spec"]["subjects"] = [
+        {"serviceAccount": {"namespace": stack.namespace, "name": BENCH_ACCOUNT}}
+    ]
+    await stack.apply(grant)
+
+
+async def delete_account_trials(
+    stack: Stack, http: aiohttp.ClientSession, trials: int, poll_s: float
+) -> list[float]:
+    """Latency (s) from `DELETE serviceaccount` returning to the first 401."""
+    url = f"http://127.0.0.1:{stack.port}/v1/items/42"
+    await account_grant(stack)
+    out = []
+    for _ in range(trials):
+        await stack.apply(bench_account(stack.namespace))
+        token = create_token(stack)
+        await wait_for("allowed before deletion", _is(http, url, token, 200), 30, 0.02)
+        await asyncio.sleep(0.2)
+        await stack.kube.delete(SERVICEACCOUNTS, BENCH_ACCOUNT, stack.namespace)
+        returned = time.perf_counter()
+        out.append(await first_status(http, url, token, 401, poll_s, returned))
+    return out
+
+
+async def delete_pod_trials(
+    stack: Stack, http: aiohttp.ClientSession, trials: int, poll_s: float
+) -> list[float]:
+    """Latency (s) from `DELETE pod` returning to the first 401 for a token bound to it."""
+    url = f"http://127.0.0.1:{stack.port}/v1/items/42"
+    ns = stack.namespace
+    await account_grant(stack)
+    await stack.apply(bench_account(ns))
+    out = []
+    for i in range(trials):
+        name = f"bench-client-{i}"
+        await stack.apply(bench_pod(ns, name))
+        token = create_token(stack, pod=name)
+        await wait_for("allowed before deletion", _is(http, url, token, 200), 30, 0.02)
+        await asyncio.sleep(0.2)
+        await stack.kube.delete(PODS, name, ns)
+        returned = time.perf_counter()
+        out.append(await first_status(http, url, token, 401, poll_s, returned))
+    return out
+
+
 def _is(http: aiohttp.ClientSession, url: str, token: str, want: int) -> Any:
     async def probe() -> bool:
         return await status_of(http, url, token) == want
@@ -349,6 +456,8 @@ async def run(cp: ControlPlane, work: Path, trials: int, poll_s: float) -> dict[
             async with aiohttp.ClientSession(connector=connector) as http:
                 deleted = await delete_grant_trials(stack, http, trials, poll_s)
                 revoked = await revoke_jti_trials(stack, http, trials, poll_s)
+                accounts = await delete_account_trials(stack, http, trials, poll_s)
+                pods = await delete_pod_trials(stack, http, trials, poll_s)
             usage = proc_usage(controller_pid(stack.controller))
     except BaseException:
         print(stack.controller.log_tail(), file=sys.stderr)
@@ -361,6 +470,8 @@ async def run(cp: ControlPlane, work: Path, trials: int, poll_s: float) -> dict[
         "poll_ms": poll_s * 1000,
         "delete_grant": summarise(deleted),
         "revoke_jti": summarise(revoked),
+        "delete_serviceaccount": summarise(accounts),
+        "delete_pod": summarise(pods),
         "controller": usage,
     }
 
@@ -375,10 +486,10 @@ def main() -> int:
         work = Path(tmp)
         with control_plane(work) as cp:
             result = asyncio.run(run(cp, work, args.trials, args.poll_ms / 1000))
-    for name in ("delete_grant", "revoke_jti"):
+    for name in ("delete_grant", "revoke_jti", "delete_serviceaccount", "delete_pod"):
         row = result[name]
         print(
-            f"{name:<13} {row['trials']} trials: p50 {row['p50_ms']:.0f} ms, "
+            f"{name:<21} {row['trials']} trials: p50 {row['p50_ms']:.0f} ms, "
             f"p99 {row['p99_ms']:.0f} ms, max {row['max_ms']:.0f} ms"
         )
     if args.json is not None:
