@@ -377,6 +377,7 @@ class Controller:
         if body is None or _meta(body).get("deletionTimestamp"):
             self._observed.pop(key, None)
             self.queue.forget(key)
+            self._watch_accounts(key, set())
             await self._judge_orphan_grants(namespace, name)
             return
         self._services[namespace].add(name)
@@ -511,13 +512,7 @@ class Controller:
         """List the granted service accounts and their pods; retire what went away; the
         snapshot to publish (the last one, unchanged, when nothing changed)."""
         accounts = granted_accounts(grants)
-        for account, keys in list(self._account_watchers.items()):
-            if account not in accounts:
-                keys.discard(key)
-                if not keys:
-                    del self._account_watchers[account]
-        for account in accounts:
-            self._account_watchers[account].add(key)
+        self._watch_accounts(key, accounts)
         started = self.clock()  # everything created before now is in the lists below
         uids: dict[Account, str | None] = {}
         pod_accounts: dict[str, Account] = {}
@@ -558,6 +553,16 @@ class Controller:
             live = snapshot.identities(started - SNAPSHOT_CLOCK_SLACK)
         observed.identities, observed.accounts, observed.pod_accounts = live, uids, pod_accounts
         return live
+
+    def _watch_accounts(self, key: Key, accounts: set[Account]) -> None:
+        """Route events of `accounts` (and of their pods) to `key`, and no others."""
+        for account, keys in list(self._account_watchers.items()):
+            if account not in accounts:
+                keys.discard(key)
+                if not keys:
+                    del self._account_watchers[account]
+        for account in accounts:
+            self._account_watchers[account].add(key)
 
     def _judge_grant(
         self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer]
