@@ -1,7 +1,7 @@
 """Retired identities on a real API server: a deleted service account, a recreated one and a
 deleted pod lose access through the proxy as they do at the API server itself.
 
-The controller (`nhigate controller --namespace NS`) and one `nhigate proxy --kube` replica run
+The controller (`nhigate controller --namespace NS`) and two `nhigate proxy --kube` replicas run
 against the control plane from tests/cluster.py; tokens are real TokenRequest tokens from
 `kubectl create token` (pod-bound ones for pods that exist as objects, no node needed), judged
 by an IdentityIssuer of the `kubernetes: {}` form.
@@ -133,20 +133,25 @@ async def test_deleted_recreated_accounts_and_deleted_pods_lose_access(
 
     await eventually(found_true, what="SubjectsFound=True", controller=controller, within=60)
 
-    proxy = ProxyProcess(
-        control_plane,
-        ns,
-        POLICY_CONFIGMAP,
-        upstream=f"http://127.0.0.1:{upstream}",
-        port=free_port(),
-        admin_port=free_port(),
-        work_dir=tmp_path,
-    )
-    proxy.start()
+    proxies = [
+        ProxyProcess(
+            control_plane,
+            ns,
+            POLICY_CONFIGMAP,
+            upstream=f"http://127.0.0.1:{upstream}",
+            port=free_port(),
+            admin_port=free_port(),
+            work_dir=tmp_path,
+            replica=f"e2e-{i}",
+        )
+        for i in range(2)
+    ]
+    for proxy in proxies:
+        proxy.start()
     try:
         async with aiohttp.ClientSession() as http:
 
-            async def status(token: str) -> int:
+            async def replica_status(proxy: ProxyProcess, token: str) -> int:
                 url = f"http://127.0.0.1:{proxy.port}/v1/items/1"
                 headers = {"Authorization": f"Bearer {token}"}
                 try:
@@ -155,6 +160,11 @@ async def test_deleted_recreated_accounts_and_deleted_pods_lose_access(
                         return resp.status
                 except aiohttp.ClientError:
                     return 0
+
+            async def status(token: str) -> int:
+                """The answer every replica gives (-1 while they disagree)."""
+                answers = {await replica_status(proxy, token) for proxy in proxies}
+                return answers.pop() if len(answers) == 1 else -1
 
             async def allowed() -> bool:
                 return await status(account_token) == 200
@@ -170,7 +180,7 @@ async def test_deleted_recreated_accounts_and_deleted_pods_lose_access(
                 while await status(token) != 401:
                     assert time.monotonic() - started < ASSERTED_S, (
                         f"{what}: still not refused after {ASSERTED_S} s\n"
-                        f"{controller.log_tail()}\n{proxy.log_tail()}"
+                        f"{controller.log_tail()}\n{proxies[0].log_tail()}"
                     )
                     await asyncio.sleep(0.02)
                 return time.monotonic() - started
@@ -211,14 +221,16 @@ async def test_deleted_recreated_accounts_and_deleted_pods_lose_access(
             assert await status(pod_token) == 401
             assert not token_review(control_plane, account_token).get("authenticated")
 
-        records = proxy.audit_records()
-        retired = [r for r in records if r.get("reason") == "identity_retired"]
-        assert retired, records[-5:]
-        assert {r["status"] for r in retired} == {401}
+        for proxy in proxies:
+            records = proxy.audit_records()
+            retired = [r for r in records if r.get("reason") == "identity_retired"]
+            assert retired, records[-5:]
+            assert {r["status"] for r in retired} == {401}
         print(
             f"\nretired identities: pod deletion -> first 401 {pod_latency * 1000:.0f} ms, "
             f"account deletion -> first 401 {account_latency * 1000:.0f} ms "
-            f"(promise ~{WITHIN_S:.0f} s)"
+            f"on both replicas (promise ~{WITHIN_S:.0f} s)"
         )
     finally:
-        proxy.stop()
+        for proxy in proxies:
+            proxy.stop()
