@@ -3,8 +3,12 @@ pod, through the running proxy (policy documents with live identities, real sign
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 
 from jwt_factory import kubernetes_claims, sign
 
@@ -18,7 +22,9 @@ from nhigate.policy import (
     ServiceConfig,
     compile_policy,
     make_document,
+    pack_document,
 )
+from nhigate.proxy.policy_source import ClusterSource, PolicyHolder
 
 SA_UID, NEW_SA_UID = "3f0c2a4e-6f3c-4b1e-9d3e-0a1b2c3d4e5f", "77777777-6f3c-4b1e-9d3e-0a1b2c3d4e5f"
 POD_UID = "9a8b7c6d-0000-4000-8000-000000000001"  # the pod `kubernetes_claims` binds to
@@ -110,3 +116,65 @@ async def test_a_new_pod_newer_than_the_snapshot_is_not_locked_out(
     assert (await status(proxy, fresh))[0] == 200
     old = token(proxy, kit, SA_UID)  # issued before the list, for a pod it did not find
     assert (await status(proxy, old))[0] == 401
+
+
+class VanishingApi:
+    """Lists the policy ConfigMap once, then is unreachable (every list and watch fails)."""
+
+    def __init__(self, configmap: dict[str, Any]) -> None:
+        self.configmap = configmap
+        self.calls = 0
+        self.failed_retries = asyncio.Event()
+        """Set once the source has failed to reach it a few times after loading."""
+
+    def _fail(self) -> NoReturn:
+        self.calls += 1
+        if self.calls >= 4:
+            self.failed_retries.set()
+        raise ConnectionError("API server unreachable")
+
+    async def list(self, ref: Any, namespace: Any = None, **kw: Any) -> Any:
+        if self.calls == 0:
+            self.calls += 1
+            return [self.configmap], "1"
+        self._fail()
+
+    async def watch(self, ref: Any, namespace: Any = None, **kw: Any) -> AsyncIterator[Any]:
+        self._fail()
+        yield  # pragma: no cover - makes this an async generator
+
+
+async def test_a_replica_cut_off_from_the_api_keeps_refusing_on_its_own_terms(
+    proxy: ProxyHarness, kit: SimpleNamespace
+) -> None:
+    """What docs/security.md promises while a replica cannot learn about deletions: what its
+    last snapshot retired stays refused; a token newer than it is judged by its own expiry."""
+    old = token(proxy, kit, SA_UID, pod=None)
+    issuer = kit.issuer_config(proxy.key, name="cluster", kubernetes=True)
+    live = snapshot(proxy, NEW_SA_UID, (), retired=(SA_UID,))
+    document = make_document(SERVICE, (issuer,), (GRANT,), (), live)
+    configmap = {
+        "metadata": {"name": "nhigate-payments-api-policy", "resourceVersion": "1"},
+        "binaryData": {"policy.json.gz": base64.b64encode(pack_document(document)).decode()},
+    }
+    api = VanishingApi(configmap)
+    holder = PolicyHolder()
+    holder.subscribe(proxy.holder.swap)  # the proxy serves what this source loads
+    source = ClusterSource(api, "payments", "nhigate-payments-api-policy", holder)
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.wait_for(api.failed_retries.wait(), 10)  # loaded, then cut off
+        assert proxy.holder.current is not None
+        assert proxy.holder.current.version == document.version
+        assert (await status(proxy, old))[0] == 401
+        claims = kubernetes_claims(
+            kit.issuer, kit.audience, "sa-eval", "ci-bot", "a-newer-account-uid", pod=None
+        )
+        newer = {"Authorization": "Bearer " + sign(proxy.key, claims)}
+        assert (await status(proxy, newer))[0] == 200  # issued after the snapshot
+        proxy.clock.offset += 700  # ... until its own exp (10 min + 30 s skew), proxy's clock
+        assert (await status(proxy, newer))[0] == 401
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
