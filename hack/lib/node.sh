@@ -9,6 +9,10 @@ source "${HACK_DIR}/node-versions.env"
 
 # shellcheck disable=SC2034 # used by the scripts that source this file
 NODE_BINARIES=(kubelet kube-proxy kube-scheduler kube-router coredns)
+# The CoreDNS plugins hack/node.sh's Corefile uses, in upstream's directive order (a Corefile
+# naming any other plugin fails to start, loudly).
+# shellcheck disable=SC2034
+COREDNS_PLUGINS=(bind health errors cache template kubernetes)
 
 node_cache_key() {
   local digest
