@@ -260,3 +260,24 @@ async def test_mcp_grants_are_compiled_and_undeclared_endpoints_are_not_accepted
     accepted = condition(api.objects[("routegrants", NS, "elsewhere")], "Accepted")
     assert (accepted["status"], accepted["reason"]) == ("False", "InvalidSpec")
     assert "/other" in accepted["message"]
+
+
+async def test_grant_policy_refuses_and_re_judges_when_the_policy_changes(
+    api: MemoryApi, controller: Controller
+) -> None:
+    api.put(route_grant(NS, "open-ended"))
+    await controller.reconcile_service(NS, "api")
+    assert [g["name"] for g in policy(api)["grants"]] == [f"{NS}/open-ended"]
+
+    api.put(protected_service(NS, grantPolicy={"requireExpiry": True}))
+    await controller.reconcile_service(NS, "api")
+    refused = api.objects[("routegrants", NS, "open-ended")]
+    accepted = condition(refused, "Accepted")
+    assert (accepted["status"], accepted["reason"]) == ("False", "ExpiryRequired")
+    assert "grantPolicy.requireExpiry" in accepted["message"]
+    assert policy(api)["grants"] == []  # fail closed: not compiled
+
+    api.put(protected_service(NS))  # the rule goes away: the grant is accepted again
+    await controller.reconcile_service(NS, "api")
+    assert condition(api.objects[("routegrants", NS, "open-ended")], "Accepted")["status"] == "True"
+    assert [g["name"] for g in policy(api)["grants"]] == [f"{NS}/open-ended"]

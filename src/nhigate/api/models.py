@@ -311,6 +311,7 @@ class ObjectMeta(BaseModel):
     uid: str | None = None
     generation: int | None = None
     resource_version: str | None = None
+    creation_timestamp: AwareDatetime | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
@@ -845,6 +846,36 @@ class OverridesSpec(SpecModel):
     )
 
 
+class GrantPolicySpec(SpecModel):
+    """Rules every RouteGrant targeting the service must keep (docs/operations.md, "Grant
+    policy"). A grant that breaks one is `Accepted=False` with the rule as reason, and is not
+    compiled into the policy."""
+
+    max_duration: PositiveDuration | None = Field(
+        default=None,
+        description="Longest window a grant may open: from the later of `notBefore` and the "
+        "grant's creation to `expiresAt` (so a grant needs `expiresAt`). Extending an old grant "
+        'past it means a new grant. E.g. "8h".',
+    )
+    require_expiry: bool = Field(
+        default=False, description="Every grant must set `expiresAt` (no open-ended access)."
+    )
+    require_reason: bool = Field(
+        default=False, description="Every grant must set a non-blank `reason` (kept in the audit)."
+    )
+    allowed_issuers: Annotated[list[ResourceName], _set_list(16, 1), _Unique] | None = Field(
+        default=None,
+        description="IdentityIssuers grants may name: a `token` subject must name one, a "
+        "`serviceAccount` subject needs one of them to be a `kubernetes` issuer, and `spiffeId` "
+        "subjects (no issuer) are refused. Absent: every issuer in `issuers`.",
+    )
+    unused_after: PositiveDuration | None = Field(
+        default=None,
+        description="A grant with no allowed request for this long is `Unused=True`. Absent: the "
+        'controller\'s `--unused-after` (default 168h). E.g. "720h".',
+    )
+
+
 class ProtectedServiceSpec(SpecModel):
     """One backend Service put behind an nhigate proxy."""
 
@@ -883,6 +914,11 @@ class ProtectedServiceSpec(SpecModel):
         default=None,
         description="Requests naming another method or path for the backend are refused "
         "unless this says the backend honours them (then both must be granted).",
+    )
+    grant_policy: GrantPolicySpec | None = Field(
+        default=None,
+        description="Rules every RouteGrant for this service must keep: maximum duration, "
+        "expiry and reason required, allowed issuers.",
     )
 
 

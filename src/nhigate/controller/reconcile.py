@@ -35,6 +35,7 @@ from nhigate.api.compile import (
     undeclared_mcp_endpoints,
 )
 from nhigate.api.durations import parse_duration
+from nhigate.api.governance import judge_grant_policy
 from nhigate.api.models import IdentityIssuer, ProtectedService, Revocation, RouteGrant
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
@@ -376,7 +377,7 @@ class Controller:
             if _grant_target(body) != ps.name:
                 continue
             self._grant_targets[(namespace, str(_meta(body).get("name")))] = ps.name
-            grant, verdict = self._judge_grant(body, ps, issuers)
+            grant, verdict = self._judge_grant(body, ps, issuers, now)
             views.append(_GrantView(body=body, accepted=verdict))
             if grant is not None:
                 accepted.append(grant)
@@ -441,9 +442,10 @@ class Controller:
             self.queue.request_at(key, Aspect.POLICY, min(upcoming_all), slot="validity")
 
     def _judge_grant(
-        self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer]
+        self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer], now: float
     ) -> tuple[RouteGrant | None, JSON]:
-        """Validate what CEL cannot: referenced issuers exist and the target can verify them."""
+        """Validate what CEL cannot: referenced issuers exist, the target can verify them, and
+        the grant keeps the target's grantPolicy."""
         try:
             grant = RouteGrant.model_validate(body)
             compile_grant(grant)
@@ -461,6 +463,9 @@ class Controller:
             return None, condition(
                 c.ACCEPTED, False, c.REASON_INVALID_SPEC, message + ", ".join(undeclared)
             )
+        breach = judge_grant_policy(grant, ps, issuers, now=datetime.fromtimestamp(now, tz=UTC))
+        if breach is not None:
+            return None, condition(c.ACCEPTED, False, breach.reason, breach.message)
         return grant, condition(
             c.ACCEPTED, True, c.REASON_ACCEPTED, f"accepted for ProtectedService {ps.name}"
         )
