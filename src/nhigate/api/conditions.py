@@ -1,7 +1,10 @@
 """Status conditions: the vocabulary (types and reasons) and the one helper that sets them.
 
 Every condition type here has *positive polarity*: ``status: "True"`` is the
-healthy state and ``"False"`` names a problem (its reason says which). Reasons
+healthy state and ``"False"`` names a problem (its reason says which) — except
+`Unused`, which reports a finding: ``"True"`` says the grant allowed nothing
+for its idle period (a candidate for removal), ``"Unknown"`` that the usage
+reports are incomplete. Reasons
 are CamelCase, as in the Kubernetes API conventions. `lastTransitionTime`
 moves only when a condition's status changes; reason, message and
 observedGeneration are refreshed on every write.
@@ -34,6 +37,8 @@ POLICY_ENFORCED: Final = "PolicyEnforced"
 """ProtectedService: every ready proxy replica reports the current policy version."""
 DIRECT_PATH_BLOCKED: Final = "DirectPathBlocked"
 """ProtectedService: no path to the backend bypasses the proxy (see status.bypassPaths)."""
+UNUSED: Final = "Unused"
+"""RouteGrant: no request was allowed with it for its idle period (negative polarity)."""
 
 # --- reasons: Accepted ----------------------------------------------------------------------
 REASON_ACCEPTED: Final = "Accepted"
@@ -59,6 +64,15 @@ REASON_NOT_ACCEPTED: Final = "NotAccepted"
 REASON_ACTIVE: Final = "Active"
 REASON_NOT_YET_VALID: Final = "NotYetValid"
 REASON_EXPIRED: Final = "Expired"
+# --- reasons: Unused -----------------------------------------------------------------------
+REASON_IDLE: Final = "Idle"
+"""Unused=True: no allowed request for the idle period (or ever, since creation)."""
+REASON_USED: Final = "Used"
+"""Unused=False: a request was allowed within the idle period."""
+REASON_NOT_YET_IDLE: Final = "NotYetIdle"
+"""Unused=False: never used, but younger than the idle period."""
+REASON_USAGE_INCOMPLETE: Final = "UsageIncomplete"
+"""Unused=Unknown: a replica's report lost data or was unreadable; nothing is claimed."""
 # --- reasons: IdentityIssuer Ready ----------------------------------------------------------
 REASON_KEYS_LOADED: Final = "KeysLoaded"
 REASON_FETCH_FAILED: Final = "FetchFailed"

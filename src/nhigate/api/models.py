@@ -1148,8 +1148,50 @@ class RouteGrantSpec(SpecModel):
     )
 
 
+class RuleUsage(StatusModel):
+    """Use of one rule of the grant, summed over proxy replicas (docs/usage.md)."""
+
+    index: int = Field(ge=0, description="Position of the rule in `spec.rules`.")
+    fingerprint: str = Field(
+        description="Digest of the rule's content; a changed rule starts with no usage."
+    )
+    last_used: AwareDatetime | None = Field(
+        default=None, description="Last request this rule allowed (never moves backwards)."
+    )
+    requests: int = Field(default=0, ge=0, description="Requests it allowed in `window`.")
+    shapes: list[str] = Field(
+        default=[],
+        description="Distinct method + path shapes seen (identifiers folded to `*`), at most 8.",
+    )
+    more_shapes: bool = Field(default=False, description="More shapes were seen than are listed.")
+
+
+class GrantUsage(StatusModel):
+    """What the grant was used for: the proxies' reports, aggregated by the controller."""
+
+    last_used: AwareDatetime | None = Field(
+        default=None,
+        description="Last request the grant allowed, on any replica (never moves backwards).",
+    )
+    requests: int = Field(
+        default=0, ge=0, description="Requests the grant allowed in `window`, all replicas."
+    )
+    window: str = Field(
+        description='The counting window: the current UTC hour and the ones before it, "24h".'
+    )
+    rules: list[RuleUsage] = Field(default=[], description="Per rule, in `spec.rules` order.")
+    complete: bool = Field(
+        default=True,
+        description="False when a replica's report lost data (bounds) or could not be read: "
+        "counts are then a lower bound and the grant is never called Unused.",
+    )
+    replicas: int = Field(
+        default=0, ge=0, description="Replica reports (live or stale Leases) counted."
+    )
+
+
 class RouteGrantStatus(StatusModel):
-    """Whether a grant is accepted, enforced by every proxy replica, and active."""
+    """Whether a grant is accepted, enforced by every proxy replica, active, and used."""
 
     conditions: Conditions = []
     expires_at: AwareDatetime | None = Field(
@@ -1161,6 +1203,9 @@ class RouteGrantStatus(StatusModel):
     )
     policy_version: str | None = Field(
         default=None, description="Version of the policy this grant was last compiled into."
+    )
+    usage: GrantUsage | None = Field(
+        default=None, description="Requests the proxies allowed with this grant (docs/usage.md)."
     )
     observed_generation: int | None = Field(
         default=None, description="The `metadata.generation` this status describes."

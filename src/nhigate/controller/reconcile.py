@@ -65,6 +65,13 @@ from nhigate.controller.status import (
     proxy_available,
     service_ready,
 )
+from nhigate.controller.usage import (
+    Reports,
+    grant_unused,
+    grant_usage,
+    read_reports,
+    usage_changed_materially,
+)
 from nhigate.controller.workqueue import Aspect, Key, WorkQueue
 from nhigate.k8s import (
     DEPLOYMENTS,
@@ -144,6 +151,8 @@ class _Observed:
     backend_found: bool = True
     contents: OrderedDict[str, dict[str, Grant]] = field(default_factory=OrderedDict)
     """Policy version -> the grants (by `namespace/name`) it contains, newest last."""
+    usage: Reports = field(default_factory=lambda: Reports((), True))
+    """The replicas' usage reports, from every Lease of the service (live or stale)."""
 
 
 @dataclass
@@ -185,6 +194,8 @@ class Controller:
         self._issuer_keys: dict[tuple[str, str], _IssuerKeys] = {}
         self._generations: dict[tuple[str, str, str], int] = {}
         self._grant_targets: dict[tuple[str, str], str] = {}
+        self._usage_written: dict[str, float] = {}
+        """Grant `namespace/name` -> when this process last wrote its `status.usage`."""
         self._httproutes_served: tuple[bool, float] | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -610,6 +621,7 @@ class Controller:
             )
         now = self.clock()
         observed.replicas = live_replicas(leases, now)
+        observed.usage = read_reports(leases)
         expiry = next_replica_expiry(observed.replicas)
         key = (ps.namespace, ps.name)
         if expiry is not None:  # a replica that stops reporting sends no event: look again then
@@ -749,6 +761,13 @@ class Controller:
     async def _write_grant_statuses(self, ps: ProtectedService, observed: _Observed) -> None:
         now = self.clock()
         limit = asyncio.Semaphore(_STATUS_WRITE_CONCURRENCY)
+        policy = ps.spec.grant_policy
+        idle_after = (
+            _seconds(policy.unused_after)
+            if policy is not None and policy.unused_after is not None
+            else self.settings.unused_after
+        )
+        wake: list[float] = []
 
         async def write(view: _GrantView) -> None:
             accepted = view.accepted["status"] == c.TRUE
@@ -766,10 +785,49 @@ class Controller:
             extra: JSON = {"enforcedReplicas": ratio}
             if view.compiled is not None and observed.version:
                 extra["policyVersion"] = observed.version
+            usage, unused = self._usage_status(view, observed.usage, idle_after, now, wake)
+            extra["usage"] = usage
+            desired = [view.accepted, active, enforced, unused]
             async with limit:
-                await self._write_grant_status(view.body, [view.accepted, active, enforced], extra)
+                await self._write_grant_status(view.body, desired, extra)
 
         await asyncio.gather(*(write(v) for v in observed.grants))
+        if wake:  # a grant turns idle, or held-back usage is due: no event will say so
+            key = (ps.namespace, ps.name)
+            self.queue.request_at(key, Aspect.ENFORCEMENT, min(wake), slot="usage")
+
+    def _usage_status(
+        self,
+        view: _GrantView,
+        reports: Reports,
+        idle_after: float,
+        now: float,
+        wake: list[float],
+    ) -> tuple[JSON, JSON]:
+        """`status.usage` and `Unused` for one grant. Usage is rewritten at most once per
+        `usage_write_interval` unless it changed materially (first use, Unused flips, ...):
+        steady traffic must not turn every Lease renewal into a status write."""
+        previous = (view.body.get("status") or {}).get("usage")
+        fresh = grant_usage(view.key, view.compiled, reports, previous, now)
+        created = parse_time(_meta(view.body).get("creationTimestamp"))
+        unused, idle_at = grant_unused(
+            fresh.get("lastUsed"), created, idle_after, complete=reports.complete, now=now
+        )
+        if idle_at is not None:
+            wake.append(idle_at + _LEASE_EXPIRY_SLACK)
+        if fresh == previous:
+            return fresh, unused
+        written = self._usage_written.get(view.key)
+        due = written is None or now - written >= self.settings.usage_write_interval
+        conditions = (view.body.get("status") or {}).get("conditions")
+        before = c.get_condition(conditions, c.UNUSED)
+        flips = before is None or before.get("status") != unused["status"]
+        if previous is None or due or flips or usage_changed_materially(previous, fresh):
+            self._usage_written[view.key] = now
+            return fresh, unused
+        assert written is not None  # (else due)
+        wake.append(written + self.settings.usage_write_interval)
+        return dict(previous), unused
 
     async def _write_grant_status(
         self, body: JSON, desired: list[JSON], extra: Mapping[str, Any]
@@ -832,7 +890,11 @@ class Controller:
                 ),
                 condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
             ]
-            await self._write_grant_status(body, desired, {"enforcedReplicas": "0/0"})
+            extra: JSON = {"enforcedReplicas": "0/0"}
+            usage = (body.get("status") or {}).get("usage")
+            if usage:  # kept: applying status without it would drop lastUsed
+                extra["usage"] = usage
+            await self._write_grant_status(body, desired, extra)
 
     async def _judge_revocation(self, body: Mapping[str, Any]) -> None:
         namespace = str(_meta(body).get("namespace"))
