@@ -90,16 +90,18 @@ def rule_key(index: int, rule: Rule) -> str:
     return f"{index}:{digest[:10]}"
 
 
+def _fold(segment: str) -> str:
+    if len(segment) < 8:  # the common case, without a regex
+        return "*" if segment.isdigit() else segment
+    if len(segment) > 40 or segment.isdigit() or _UUID.match(segment) or _HEXISH.match(segment):
+        return "*"
+    return segment
+
+
 def path_shape(method: str, path: str) -> str:
     """`METHOD /path` with identifier-like segments (numbers, UUIDs, long hex, very long
     segments) folded to `*`, cut to MAX_SHAPE_LENGTH: `GET /v1/items/*/history`."""
-    segments = [
-        "*"
-        if segment.isdigit() or len(segment) > 40 or _UUID.match(segment) or _HEXISH.match(segment)
-        else segment
-        for segment in path.split("/")
-    ]
-    return f"{method} {'/'.join(segments)}"[:MAX_SHAPE_LENGTH]
+    return f"{method} {'/'.join(map(_fold, path.split('/')))}"[:MAX_SHAPE_LENGTH]
 
 
 def window_start_hour(now: float) -> int:

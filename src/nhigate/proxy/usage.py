@@ -165,6 +165,8 @@ class UsageRecorder:
                 )
                 for i, rule in enumerate(rules)
             )
+        if len(matcher) == 1:  # the grant allowed the request, so its one rule did
+            return matcher[0][0]
         for key, methods, patterns, endpoints in matcher:
             if endpoints is None:
                 if ("*" in methods or method in methods) and any(p.matches(path) for p in patterns):
