@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from nhigate.policy import (
     Grant,
     Policy,
@@ -158,3 +160,31 @@ def test_workers_sharing_a_lease_report_incomplete_and_adopt_nothing() -> None:
     assert report.grants == {}
     assert not report.complete
     assert decode_report(encode_report(report)) == report
+
+
+async def test_an_unchanged_table_is_not_encoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nhigate.proxy import policy_source
+
+    encoded: list[UsageReport] = []
+
+    def counting(report: UsageReport, max_bytes: int = 64 * 1024) -> str:
+        encoded.append(report)
+        return encode_report(report, max_bytes)
+
+    monkeypatch.setattr(policy_source, "encode_report", counting)
+    grant = Grant(
+        name="ns/g",
+        subjects=(TokenSubject(issuer="ci", subject="s"),),
+        rules=(Rule(methods=frozenset({"GET"}), paths=("/**",)),),
+    )
+    policy = _policy(grant)
+    holder = PolicyHolder()
+    holder.swap(policy)
+    recorder = UsageRecorder()
+    reporter = LeaseReporter(_LeaseApi(), "ns", "r0", holder, clock=lambda: NOW, usage=recorder)
+    await reporter.report_once()
+    await reporter.report_once()
+    assert len(encoded) == 1
+    recorder.record(policy, "ns/g", "GET", "/a", NOW)
+    await reporter.report_once()
+    assert len(encoded) == 2

@@ -141,7 +141,9 @@ def _to_json(report: UsageReport) -> bytes:
 
 
 def _pack(report: UsageReport) -> str:
-    return base64.b64encode(gzip.compress(_to_json(report), mtime=0)).decode("ascii")
+    return base64.b64encode(gzip.compress(_to_json(report), compresslevel=6, mtime=0)).decode(
+        "ascii"
+    )
 
 
 def encode_report(report: UsageReport, max_bytes: int = MAX_REPORT_BYTES) -> str:
@@ -168,9 +170,10 @@ def encode_report(report: UsageReport, max_bytes: int = MAX_REPORT_BYTES) -> str
         packed = _pack(report)
         if len(packed) <= max_bytes or keep == 0:
             return packed
-        keep //= 2
+        # Aim below the limit in proportion (a few passes at most, not one per halving).
+        keep = min(keep - 1, int(keep * max_bytes / len(packed) * 0.9))
         kept: dict[str, dict[str, RuleUse]] = {}
-        for _, g, k, u in entries[:keep]:
+        for _, g, k, u in entries[: max(keep, 0)]:
             kept.setdefault(g, {})[k] = u
         report = replace(report, grants=kept)
 

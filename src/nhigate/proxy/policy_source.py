@@ -39,7 +39,13 @@ from nhigate.policy import (
     unpack_document,
 )
 from nhigate.policy import decode_document as decode_policy_document
-from nhigate.policy.usage import USAGE_ANNOTATION, UsageReportError, decode_report, encode_report
+from nhigate.policy.usage import (
+    HOUR,
+    USAGE_ANNOTATION,
+    UsageReportError,
+    decode_report,
+    encode_report,
+)
 from nhigate.proxy.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -367,6 +373,8 @@ class LeaseReporter:
         self._clock = clock
         self._usage = usage
         self._adopted = usage is None
+        self._encoded: tuple[tuple[int, int], str] | None = None
+        """((recorder revision, hour), annotation) of the last report: reused while equal."""
         self._wake = asyncio.Event()
         self.reports = 0
         holder.subscribe(lambda _policy: self._wake.set())
@@ -396,7 +404,7 @@ class LeaseReporter:
         if not self._adopted:
             await self._adopt_previous(document.service.name)
         now = self._clock()
-        usage = encode_report(self._usage.report(now)) if self._usage is not None else None
+        usage = await self._usage_annotation(now) if self._usage is not None else None
         manifest = lease_manifest(
             self._namespace,
             document.service.name,
@@ -408,6 +416,17 @@ class LeaseReporter:
         await self._client.apply(manifest, field_manager="nhigate-proxy")
         self.reports += 1
         return True
+
+    async def _usage_annotation(self, now: float) -> str:
+        """The encoded usage report; encoded off the event loop (a full table takes a
+        noticeable fraction of a second) and only when something changed."""
+        assert self._usage is not None
+        stamp = (self._usage.revision, int(now) // HOUR)
+        if self._encoded is not None and self._encoded[0] == stamp:
+            return self._encoded[1]
+        text = await asyncio.to_thread(encode_report, self._usage.report(now))
+        self._encoded = (stamp, text)
+        return text
 
     async def run(self) -> None:
         """Report forever (cancel to stop); failures are logged and retried next tick."""

@@ -65,12 +65,15 @@ class UsageRecorder:
         self._matchers: dict[str, _RuleMatcher] = {}
         self.untracked = 0
         """Requests not tracked because the table was full (since start)."""
+        self.revision = 0
+        """Changes since start: a report is the same while this and the hour stay the same."""
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def record(self, policy: Policy, grant: str, method: str, path: str, now: float) -> None:
         """One allowed request of `grant` (`method` and the canonical `path` it was allowed on)."""
+        self.revision += 1
         key = (grant, self._rule_key(policy, grant, method, path))
         entry = self._entries.get(key)
         if entry is None:
@@ -115,6 +118,7 @@ class UsageRecorder:
         """
         if previous.instance == self.instance or not self._complete:
             return
+        self.revision += 1
         if not previous.complete:
             self._overflow_at = now  # what it lost stays lost: say so for a window
         for grant, rules in previous.grants.items():
