@@ -110,20 +110,20 @@ def test_counts_are_summed_across_replicas_and_re_reading_never_doubles() -> Non
         _lease(_report("a", {K0: RuleUse(int(NOW) - 10, {HOUR_NOW: 3, HOUR_NOW - 1: 2})})),
         _lease(_report("b", {K0: RuleUse(int(NOW) - 5, {HOUR_NOW: 4}), K1: RuleUse(100, {})})),
     ]
-    first = grant_usage("ns/g", GRANT, read_reports(leases), None, NOW)
+    first = grant_usage("ns/g", GRANT, read_reports(leases, NOW), None, NOW)
     assert first["requests"] == 9
     assert first["replicas"] == 2
     assert first["complete"] is True
     assert first["lastUsed"] == "2030-03-17T17:46:35Z"
     assert [r["requests"] for r in first["rules"]] == [9, 0]
     assert first["window"] == f"{WINDOW_HOURS}h"
-    again = grant_usage("ns/g", GRANT, read_reports(leases), first, NOW)
+    again = grant_usage("ns/g", GRANT, read_reports(leases, NOW), first, NOW)
     assert again == first  # level-based: the same Leases give the same status
 
 
 def test_hours_leave_the_window() -> None:
     old = HOUR_NOW - WINDOW_HOURS
-    reports = read_reports([_lease(_report("a", {K0: RuleUse(old * HOUR, {old: 50})}))])
+    reports = read_reports([_lease(_report("a", {K0: RuleUse(old * HOUR, {old: 50})}))], NOW)
     usage = grant_usage("ns/g", GRANT, reports, None, NOW)
     assert usage["requests"] == 0
     assert "lastUsed" in usage  # last use is kept after its count left the window
@@ -133,19 +133,19 @@ def test_last_used_never_moves_backwards() -> None:
     previous = grant_usage(
         "ns/g",
         GRANT,
-        read_reports([_lease(_report("a", {K0: RuleUse(int(NOW), {HOUR_NOW: 1})}))]),
+        read_reports([_lease(_report("a", {K0: RuleUse(int(NOW), {HOUR_NOW: 1})}))], NOW),
         None,
         NOW,
     )
     # The replica restarted with nothing carried on, or its Lease was deleted.
-    for reports in (read_reports([_lease(_report("b", {}))]), read_reports([])):
+    for reports in (read_reports([_lease(_report("b", {}))], NOW), read_reports([], NOW)):
         later = grant_usage("ns/g", GRANT, reports, previous, NOW + 60)
         assert later["lastUsed"] == previous["lastUsed"]
         assert later["rules"][0]["lastUsed"] == previous["rules"][0]["lastUsed"]
 
 
 def test_a_changed_rule_starts_without_usage() -> None:
-    reports = read_reports([_lease(_report("a", {K0: RuleUse(int(NOW), {HOUR_NOW: 1})}))])
+    reports = read_reports([_lease(_report("a", {K0: RuleUse(int(NOW), {HOUR_NOW: 1})}))], NOW)
     previous = grant_usage("ns/g", GRANT, reports, None, NOW)
     edited = Grant(
         name="ns/g",
@@ -160,9 +160,14 @@ def test_a_changed_rule_starts_without_usage() -> None:
 
 
 def test_an_unreadable_or_incomplete_report_makes_usage_incomplete() -> None:
-    assert not read_reports([_lease("garbage")]).complete
-    assert not read_reports([_lease(_report("a", {}, complete=False))]).complete
-    assert read_reports([{"metadata": {}}]) == Reports((), True)
+    assert not read_reports([_lease("garbage")], NOW).complete
+    assert not read_reports([_lease(_report("a", {}, complete=False))], NOW).complete
+    assert read_reports([{"metadata": {}}], NOW) == Reports((), True)  # stale: ignored
+    live = {
+        "metadata": {"annotations": {"nhigate.io/policy-version": "v1"}},
+        "spec": {"leaseDurationSeconds": 15, "renewTime": "2030-03-17T17:46:35.000000Z"},
+    }
+    assert not read_reports([live], NOW).complete  # a live replica that reports no usage
 
 
 @pytest.mark.parametrize(

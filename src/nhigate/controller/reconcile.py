@@ -621,7 +621,7 @@ class Controller:
             )
         now = self.clock()
         observed.replicas = live_replicas(leases, now)
-        observed.usage = read_reports(leases)
+        observed.usage = read_reports(leases, now)
         expiry = next_replica_expiry(observed.replicas)
         key = (ps.namespace, ps.name)
         if expiry is not None:  # a replica that stops reporting sends no event: look again then

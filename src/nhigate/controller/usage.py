@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nhigate.api import conditions as c
-from nhigate.controller.status import condition, format_time, parse_time
+from nhigate.controller.status import condition, format_time, live_replicas, parse_time
 from nhigate.policy import Grant
 from nhigate.policy.usage import (
     MAX_SHAPES,
@@ -38,7 +38,8 @@ class Reports:
 
     reports: tuple[UsageReport, ...]
     readable: bool
-    """False when some Lease carried an annotation that is not a report."""
+    """False when a Lease carried an annotation that is not a report, or a live replica
+    reported none (e.g. a proxy from before usage reporting, during an upgrade)."""
 
     @property
     def complete(self) -> bool:
@@ -46,7 +47,7 @@ class Reports:
         return self.readable and all(r.complete for r in self.reports)
 
 
-def read_reports(leases: Iterable[Mapping[str, Any]]) -> Reports:
+def read_reports(leases: Iterable[Mapping[str, Any]], now: float) -> Reports:
     """The usage reports on the service's Leases, live or stale (a replaced replica's
     counts still count until they leave the window)."""
     reports: list[UsageReport] = []
@@ -54,6 +55,8 @@ def read_reports(leases: Iterable[Mapping[str, Any]]) -> Reports:
     for lease in leases:
         text = ((lease.get("metadata") or {}).get("annotations") or {}).get(USAGE_ANNOTATION)
         if not text:
+            if live_replicas([lease], now):  # serving, but not reporting usage
+                readable = False
             continue
         try:
             reports.append(decode_report(str(text)))
