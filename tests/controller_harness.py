@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,10 +32,14 @@ API = "nhigate.io/v1alpha1"
 class ControllerProcess:
     """`nhigate controller --namespace NS` as a child process, logging to a file."""
 
-    def __init__(self, cp: ControlPlane, namespace: str, log_path: Path) -> None:
+    def __init__(
+        self, cp: ControlPlane, namespace: str, log_path: Path, extra_args: Sequence[str] = ()
+    ) -> None:
         self.cp = cp
         self.namespace = namespace
         self.log_path = log_path
+        self.extra_args = list(extra_args)
+        """More `nhigate controller` flags, e.g. a short `--unused-after`."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -58,6 +62,7 @@ class ControllerProcess:
                 "nhigate:test",
                 "--drift-interval",
                 "20",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

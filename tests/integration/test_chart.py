@@ -217,6 +217,26 @@ def test_leader_election_follows_replicas(helm: Helm) -> None:
     assert "replicas > 1 needs leader election" in proc.stderr
 
 
+def test_usage_values_reach_the_controller_flags(helm: Helm) -> None:
+    """The rendered args parse with the real CLI into the settings the values name."""
+    import argparse
+
+    from nhigate.cli import controller as controller_cli
+
+    objs = render(
+        helm,
+        "nhigate",
+        "nhigate-system",
+        *values_args(None, "usage.unusedAfterSeconds=2592000", "usage.writeIntervalSeconds=30"),
+    )
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    args: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    parser = argparse.ArgumentParser()
+    controller_cli.add_parser(parser.add_subparsers())
+    parsed = parser.parse_args(args)
+    assert (parsed.unused_after, parsed.usage_write_interval) == (2592000.0, 30.0)
+
+
 def test_controller_pod_is_restricted(helm: Helm) -> None:
     """The default controller pod meets the restricted Pod Security Standard's key rules."""
     objs = render(helm, "nhigate", "nhigate-system")

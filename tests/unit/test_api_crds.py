@@ -85,7 +85,7 @@ def test_names_columns_and_subresources() -> None:
     grant_columns = [
         c["name"] for c in CRDS["RouteGrant"]["spec"]["versions"][0]["additionalPrinterColumns"]
     ]
-    assert grant_columns == ["Target", "Accepted", "Enforced", "Expires", "Age"]
+    assert grant_columns == ["Target", "Accepted", "Enforced", "Expires", "Last-Used", "Age"]
     ps_columns = [
         c["name"]
         for c in CRDS["ProtectedService"]["spec"]["versions"][0]["additionalPrinterColumns"]

@@ -212,3 +212,32 @@ def test_who_can_drops_expired_grants_and_says_nobody(capsys: pytest.CaptureFixt
     )
     assert code == 1
     assert "Nobody may GET /v1/invoices/7 at this time." in out
+
+
+def test_a_grant_refused_by_the_grant_policy_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    resources = tmp_path / "resources"
+    shutil.copytree(EXAMPLES, resources)
+    service = resources / "protected-service.yaml"
+    text = service.read_text()
+    assert "\nspec:\n" in text
+    service.write_text(
+        text.replace("\nspec:\n", "\nspec:\n  grantPolicy:\n    maxDuration: 1h\n", 1)
+    )
+    code, out, _ = _run(
+        capsys,
+        "explain",
+        "-r",
+        str(resources),
+        "--at",
+        AT,
+        "--as",
+        CI,
+        "--claim",
+        "job=deploy",
+        "POST",
+        "/v1/refunds",
+    )
+    assert code == 1  # refused grants are not compiled: fail closed
+    assert "refused:   payments/ci-deploy: ExpiryRequired: spec.expiresAt" in out

@@ -260,3 +260,111 @@ async def test_mcp_grants_are_compiled_and_undeclared_endpoints_are_not_accepted
     accepted = condition(api.objects[("routegrants", NS, "elsewhere")], "Accepted")
     assert (accepted["status"], accepted["reason"]) == ("False", "InvalidSpec")
     assert "/other" in accepted["message"]
+
+
+async def test_grant_policy_refuses_and_re_judges_when_the_policy_changes(
+    api: MemoryApi, controller: Controller
+) -> None:
+    api.put(route_grant(NS, "open-ended"))
+    await controller.reconcile_service(NS, "api")
+    assert [g["name"] for g in policy(api)["grants"]] == [f"{NS}/open-ended"]
+
+    api.put(protected_service(NS, grantPolicy={"requireExpiry": True}))
+    await controller.reconcile_service(NS, "api")
+    refused = api.objects[("routegrants", NS, "open-ended")]
+    accepted = condition(refused, "Accepted")
+    assert (accepted["status"], accepted["reason"]) == ("False", "ExpiryRequired")
+    assert "grantPolicy.requireExpiry" in accepted["message"]
+    assert policy(api)["grants"] == []  # fail closed: not compiled
+
+    api.put(protected_service(NS))  # the rule goes away: the grant is accepted again
+    await controller.reconcile_service(NS, "api")
+    assert condition(api.objects[("routegrants", NS, "open-ended")], "Accepted")["status"] == "True"
+    assert [g["name"] for g in policy(api)["grants"]] == [f"{NS}/open-ended"]
+
+
+def _usage_lease(version: str, at: float, count: int, key: str) -> dict[str, Any]:
+    from nhigate.controller.status import format_time
+    from nhigate.policy.usage import HOUR, RuleUse, UsageReport, encode_report
+
+    report = UsageReport("p1", {f"{NS}/good": {key: RuleUse(int(at), {int(at) // HOUR: count})}})
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": "nhigate-api-r1",
+            "namespace": NS,
+            "labels": {"nhigate.io/protected-service": "api"},
+            "annotations": {
+                "nhigate.io/policy-version": version,
+                "nhigate.io/usage": encode_report(report),
+            },
+        },
+        "spec": {
+            "holderIdentity": "r1",
+            "leaseDurationSeconds": 15,
+            "renewTime": format_time(at).replace("Z", ".000000Z"),
+        },
+    }
+
+
+async def test_usage_reaches_status_at_a_bounded_write_rate_and_idle_grants_turn_unused(
+    api: MemoryApi,
+) -> None:
+    from nhigate.policy.usage import rule_key
+
+    clock = [NOW]
+    settings = ControllerSettings(proxy_image="img", unused_after=600.0, usage_write_interval=60.0)
+    ctl = Controller(api, settings, clock=lambda: clock[0])  # type: ignore[arg-type]
+    writes: list[float] = []
+    apply_status = api.apply_status
+
+    async def counting(ref: ResourceRef, obj: dict[str, Any], **kw: Any) -> Any:
+        if ref.plural == "routegrants":
+            writes.append(clock[0])
+        return await apply_status(ref, obj, **kw)
+
+    api.apply_status = counting  # type: ignore[method-assign]
+    body = route_grant(NS, "good")
+    body["metadata"]["creationTimestamp"] = "2030-03-17T17:00:00Z"  # NOW - 2800 s
+    api.put(body)
+    try:
+        await ctl.reconcile_service(NS, "api")
+        version = policy(api)["version"]
+        from nhigate.api.compile import compile_grant
+        from nhigate.api.models import RouteGrant
+
+        compiled = compile_grant(
+            RouteGrant.model_validate(api.objects[("routegrants", NS, "good")])
+        )
+        key = rule_key(0, compiled.rules[0])
+        status = api.objects[("routegrants", NS, "good")]["status"]
+        assert status["usage"]["requests"] == 0
+        assert condition(api.objects[("routegrants", NS, "good")], "Unused")["status"] == "True"
+
+        # Steady traffic for 10 minutes: the replica renews its Lease every 5 s.
+        writes.clear()
+        count = 0
+        for _ in range(120):
+            clock[0] += 5
+            count += 50
+            api.put(_usage_lease(version, clock[0], count, key))
+            await ctl.queue.request((NS, "api"), Aspect.ENFORCEMENT)
+        per_minute = len(writes) / 10
+        # First use and the Unused flip at once, then at most one write per interval.
+        assert per_minute <= 1.2, writes
+        grant = api.objects[("routegrants", NS, "good")]
+        assert condition(grant, "Unused")["reason"] == "Used"
+        usage = grant["status"]["usage"]
+        assert usage["requests"] >= count - 12 * 50  # at most one interval behind
+        assert usage["rules"][0]["fingerprint"] == key.partition(":")[2]
+
+        # Traffic stops; after the idle period the grant is Unused.
+        clock[0] += 601
+        await ctl.queue.request((NS, "api"), Aspect.ENFORCEMENT)
+        grant = api.objects[("routegrants", NS, "good")]
+        assert condition(grant, "Unused")["status"] == "True"
+        assert condition(grant, "Unused")["reason"] == "Idle"
+        assert grant["status"]["usage"]["requests"] == count  # the last figures were written
+    finally:
+        await ctl.close()

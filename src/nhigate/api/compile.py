@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nhigate.api.durations import duration_seconds
+from nhigate.api.governance import judge_grant_policy
 from nhigate.api.models import (
     DelegationSpec,
     IdentityIssuer,
@@ -249,8 +250,10 @@ def build_policy_document(
     past their `until` are dropped (unless `drop_expired=False`, which
     `nhigate explain` uses to say *why* an expired grant no longer allows);
     not-yet-valid grants are kept, because the proxy checks `notBefore` on its
-    own clock. `issuer_jwks` maps issuer names to fetched JWK Sets; `identities` is the
-    controller's snapshot of the live service accounts and pods (None in standalone mode).
+    own clock. Grants that break the service's `spec.grantPolicy` are never compiled
+    (`judge_grant_policy`). `issuer_jwks` maps issuer names to fetched JWK Sets; `identities`
+    is the controller's snapshot of the live service accounts and pods (None in standalone
+    mode).
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -262,7 +265,12 @@ def build_policy_document(
         for name in service.spec.issuers
         if name in by_name
     ]
-    compiled_grants = [compile_grant(g) for g in grants if grant_applies(g, service)]
+    compiled_grants = [
+        compile_grant(g)
+        for g in grants
+        if grant_applies(g, service)
+        and judge_grant_policy(g, service, issuers, now=now) is None  # fail closed
+    ]
     compiled_revocations = [
         compile_revocation(r) for r in revocations if revocation_applies(r, service)
     ]

@@ -1,7 +1,10 @@
 """Status conditions: the vocabulary (types and reasons) and the one helper that sets them.
 
 Every condition type here has *positive polarity*: ``status: "True"`` is the
-healthy state and ``"False"`` names a problem (its reason says which). Reasons
+healthy state and ``"False"`` names a problem (its reason says which) — except
+`Unused`, which reports a finding: ``"True"`` says the grant allowed nothing
+for its idle period (a candidate for removal), ``"Unknown"`` that the usage
+reports are incomplete. Reasons
 are CamelCase, as in the Kubernetes API conventions. `lastTransitionTime`
 moves only when a condition's status changes; reason, message and
 observedGeneration are refreshed on every write.
@@ -36,12 +39,23 @@ POLICY_ENFORCED: Final = "PolicyEnforced"
 """ProtectedService: every ready proxy replica reports the current policy version."""
 DIRECT_PATH_BLOCKED: Final = "DirectPathBlocked"
 """ProtectedService: no path to the backend bypasses the proxy (see status.bypassPaths)."""
+UNUSED: Final = "Unused"
+"""RouteGrant: no request was allowed with it for its idle period (negative polarity)."""
 
 # --- reasons: Accepted ----------------------------------------------------------------------
 REASON_ACCEPTED: Final = "Accepted"
 REASON_INVALID_SPEC: Final = "InvalidSpec"
 REASON_TARGET_NOT_FOUND: Final = "TargetNotFound"
 REASON_ISSUER_NOT_FOUND: Final = "IssuerNotFound"
+# Accepted=False because the target's spec.grantPolicy refuses the grant (api/governance.py):
+REASON_EXPIRY_REQUIRED: Final = "ExpiryRequired"
+"""grantPolicy.requireExpiry (or maxDuration) is set and the grant has no expiresAt."""
+REASON_DURATION_TOO_LONG: Final = "DurationTooLong"
+"""The grant's window is longer than grantPolicy.maxDuration."""
+REASON_REASON_REQUIRED: Final = "ReasonRequired"
+"""grantPolicy.requireReason is set and the grant's reason is absent or blank."""
+REASON_ISSUER_NOT_ALLOWED: Final = "IssuerNotAllowed"
+"""A subject is verified by an issuer outside grantPolicy.allowedIssuers."""
 # --- reasons: Enforced ----------------------------------------------------------------------
 REASON_ENFORCED: Final = "Enforced"
 REASON_PENDING: Final = "Pending"
@@ -55,6 +69,15 @@ REASON_SERVICE_ACCOUNT_NOT_FOUND: Final = "ServiceAccountNotFound"
 REASON_ACTIVE: Final = "Active"
 REASON_NOT_YET_VALID: Final = "NotYetValid"
 REASON_EXPIRED: Final = "Expired"
+# --- reasons: Unused -----------------------------------------------------------------------
+REASON_IDLE: Final = "Idle"
+"""Unused=True: no allowed request for the idle period (or ever, since creation)."""
+REASON_USED: Final = "Used"
+"""Unused=False: a request was allowed within the idle period."""
+REASON_NOT_YET_IDLE: Final = "NotYetIdle"
+"""Unused=False: never used, but younger than the idle period."""
+REASON_USAGE_INCOMPLETE: Final = "UsageIncomplete"
+"""Unused=Unknown: a replica's report lost data or was unreadable; nothing is claimed."""
 # --- reasons: IdentityIssuer Ready ----------------------------------------------------------
 REASON_KEYS_LOADED: Final = "KeysLoaded"
 REASON_FETCH_FAILED: Final = "FetchFailed"

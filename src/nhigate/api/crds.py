@@ -91,6 +91,12 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
             "description": "When the grant stops allowing anything.",
             "jsonPath": ".spec.expiresAt",
         },
+        {
+            "name": "Last-Used",
+            "type": "date",
+            "description": "When a proxy last allowed a request with this grant.",
+            "jsonPath": ".status.usage.lastUsed",
+        },
         _AGE,
     ],
     "Revocation": [

@@ -311,6 +311,7 @@ class ObjectMeta(BaseModel):
     uid: str | None = None
     generation: int | None = None
     resource_version: str | None = None
+    creation_timestamp: AwareDatetime | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
@@ -845,6 +846,36 @@ class OverridesSpec(SpecModel):
     )
 
 
+class GrantPolicySpec(SpecModel):
+    """Rules every RouteGrant targeting the service must keep (docs/operations.md, "Grant
+    policy"). A grant that breaks one is `Accepted=False` with the rule as reason, and is not
+    compiled into the policy."""
+
+    max_duration: PositiveDuration | None = Field(
+        default=None,
+        description="Longest window a grant may open: from the later of `notBefore` and the "
+        "grant's creation to `expiresAt` (so a grant needs `expiresAt`). Extending an old grant "
+        'past it means a new grant. E.g. "8h".',
+    )
+    require_expiry: bool = Field(
+        default=False, description="Every grant must set `expiresAt` (no open-ended access)."
+    )
+    require_reason: bool = Field(
+        default=False, description="Every grant must set a non-blank `reason` (kept in the audit)."
+    )
+    allowed_issuers: Annotated[list[ResourceName], _set_list(16, 1), _Unique] | None = Field(
+        default=None,
+        description="IdentityIssuers grants may name: a `token` subject must name one, a "
+        "`serviceAccount` subject needs one of them to be a `kubernetes` issuer, and `spiffeId` "
+        "subjects (no issuer) are refused. Absent: every issuer in `issuers`.",
+    )
+    unused_after: PositiveDuration | None = Field(
+        default=None,
+        description="A grant with no allowed request for this long is `Unused=True`. Absent: the "
+        'controller\'s `--unused-after` (default 168h). E.g. "720h".',
+    )
+
+
 class ProtectedServiceSpec(SpecModel):
     """One backend Service put behind an nhigate proxy."""
 
@@ -883,6 +914,11 @@ class ProtectedServiceSpec(SpecModel):
         default=None,
         description="Requests naming another method or path for the backend are refused "
         "unless this says the backend honours them (then both must be granted).",
+    )
+    grant_policy: GrantPolicySpec | None = Field(
+        default=None,
+        description="Rules every RouteGrant for this service must keep: maximum duration, "
+        "expiry and reason required, allowed issuers.",
     )
 
 
@@ -1112,8 +1148,50 @@ class RouteGrantSpec(SpecModel):
     )
 
 
+class RuleUsage(StatusModel):
+    """Use of one rule of the grant, summed over proxy replicas (docs/usage.md)."""
+
+    index: int = Field(ge=0, description="Position of the rule in `spec.rules`.")
+    fingerprint: str = Field(
+        description="Digest of the rule's content; a changed rule starts with no usage."
+    )
+    last_used: AwareDatetime | None = Field(
+        default=None, description="Last request this rule allowed (never moves backwards)."
+    )
+    requests: int = Field(default=0, ge=0, description="Requests it allowed in `window`.")
+    shapes: list[str] = Field(
+        default=[],
+        description="Distinct method + path shapes seen (identifiers folded to `*`), at most 8.",
+    )
+    more_shapes: bool = Field(default=False, description="More shapes were seen than are listed.")
+
+
+class GrantUsage(StatusModel):
+    """What the grant was used for: the proxies' reports, aggregated by the controller."""
+
+    last_used: AwareDatetime | None = Field(
+        default=None,
+        description="Last request the grant allowed, on any replica (never moves backwards).",
+    )
+    requests: int = Field(
+        default=0, ge=0, description="Requests the grant allowed in `window`, all replicas."
+    )
+    window: str = Field(
+        description='The counting window: the current UTC hour and the ones before it, "24h".'
+    )
+    rules: list[RuleUsage] = Field(default=[], description="Per rule, in `spec.rules` order.")
+    complete: bool = Field(
+        default=True,
+        description="False when a replica's report lost data (bounds) or could not be read: "
+        "counts are then a lower bound and the grant is never called Unused.",
+    )
+    replicas: int = Field(
+        default=0, ge=0, description="Replica reports (live or stale Leases) counted."
+    )
+
+
 class RouteGrantStatus(StatusModel):
-    """Whether a grant is accepted, enforced by every proxy replica, and active."""
+    """Whether a grant is accepted, enforced by every proxy replica, active, and used."""
 
     conditions: Conditions = []
     expires_at: AwareDatetime | None = Field(
@@ -1125,6 +1203,9 @@ class RouteGrantStatus(StatusModel):
     )
     policy_version: str | None = Field(
         default=None, description="Version of the policy this grant was last compiled into."
+    )
+    usage: GrantUsage | None = Field(
+        default=None, description="Requests the proxies allowed with this grant (docs/usage.md)."
     )
     observed_generation: int | None = Field(
         default=None, description="The `metadata.generation` this status describes."

@@ -57,6 +57,21 @@ def add_parser(subparsers: Any) -> None:
         default=60.0,
         help="seconds between full re-applies of each ProtectedService",
     )
+    p.add_argument(
+        "--unused-after",
+        type=float,
+        default=7 * 24 * 3600.0,
+        metavar="SECONDS",
+        help="a grant with no allowed request for this long is Unused (default 604800: 7 days;"
+        " a ProtectedService's grantPolicy.unusedAfter overrides it)",
+    )
+    p.add_argument(
+        "--usage-write-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="least seconds between two writes of a grant's status.usage (default 60)",
+    )
     p.set_defaults(func=run)
 
 
@@ -76,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering_name,
         liveness=args.liveness,
         drift_interval=args.drift_interval,
+        unused_after=args.unused_after,
+        usage_write_interval=args.usage_write_interval,
         log_level=args.log_level,
     )
     setup_logging(settings.log_level)

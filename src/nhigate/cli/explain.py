@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from nhigate.api.compile import grant_applies
+from nhigate.api.governance import judge_grant_policy
 from nhigate.api.models import IdentityIssuer
 from nhigate.api.resources import ResourceError, ResourceSet, load_resources
 from nhigate.policy import (
@@ -481,6 +483,12 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"tenant:    {args.tenant}\n")
     for note in caller.notes:
         out.write(f"note:      {note}\n")
+    for grant in resources.grants:  # not compiled (fail closed): say why they cannot allow
+        if not grant_applies(grant, service):
+            continue
+        breach = judge_grant_policy(grant, service, resources.issuers, now=now)
+        if breach is not None:
+            out.write(f"refused:   {grant.key}: {breach.reason}: {breach.message}\n")
     out.write("\n")
 
     if caller.rejected is not None:

@@ -35,6 +35,7 @@ from nhigate.api.compile import (
     undeclared_mcp_endpoints,
 )
 from nhigate.api.durations import parse_duration
+from nhigate.api.governance import judge_grant_policy
 from nhigate.api.models import IdentityIssuer, ProtectedService, Revocation, RouteGrant
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
@@ -77,6 +78,13 @@ from nhigate.controller.status import (
     policy_enforced,
     proxy_available,
     service_ready,
+)
+from nhigate.controller.usage import (
+    Reports,
+    grant_unused,
+    grant_usage,
+    read_reports,
+    usage_changed_materially,
 )
 from nhigate.controller.workqueue import Aspect, Key, WorkQueue
 from nhigate.k8s import (
@@ -168,6 +176,8 @@ class _Observed:
     """Granted service accounts -> live UID (None: not found), as last listed."""
     pod_accounts: dict[str, Account] = field(default_factory=dict)
     """Live pod UID -> the granted service account it runs as, as last listed."""
+    usage: Reports = field(default_factory=lambda: Reports((), True))
+    """The replicas' usage reports, from every Lease of the service (live or stale)."""
 
 
 @dataclass
@@ -209,6 +219,8 @@ class Controller:
         self._issuer_keys: dict[tuple[str, str], _IssuerKeys] = {}
         self._generations: dict[tuple[str, str, str], int] = {}
         self._grant_targets: dict[tuple[str, str], str] = {}
+        self._usage_written: dict[str, float] = {}
+        """Grant `namespace/name` -> when this process last wrote its `status.usage`."""
         self._httproutes_served: tuple[bool, float] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._retired = RetiredUids()
@@ -426,7 +438,7 @@ class Controller:
             if _grant_target(body) != ps.name:
                 continue
             self._grant_targets[(namespace, str(_meta(body).get("name")))] = ps.name
-            grant, verdict = self._judge_grant(body, ps, issuers)
+            grant, verdict = self._judge_grant(body, ps, issuers, now)
             views.append(_GrantView(body=body, accepted=verdict, grant=grant))
             if grant is not None:
                 accepted.append(grant)
@@ -565,9 +577,10 @@ class Controller:
             self._account_watchers[account].add(key)
 
     def _judge_grant(
-        self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer]
+        self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer], now: float
     ) -> tuple[RouteGrant | None, JSON]:
-        """Validate what CEL cannot: referenced issuers exist and the target can verify them."""
+        """Validate what CEL cannot: referenced issuers exist, the target can verify them, and
+        the grant keeps the target's grantPolicy."""
         try:
             grant = RouteGrant.model_validate(body)
             compile_grant(grant)
@@ -585,6 +598,9 @@ class Controller:
             return None, condition(
                 c.ACCEPTED, False, c.REASON_INVALID_SPEC, message + ", ".join(undeclared)
             )
+        breach = judge_grant_policy(grant, ps, issuers, now=datetime.fromtimestamp(now, tz=UTC))
+        if breach is not None:
+            return None, condition(c.ACCEPTED, False, breach.reason, breach.message)
         return grant, condition(
             c.ACCEPTED, True, c.REASON_ACCEPTED, f"accepted for ProtectedService {ps.name}"
         )
@@ -729,6 +745,7 @@ class Controller:
             )
         now = self.clock()
         observed.replicas = live_replicas(leases, now)
+        observed.usage = read_reports(leases, now)
         expiry = next_replica_expiry(observed.replicas)
         key = (ps.namespace, ps.name)
         if expiry is not None:  # a replica that stops reporting sends no event: look again then
@@ -868,6 +885,13 @@ class Controller:
     async def _write_grant_statuses(self, ps: ProtectedService, observed: _Observed) -> None:
         now = self.clock()
         limit = asyncio.Semaphore(_STATUS_WRITE_CONCURRENCY)
+        policy = ps.spec.grant_policy
+        idle_after = (
+            _seconds(policy.unused_after)
+            if policy is not None and policy.unused_after is not None
+            else self.settings.unused_after
+        )
+        wake: list[float] = []
 
         async def write(view: _GrantView) -> None:
             accepted = view.accepted["status"] == c.TRUE
@@ -888,11 +912,49 @@ class Controller:
             subjects = view.subjects or condition(
                 c.SUBJECTS_FOUND, c.UNKNOWN, c.REASON_NOT_ACCEPTED, "the grant is not accepted"
             )
-            desired = [view.accepted, active, enforced, subjects]
+            usage, unused = self._usage_status(view, observed.usage, idle_after, now, wake)
+            extra["usage"] = usage
+            desired = [view.accepted, active, enforced, subjects, unused]
             async with limit:
                 await self._write_grant_status(view.body, desired, extra)
 
         await asyncio.gather(*(write(v) for v in observed.grants))
+        if wake:  # a grant turns idle, or held-back usage is due: no event will say so
+            key = (ps.namespace, ps.name)
+            self.queue.request_at(key, Aspect.ENFORCEMENT, min(wake), slot="usage")
+
+    def _usage_status(
+        self,
+        view: _GrantView,
+        reports: Reports,
+        idle_after: float,
+        now: float,
+        wake: list[float],
+    ) -> tuple[JSON, JSON]:
+        """`status.usage` and `Unused` for one grant. Usage is rewritten at most once per
+        `usage_write_interval` unless it changed materially (first use, Unused flips, ...):
+        steady traffic must not turn every Lease renewal into a status write."""
+        previous = (view.body.get("status") or {}).get("usage")
+        fresh = grant_usage(view.key, view.compiled, reports, previous, now)
+        created = parse_time(_meta(view.body).get("creationTimestamp"))
+        unused, idle_at = grant_unused(
+            fresh.get("lastUsed"), created, idle_after, complete=reports.complete, now=now
+        )
+        if idle_at is not None:
+            wake.append(idle_at + _LEASE_EXPIRY_SLACK)
+        if fresh == previous:
+            return fresh, unused
+        written = self._usage_written.get(view.key)
+        due = written is None or now - written >= self.settings.usage_write_interval
+        conditions = (view.body.get("status") or {}).get("conditions")
+        before = c.get_condition(conditions, c.UNUSED)
+        flips = before is None or before.get("status") != unused["status"]
+        if previous is None or due or flips or usage_changed_materially(previous, fresh):
+            self._usage_written[view.key] = now
+            return fresh, unused
+        assert written is not None  # (else due)
+        wake.append(written + self.settings.usage_write_interval)
+        return dict(previous), unused
 
     async def _write_grant_status(
         self, body: JSON, desired: list[JSON], extra: Mapping[str, Any]
@@ -955,7 +1017,11 @@ class Controller:
                 ),
                 condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
             ]
-            await self._write_grant_status(body, desired, {"enforcedReplicas": "0/0"})
+            extra: JSON = {"enforcedReplicas": "0/0"}
+            usage = (body.get("status") or {}).get("usage")
+            if usage:  # kept: applying status without it would drop lastUsed
+                extra["usage"] = usage
+            await self._write_grant_status(body, desired, extra)
 
     async def _judge_revocation(self, body: Mapping[str, Any]) -> None:
         namespace = str(_meta(body).get("namespace"))

@@ -71,3 +71,9 @@ class ControllerSettings:
     """First retry delay after a failed sync (doubles up to `retry_max`)."""
     retry_max: float = 30.0
     """Longest retry delay after repeated failures."""
+    unused_after: float = 7 * 24 * 3600.0
+    """Seconds without an allowed request after which a grant is `Unused=True` (a
+    ProtectedService's `spec.grantPolicy.unusedAfter` overrides it for its grants)."""
+    usage_write_interval: float = 60.0
+    """Least seconds between two writes of one grant's `status.usage` under steady traffic
+    (first use, a newly used rule and `Unused` changes are written at once)."""

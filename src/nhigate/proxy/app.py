@@ -94,6 +94,7 @@ from nhigate.proxy.overrides import (
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
 from nhigate.proxy.settings import ProxySettings
+from nhigate.proxy.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,8 @@ class ProxyState:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     credential: UpstreamCredentialFile | None = None
     mcp_sessions: SessionBindings = field(default_factory=SessionBindings)
+    usage: UsageRecorder = field(default_factory=UsageRecorder)
+    """Allowed requests per grant and rule, reported on this replica's Lease."""
 
     @property
     def ready(self) -> bool:
@@ -782,6 +785,8 @@ class ProxyHandler:
         decision = ex.decision
         assert decision is not None
         self._record(ex, "allow", Reason.ALLOWED, decision.grant, status, detail)
+        if decision.grant is not None and ex.policy is not None:
+            self.state.usage.record(ex.policy, decision.grant, ex.method, ex.path, ex.now)
 
     def _deny(self, ex: _Exchange, denied: DenyError) -> web.Response:
         reason = denied.reason

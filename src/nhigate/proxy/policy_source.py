@@ -16,7 +16,8 @@ counted (`policy_reloads_total{result="error"}`).
 `LeaseReporter` is how a replica tells the controller which version it serves:
 a `coordination.k8s.io` Lease per replica (server-side applied, renewed every
 `interval` seconds and on every swap). A Lease needs only create/get/update/
-patch on leases in the namespace, no broad RBAC.
+patch on leases in the namespace, no broad RBAC. The same Lease carries the replica's grant
+usage (`nhigate.io/usage`, docs/usage.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ from nhigate.policy import (
     unpack_document,
 )
 from nhigate.policy import decode_document as decode_policy_document
+from nhigate.policy.usage import (
+    HOUR,
+    USAGE_ANNOTATION,
+    UsageReportError,
+    decode_report,
+    encode_report,
+)
+from nhigate.proxy.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -303,18 +312,32 @@ class ClusterSource:
                 await asyncio.sleep(delay)
 
 
+def lease_name(service: str, replica: str) -> str:
+    """The name of a replica's Lease."""
+    return f"nhigate-{service}-{replica}"
+
+
 def lease_manifest(
-    namespace: str, service: str, replica: str, version: str, now: datetime
+    namespace: str,
+    service: str,
+    replica: str,
+    version: str,
+    now: datetime,
+    usage: str | None = None,
 ) -> dict[str, Any]:
-    """The Lease a replica applies to report the policy version it serves (API_SPEC.md)."""
+    """The Lease a replica applies to report the policy version it serves and, when given,
+    its encoded usage report (`nhigate.policy.usage`)."""
+    annotations = {"nhigate.io/policy-version": version}
+    if usage is not None:
+        annotations[USAGE_ANNOTATION] = usage
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {
-            "name": f"nhigate-{service}-{replica}",
+            "name": lease_name(service, replica),
             "namespace": namespace,
             "labels": {"nhigate.io/protected-service": service},
-            "annotations": {"nhigate.io/policy-version": version},
+            "annotations": annotations,
         },
         "spec": {
             "holderIdentity": replica,
@@ -325,7 +348,11 @@ def lease_manifest(
 
 
 class LeaseReporter:
-    """Renews this replica's Lease every `interval` seconds and right after every swap."""
+    """Renews this replica's Lease every `interval` seconds and right after every swap.
+
+    With a `usage` recorder, the Lease also carries its usage report; before the first
+    report the previous process's report on the same Lease is adopted (a restart carries
+    counts on: none lost beyond the last interval, none counted twice)."""
 
     def __init__(
         self,
@@ -336,6 +363,7 @@ class LeaseReporter:
         *,
         interval: float = 5.0,
         clock: Callable[[], float],
+        usage: UsageRecorder | None = None,
     ) -> None:
         self._client = client
         self._namespace = namespace
@@ -343,9 +371,29 @@ class LeaseReporter:
         self._holder = holder
         self._interval = interval
         self._clock = clock
+        self._usage = usage
+        self._adopted = usage is None
+        self._encoded: tuple[tuple[int, int], str] | None = None
+        """((recorder revision, hour), annotation) of the last report: reused while equal."""
         self._wake = asyncio.Event()
         self.reports = 0
         holder.subscribe(lambda _policy: self._wake.set())
+
+    async def _adopt_previous(self, service: str) -> None:
+        """Take over the usage the previous process of this replica reported."""
+        from nhigate.k8s import LEASES
+
+        assert self._usage is not None
+        lease = await self._client.get(LEASES, lease_name(service, self._replica), self._namespace)
+        text = (((lease or {}).get("metadata") or {}).get("annotations") or {}).get(
+            USAGE_ANNOTATION
+        )
+        if text:
+            try:
+                self._usage.adopt(decode_report(str(text)), self._clock())
+            except UsageReportError as exc:
+                log.warning("ignoring the unreadable usage report on this replica's Lease: %s", exc)
+        self._adopted = True
 
     async def report_once(self) -> bool:
         """Apply the Lease for the current policy; False when there is none yet."""
@@ -353,16 +401,32 @@ class LeaseReporter:
         if policy is None:
             return False
         document: PolicyDocument = policy.document
+        if not self._adopted:
+            await self._adopt_previous(document.service.name)
+        now = self._clock()
+        usage = await self._usage_annotation(now) if self._usage is not None else None
         manifest = lease_manifest(
             self._namespace,
             document.service.name,
             self._replica,
             policy.version,
-            datetime.fromtimestamp(self._clock(), UTC),
+            datetime.fromtimestamp(now, UTC),
+            usage,
         )
         await self._client.apply(manifest, field_manager="nhigate-proxy")
         self.reports += 1
         return True
+
+    async def _usage_annotation(self, now: float) -> str:
+        """The encoded usage report; encoded off the event loop (a full table takes a
+        noticeable fraction of a second) and only when something changed."""
+        assert self._usage is not None
+        stamp = (self._usage.revision, int(now) // HOUR)
+        if self._encoded is not None and self._encoded[0] == stamp:
+            return self._encoded[1]
+        text = await asyncio.to_thread(encode_report, self._usage.report(now))
+        self._encoded = (stamp, text)
+        return text
 
     async def run(self) -> None:
         """Report forever (cancel to stop); failures are logged and retried next tick."""

@@ -31,6 +31,7 @@ from nhigate.proxy.policy_source import (
 )
 from nhigate.proxy.rejects import rejected_request_audit
 from nhigate.proxy.settings import ProxySettings
+from nhigate.proxy.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ async def _start_sources(
                 holder,
                 interval=settings.lease_interval,
                 clock=state.clock,
+                usage=state.usage,
             )
             tasks.append(asyncio.create_task(reporter.run(), name="nhigate-lease"))
         return tasks, client.close
@@ -119,6 +121,8 @@ async def serve(
     holder = holder if holder is not None else PolicyHolder()
     app = create_app(settings, holder=holder, metrics=ProxyMetrics(), clock=clock)
     state = app[STATE]
+    if settings.workers > 1:  # the workers share one Lease: each report is partial
+        state.usage = UsageRecorder(complete=False)
     runner = ProxyRunner(
         app,
         handle_signals=False,
