@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -292,3 +293,52 @@ async def test_the_connection_bound_refuses_the_next_connection_and_counts_it(
         writer.close()
         for _, w in held:
             w.close()
+
+
+def test_the_limits_hold_under_uvloop_as_the_proxy_runs(signing_key: Any, kit: Any) -> None:
+    """`nhigate proxy` runs on uvloop, whose transports are not asyncio's classes."""
+    import uvloop
+
+    from nhigate.proxy.server import serve
+    from nhigate.proxy.settings import ProxySettings, Upstream
+
+    async def scenario() -> tuple[bytes, bytes, bytes]:
+        stop = asyncio.Event()
+        ports: dict[str, int] = {}
+        settings = ProxySettings(
+            upstream=Upstream("http", "127.0.0.1", 9),
+            listen_port=0,
+            admin_port=0,
+            request_head_timeout=1.0,
+            max_connections=2,
+            audit_log=os.devnull,
+        )
+        task = asyncio.create_task(
+            serve(settings, stop, on_started=lambda port, _: ports.update(port=port))
+        )
+        await _wait_for(lambda: "port" in ports)
+        url = f"http://127.0.0.1:{ports['port']}"
+        try:
+            silent = await _connect(url)
+            trickler = await _connect(url)
+            await asyncio.sleep(0.2)
+            over = await _connect(url)
+            refused = await _read_until_closed(over[0], within=2.0)
+            trickler[1].write(HEAD)
+            answered, _ = await _trickle(*trickler, every=0.1, within=5.0)
+            closed = await _read_until_closed(silent[0], within=5.0)
+            for _, writer in (silent, trickler, over):
+                writer.close()
+            return refused, answered, closed
+        finally:
+            stop.set()
+            await task
+
+    async def bounded() -> tuple[bytes, bytes, bytes]:
+        async with asyncio.timeout(20):
+            return await scenario()
+
+    refused, answered, closed = uvloop.run(bounded())
+    assert refused.startswith(b"HTTP/1.1 503 "), refused[:60]
+    assert answered.startswith(b"HTTP/1.1 408 "), answered[:60]
+    assert closed == b""

@@ -229,9 +229,9 @@ class RefusedConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         request_id = secrets.token_hex(8)
         peer = _peer_host(transport)
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(canned_response(503, Reason.CONNECTION_LIMIT, request_id))
-        transport.close()
+        stream = cast(asyncio.Transport, transport)  # uvloop's are not asyncio's classes
+        stream.write(canned_response(503, Reason.CONNECTION_LIMIT, request_id))
+        stream.close()
         self._audit.refused(request_id, peer, self._bound)
 
 
