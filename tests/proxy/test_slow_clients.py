@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 HEAD = b"GET /v1/items/1 HTTP/1.1\r\nHost: proxy.test\r\n"
@@ -342,3 +343,20 @@ def test_the_limits_hold_under_uvloop_as_the_proxy_runs(signing_key: Any, kit: A
     assert refused.startswith(b"HTTP/1.1 503 "), refused[:60]
     assert answered.startswith(b"HTTP/1.1 408 "), answered[:60]
     assert closed == b""
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("request_head_timeout", 0.0, "--request-head-timeout and --idle-timeout must be > 0"),
+        ("idle_timeout", -1.0, "--request-head-timeout and --idle-timeout must be > 0"),
+        ("max_connections", 0, "--max-connections must be >= 1"),
+    ],
+)
+def test_limits_that_would_disable_the_guard_are_refused(
+    field: str, value: float, message: str
+) -> None:
+    from nhigate.proxy.settings import ProxySettings, Upstream
+
+    with pytest.raises(ValueError, match=message):
+        ProxySettings(upstream=Upstream("http", "127.0.0.1", 80), **{field: value})
