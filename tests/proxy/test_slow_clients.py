@@ -360,3 +360,39 @@ def test_limits_that_would_disable_the_guard_are_refused(
 
     with pytest.raises(ValueError, match=message):
         ProxySettings(upstream=Upstream("http", "127.0.0.1", 80), **{field: value})
+
+
+async def test_the_admin_port_closes_silent_and_trickling_connections_too() -> None:
+    """A flood of silent connections to the admin port would exhaust the same process's fds."""
+    from nhigate.proxy.server import serve
+    from nhigate.proxy.settings import ProxySettings, Upstream
+
+    stop = asyncio.Event()
+    ports: dict[str, int] = {}
+    settings = ProxySettings(
+        upstream=Upstream("http", "127.0.0.1", 9),
+        listen_port=0,
+        admin_port=0,
+        request_head_timeout=1.0,
+        audit_log=os.devnull,
+    )
+    task = asyncio.create_task(
+        serve(settings, stop, on_started=lambda _, admin: ports.update(admin=admin))
+    )
+    try:
+        await _wait_for(lambda: "admin" in ports)
+        url = f"http://127.0.0.1:{ports['admin']}"
+        loop = asyncio.get_running_loop()
+        silent = await _connect(url)
+        trickler = await _connect(url)
+        started = loop.time()
+        trickler[1].write(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n")
+        trickled = asyncio.create_task(_trickle(*trickler, every=0.1, within=5.0))
+        assert await _read_until_closed(silent[0], within=5.0) == b""
+        await trickled
+        assert loop.time() - started < 2.5
+        for _, writer in (silent, trickler):
+            writer.close()
+    finally:
+        stop.set()
+        await task
