@@ -23,7 +23,10 @@ and to nginx (added latency = case minus direct). Needs `nginx` and `wrk` on PAT
 
 `--instructions N` instead counts nhigate's user-space instructions per request over
 N sequential requests under valgrind's callgrind: slow (minutes) but deterministic,
-the number to compare two versions with on a machine other jobs keep busy.
+the number to compare two versions with on a machine other jobs keep busy. With
+`--python-upstream` its upstream is a small Python keep-alive server in this process
+(not counted) instead of nginx, for machines without nginx; compare counts only within
+one kind of upstream.
 """
 
 from __future__ import annotations
@@ -334,6 +337,36 @@ def sequential_requests(port: int, token: str, count: int) -> int:
     return failed
 
 
+class PythonUpstream:
+    """A keep-alive HTTP/1.1 upstream answering `{"ok":true}`, on a thread of this process."""
+
+    def __enter__(self) -> PythonUpstream:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Answer(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = b'{"ok":true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 def count_instructions(workdir: Path, up_port: int, grants: int, count: int) -> dict[str, Any]:
     """User-space instructions per proxied request of nhigate, under valgrind's callgrind.
 
@@ -380,11 +413,22 @@ def main() -> int:
         metavar="N",
         help="instead: count nhigate's instructions per request over N requests (callgrind)",
     )
+    parser.add_argument(
+        "--python-upstream",
+        action="store_true",
+        help="with --instructions: a Python upstream in this process instead of nginx",
+    )
     parser.add_argument("--serve-nhigate", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_nhigate:
         up, port, admin, audit = args.serve_nhigate
         serve_nhigate(int(up), int(port), int(admin), args.grants, audit)
+        return 0
+    if args.instructions and args.python_upstream:
+        with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp, PythonUpstream() as up:
+            counted = count_instructions(Path(tmp), up.port, args.grants, args.instructions)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"benchmark": "proxy", **counted}, indent=2) + "\n")
         return 0
     if args.instructions:
         with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp:

@@ -237,6 +237,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
             "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
             "--shutdown-delay", "5",
+            "--request-head-timeout", "60", "--idle-timeout", "75", "--max-connections", "4096",
         ],
     ),
     (
@@ -247,6 +248,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
             "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
             "--shutdown-delay", "5",
+            "--request-head-timeout", "60", "--idle-timeout", "75", "--max-connections", "4096",
             "--assertion-key", "/var/run/nhigate/assertion/key.pem",
             "--tls-cert", "/var/run/nhigate/tls/tls.crt",
             "--tls-key", "/var/run/nhigate/tls/tls.key",
@@ -261,9 +263,45 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
             "--listen", "0.0.0.0:8080", "--admin-listen", "0.0.0.0:8081",
             "--shutdown-delay", "5",
+            "--request-head-timeout", "60", "--idle-timeout", "75", "--max-connections", "4096",
+        ],
+    ),
+    (
+        "client connection limits",
+        make_ps(
+            proxy={
+                "connections": {
+                    "requestHeadTimeout": "1m30s",
+                    "idleTimeout": "1500ms",
+                    "maxConnections": 100,
+                }
+            }
+        ),
+        [
+            "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
+            "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
+            "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
+            "--shutdown-delay", "5",
+            "--request-head-timeout", "90", "--idle-timeout", "1.5", "--max-connections", "100",
         ],
     ),
 ]  # fmt: skip
+
+
+def test_connection_defaults_are_the_proxys_own() -> None:
+    """An unset `spec.proxy.connections` runs the proxy exactly as `nhigate proxy` defaults."""
+    from nhigate.cli.main import build_parser
+    from nhigate.cli.proxy import settings_from_args
+    from nhigate.proxy.settings import ProxySettings
+
+    args = m.proxy_args(MINIMAL)
+    passed = settings_from_args(build_parser("proxy").parse_args(args))
+    defaults = settings_from_args(
+        build_parser("proxy").parse_args(["proxy", "--upstream", "http://x"])
+    )
+    for name in ("request_head_timeout", "idle_timeout", "max_connections"):
+        assert getattr(passed, name) == getattr(defaults, name), name
+        assert getattr(defaults, name) == ProxySettings.__dataclass_fields__[name].default, name
 
 
 @pytest.mark.parametrize(("ps", "args"), [c[1:] for c in ARG_CASES], ids=[c[0] for c in ARG_CASES])

@@ -42,6 +42,7 @@ __all__ = [
     "AutoscalingSpec",
     "BackendRef",
     "BypassPath",
+    "ClientConnectionsSpec",
     "ComputeResources",
     "Condition",
     "ConditionStatus",
@@ -125,6 +126,26 @@ AssertionTTL = Annotated[
             rule="duration(self) <= duration('24h')",
             message="must be at most 24h",
             check=lambda v: parse_duration(v).total_seconds() <= 86400,
+        )
+    ),
+]
+RequestHeadTimeout = Annotated[
+    Duration,
+    Cel(
+        CelRule(
+            rule="duration(self) >= duration('1s') && duration(self) <= duration('10m')",
+            message="must be between 1s and 10m",
+            check=lambda v: 1 <= parse_duration(v).total_seconds() <= 600,
+        )
+    ),
+]
+IdleTimeout = Annotated[
+    Duration,
+    Cel(
+        CelRule(
+            rule="duration(self) >= duration('1s') && duration(self) <= duration('1h')",
+            message="must be between 1s and 1h",
+            check=lambda v: 1 <= parse_duration(v).total_seconds() <= 3600,
         )
     ),
 ]
@@ -608,6 +629,29 @@ class AutoscalingSpec(SpecModel):
     )
 
 
+class ClientConnectionsSpec(SpecModel):
+    """Limits on callers' connections to each proxy replica (docs/proxy.md#client-connections)."""
+
+    request_head_timeout: RequestHeadTimeout = Field(
+        default="60s",
+        description="The whole request head must arrive within this, however slowly its bytes "
+        "trickle in (from accept, or from the first byte of a later request); then 408, or "
+        "a silent close if nothing was sent. Like nginx's client_header_timeout.",
+    )
+    idle_timeout: IdleTimeout = Field(
+        default="75s",
+        description="A kept-alive connection with no request for this long is closed. Like "
+        "nginx's keepalive_timeout.",
+    )
+    max_connections: int = Field(
+        default=4096,
+        ge=16,
+        le=1_000_000,
+        description="Open client connections per replica; more are refused with 503 and "
+        "counted in nhigate_proxy_connections_refused_total.",
+    )
+
+
 class ProxySpec(SpecModel):
     """The proxy Deployment nhigate runs in front of the backend."""
 
@@ -625,6 +669,11 @@ class ProxySpec(SpecModel):
     )
     autoscaling: AutoscalingSpec | None = Field(
         default=None, description="Scale the proxy with a HorizontalPodAutoscaler."
+    )
+    connections: ClientConnectionsSpec = Field(
+        default_factory=ClientConnectionsSpec,
+        description="Request-head and idle timeouts and the connection bound of each replica.",
+        json_schema_extra={"default": {}},
     )
 
     cel_rules = (

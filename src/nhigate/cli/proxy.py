@@ -25,6 +25,11 @@ def _size(value: str) -> int:
     return int(text)
 
 
+def _default(name: str) -> Any:
+    """`ProxySettings`' own default for a field, so the flag and the dataclass agree."""
+    return ProxySettings.__dataclass_fields__[name].default
+
+
 def add_parser(subparsers: Any) -> None:
     """Register `nhigate proxy`."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -57,6 +62,24 @@ def add_parser(subparsers: Any) -> None:
         default=[],
         metavar="CIDR",
         help="peer whose X-Forwarded-* headers are kept (repeatable)",
+    )
+    p.add_argument(
+        "--request-head-timeout",
+        type=float,
+        default=_default("request_head_timeout"),
+        help="seconds for a whole request head, however it trickles (-> 408 / close)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=_default("idle_timeout"),
+        help="seconds a keep-alive connection may sit idle",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=_default("max_connections"),
+        help="open client connections per process; more get 503",
     )
     p.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to drain on stop")
     p.add_argument("--shutdown-delay", type=float, default=0.0, help="seconds unready before close")
@@ -93,6 +116,9 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         connect_timeout=args.connect_timeout,
         upstream_timeout=args.upstream_timeout,
         trusted_proxies=tuple(ipaddress.ip_network(c, strict=False) for c in args.trusted_proxy),
+        request_head_timeout=args.request_head_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         workers=args.workers,

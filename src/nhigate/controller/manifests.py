@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from nhigate.api.models import API_VERSION, IsolationMode, ProtectedService
+from nhigate.api.models import API_VERSION, IsolationMode, ProtectedService, parse_duration
 
 Manifest = dict[str, Any]
 
@@ -275,6 +275,7 @@ def proxy_args(ps: ProtectedService) -> list[str]:
         # listening, so a rollout drops no connection (well inside the 30 s grace period).
         "--shutdown-delay",
         str(PROXY_SHUTDOWN_DELAY_SECONDS),
+        *_connection_args(ps),
     ]
     if assertion_enabled(ps):
         args += ["--assertion-key", f"{ASSERTION_DIR}/{ASSERTION_KEY_FILE}"]
@@ -283,6 +284,23 @@ def proxy_args(ps: ProtectedService) -> list[str]:
         if proxy.tls.client_ca_secret_name is not None:
             args += ["--client-ca", f"{CLIENT_CA_DIR}/ca.crt"]
     return args
+
+
+def _connection_args(ps: ProtectedService) -> list[str]:
+    """`spec.proxy.connections` as proxy flags (seconds), always passed: the pod says them."""
+    connections = ps.spec.proxy.connections
+
+    def seconds(duration: str) -> str:
+        return f"{parse_duration(duration).total_seconds():g}"
+
+    return [
+        "--request-head-timeout",
+        seconds(connections.request_head_timeout),
+        "--idle-timeout",
+        seconds(connections.idle_timeout),
+        "--max-connections",
+        str(connections.max_connections),
+    ]
 
 
 def _secret_volume(name: str, secret_name: str, keys: list[str]) -> dict[str, Any]:

@@ -70,6 +70,10 @@ class Reason(StrEnum):
     AUDIENCE_MISMATCH = "audience_mismatch"
     # request / runtime (proxy)
     RATE_LIMITED = "rate_limited"
+    REQUEST_TIMEOUT = "request_timeout"
+    """The request head did not arrive within the head timeout (408, or closed if silent)."""
+    CONNECTION_LIMIT = "connection_limit"
+    """The replica already holds its bound of open client connections (503, then closed)."""
     REQUEST_REJECTED = "request_rejected"
     OVERRIDE_REJECTED = "override_rejected"
     BODY_TOO_LARGE = "body_too_large"

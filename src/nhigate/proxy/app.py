@@ -52,6 +52,7 @@ from nhigate.policy.decide import decide_request
 from nhigate.policy.document import ServiceConfig, UpstreamCredential
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
 from nhigate.proxy.audit import AuditLog, audit_line
+from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits, GuardedServer
 from nhigate.proxy.forward import (
     IDEMPOTENT_METHODS,
     RequestBody,
@@ -135,6 +136,8 @@ STATUS_FOR: dict[Reason, int] = {
     Reason.MCP_SESSION_MISMATCH: 403,
     Reason.MCP_REJECTED: 400,
     Reason.RATE_LIMITED: 429,
+    Reason.REQUEST_TIMEOUT: 408,
+    Reason.CONNECTION_LIMIT: 503,
     Reason.BODY_TOO_LARGE: 413,
     Reason.UPSTREAM_UNAVAILABLE: 502,
     Reason.UPSTREAM_TIMEOUT: 504,
@@ -999,7 +1002,21 @@ class ProxyRunner(web.AppRunner):
         server.request_handler = self.app[PIPELINE].handle  # type: ignore[assignment]
         if refusal_audit is not None:
             server.request_factory = _refusal_auditing_factory(self.app, refusal_audit)
-        return server
+        return _guarded(server, self.app[STATE])
+
+
+def _guarded(server: web.Server, state: ProxyState) -> GuardedServer:
+    """`server` with the client-connection limits of `state.settings` (connections.py)."""
+    settings = state.settings
+    limits = ConnectionLimits(
+        request_head_timeout=settings.request_head_timeout,
+        idle_timeout=settings.idle_timeout,
+        max_connections=settings.max_connections,
+    )
+    audit = ConnectionAudit(
+        state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
+    )
+    return GuardedServer(server, limits, audit)
 
 
 def _refusal_auditing_factory(

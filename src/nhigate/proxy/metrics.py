@@ -140,6 +140,22 @@ class ProxyMetrics:
             "Audit records dropped because the sink fell too far behind.",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "nhigate_proxy_connections_refused",
+            "Client connections refused (503) because the replica held --max-connections.",
+            registry=r,
+        )
+        self.client_timeouts = Counter(
+            "nhigate_proxy_client_timeouts",
+            "Client connections closed by a timeout: head (request head too slow) or idle.",
+            ["kind"],
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "nhigate_proxy_connections_open",
+            "Client connections open on the proxied port.",
+            registry=r,
+        )
         self.ready = Gauge("nhigate_proxy_ready", "1 when serving with a valid policy.", registry=r)
         self._version: str | None = None
 

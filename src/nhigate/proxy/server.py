@@ -129,7 +129,15 @@ async def serve(
         shutdown_timeout=settings.drain_timeout,
         **rejected_request_audit(app),  # parser-refused requests are audited too
     )
-    admin_runner = web.AppRunner(create_admin_app(app), handle_signals=False, access_log=None)
+    # The admin port (probes, metrics, JWKS) has no connection guard, but aiohttp's keep-alive
+    # timer closes a connection still waiting for a complete request head when it fires, so
+    # a silent or trickling client there is cut as well (connections.py, docs/proxy.md).
+    admin_runner = web.AppRunner(
+        create_admin_app(app),
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=min(settings.request_head_timeout, settings.idle_timeout),
+    )
     await runner.setup()
     await admin_runner.setup()
     reuse = settings.workers > 1

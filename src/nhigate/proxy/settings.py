@@ -115,6 +115,14 @@ class ProxySettings:
     """Peers whose `X-Forwarded-*` headers are kept and extended instead of replaced."""
     token_cache_size: int = 65536
     """Verified-token cache entries (bounded)."""
+    request_head_timeout: float = 60.0
+    """Seconds a client has to send a whole request head, however slowly the bytes trickle in:
+    from accepting the connection, and for a later request on a kept-alive connection from its
+    first byte. A partial head then gets 408, a connection that sent nothing is closed."""
+    idle_timeout: float = 75.0
+    """Seconds a kept-alive connection may sit idle between requests before it is closed."""
+    max_connections: int = 4096
+    """Open client connections on the proxied port, per process; more are refused (503)."""
     drain_timeout: float = 15.0
     """Seconds in-flight requests get to finish on shutdown."""
     shutdown_delay: float = 0.0
@@ -135,3 +143,7 @@ class ProxySettings:
             raise ValueError("--client-ca needs --tls-cert/--tls-key")
         if self.max_body_bytes < 0 or self.workers < 1:
             raise ValueError("max body size must be >= 0 and workers >= 1")
+        if not (self.request_head_timeout > 0 and self.idle_timeout > 0):
+            raise ValueError("--request-head-timeout and --idle-timeout must be > 0 seconds")
+        if self.max_connections < 1:
+            raise ValueError("--max-connections must be >= 1")
