@@ -1,0 +1,145 @@
+"""Reading the proxy's audit JSON lines (docs/operations.md, "Audit log"), one at a time.
+
+The input is streamed: one line in memory at a time, so memory does not grow with the
+number of lines. Gzip is recognised by its magic bytes, whatever the file is called.
+A line that is not an audit record is counted, never fatal: a log cut off mid-line
+or interleaved with other output should still be reviewable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, cast
+
+import orjson
+
+GZIP_MAGIC = b"\x1f\x8b"
+MALFORMED_EXAMPLES = 5
+"""How many malformed line numbers a `ReadStats` keeps, to point at them."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """The fields of one audit record the review uses."""
+
+    time: float
+    """Epoch seconds."""
+    decision: str
+    """`allow` or `deny`."""
+    reason: str
+    grant: str | None
+    method: str
+    path: str
+    issuer: str | None
+    """The IdentityIssuer name ("" for SPIFFE); None when the caller did not authenticate."""
+    subject: str | None
+    kind: str | None
+    tenant: str | None = None
+    mcp: bool = False
+    """True on MCP endpoints (the record has an `mcp` object)."""
+    actors: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class ReadStats:
+    """What reading the audit saw besides the records."""
+
+    lines: int = 0
+    records: int = 0
+    malformed: int = 0
+    malformed_lines: list[int] = field(default_factory=list)
+    """The first `MALFORMED_EXAMPLES` malformed line numbers (1-based, across all inputs)."""
+
+    def note_malformed(self) -> None:
+        self.malformed += 1
+        if len(self.malformed_lines) < MALFORMED_EXAMPLES:
+            self.malformed_lines.append(self.lines)
+
+
+def open_audit(stream: BinaryIO) -> BinaryIO:
+    """`stream`, decompressed when it starts with the gzip magic bytes."""
+    buffered = (
+        stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(cast(Any, stream))
+    )
+    if buffered.peek(2)[:2] == GZIP_MAGIC:
+        return cast(BinaryIO, gzip.GzipFile(fileobj=buffered, mode="rb"))
+    return cast(BinaryIO, buffered)
+
+
+class _Clock:
+    """RFC 3339 UTC times to epoch seconds, caching the whole-second part (lines come in order)."""
+
+    __slots__ = ("_epoch", "_second")
+
+    def __init__(self) -> None:
+        self._second = ""
+        self._epoch = 0.0
+
+    def epoch(self, text: str) -> float:
+        second = text[:19]
+        if second != self._second:
+            base = datetime.fromisoformat(second).replace(tzinfo=UTC).timestamp()
+            self._second, self._epoch = second, base
+        rest = text[19:]
+        if rest == "Z":
+            return self._epoch
+        if rest[:1] == "." and rest[-1:] == "Z" and rest[1:-1].isdigit():
+            return self._epoch + float("0" + rest[:-1])
+        return datetime.fromisoformat(text).timestamp()  # another offset: the slow, exact way
+
+
+def parse_record(line: bytes, clock: _Clock) -> AuditRecord | None:
+    """One audit line, or None when it is not an audit record."""
+    try:
+        raw = orjson.loads(line)
+        identity = raw["identity"]
+        if identity is None:
+            issuer = subject = kind = None
+            actors: tuple[str, ...] = ()
+        else:
+            issuer, subject, kind = identity["issuer"], identity["subject"], identity["kind"]
+            actors = tuple(identity.get("actors", ()))
+        decision = raw["decision"]
+        if decision not in ("allow", "deny"):
+            return None
+        grant = raw.get("grant")
+        tenant = raw.get("tenant")
+        record = AuditRecord(
+            time=clock.epoch(raw["time"]),
+            decision=decision,
+            reason=raw["reason"],
+            grant=grant,
+            method=raw["method"],
+            path=raw["path"],
+            issuer=issuer,
+            subject=subject,
+            kind=kind,
+            tenant=tenant,
+            mcp="mcp" in raw,
+            actors=actors,
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if not all(isinstance(v, str) for v in (record.reason, record.method, record.path)):
+        return None
+    return record
+
+
+def read_records(streams: Iterable[BinaryIO], stats: ReadStats) -> Iterator[AuditRecord]:
+    """Every audit record of `streams`, in order; counts lines and malformed ones in `stats`."""
+    clock = _Clock()
+    for stream in streams:
+        for line in open_audit(stream):
+            stats.lines += 1
+            if not line.strip():
+                continue
+            record = parse_record(line, clock)
+            if record is None:
+                stats.note_malformed()
+                continue
+            stats.records += 1
+            yield record
