@@ -26,7 +26,7 @@ from nhigate.api.models import (
 from nhigate.api.resources import ResourceError, ResourceSet, load_resources, parse_resource
 from nhigate.cli.explain import InputError, parse_time
 from nhigate.review.findings import DAY, DEFAULT_MAX_WINDOW, DEFAULT_MIN_DENIALS, ReviewSettings
-from nhigate.review.plots import PlotsUnavailable, render_plots
+from nhigate.review.plots import PlotsUnavailable, pyplot, render_plots
 from nhigate.review.records import ReadStats, read_records
 from nhigate.review.render import render_json, render_table, render_yaml
 from nhigate.review.report import review
@@ -162,6 +162,8 @@ def _access_review(args: argparse.Namespace, out: TextIO) -> int:
         max_window=args.max_window_days * DAY,
         min_denials=args.min_denials,
     )
+    if args.plots is not None:
+        pyplot()  # before reading a million lines: fail now if matplotlib is missing
     resources = _resources(args)
     if args.service is not None and "/" not in args.service:
         raise InputError(f"--service {args.service!r}: expected NAMESPACE/NAME")

@@ -17,7 +17,8 @@ class PlotsUnavailable(RuntimeError):  # noqa: N818 (a state, not a failure of t
     """matplotlib is not installed."""
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend; `PlotsUnavailable` when missing."""
     try:
         import matplotlib
 
@@ -47,7 +48,7 @@ def _rule_counts(g: GrantReview) -> tuple[int, int]:
 
 def render_plots(review: Review, directory: Path) -> list[Path]:
     """Write one PNG per service into `directory`; returns the files written."""
-    plt = _pyplot()
+    plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for service in review.services:
@@ -64,7 +65,8 @@ def render_plots(review: Review, directory: Path) -> list[Path]:
         bars.invert_yaxis()
         bars.set_xlabel("method x path pattern pairs (MCP rule: 1)")
         bars.set_title(f"{service}: granted vs used rules")
-        bars.legend(loc="lower right")
+        bars.xaxis.get_major_locator().set_params(integer=True)
+        bars.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         for g in grants:
             points = g.usage.series.points()
             if points:
@@ -75,7 +77,7 @@ def render_plots(review: Review, directory: Path) -> list[Path]:
         lines.set_ylabel("requests / minute")
         lines.set_xlabel("time (UTC)")
         if any(g.usage.requests for g in grants):
-            lines.legend(loc="upper left", fontsize="small")
+            lines.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
         path = directory / _file_name(service)
         figure.savefig(path, dpi=100)
         plt.close(figure)
