@@ -58,11 +58,14 @@ def _rule_manifests(usage: GrantUsage, today: Sequence[dict[str, Any]]) -> list[
                 if m == method:
                     covering.update(shapes.patterns())
             by_paths.setdefault(tuple(sorted(covering)), set()).add(method)
-        for paths, methods in sorted(by_paths.items(), key=lambda item: sorted(item[1])):
-            # A method the CRD cannot name was allowed by `*`: keep `*` for it.
-            listed = sorted(methods) if methods <= _METHODS else ["*"]
+        # A method the CRD cannot name was allowed by `*`: keep `*` for it.
+        grouped = sorted(
+            (sorted(methods) if methods <= _METHODS else ["*"], list(paths))
+            for paths, methods in by_paths.items()
+        )
+        for listed, paths in grouped:
             for start in range(0, len(paths), MAX_PATHS_PER_RULE):
-                chunk = list(paths[start : start + MAX_PATHS_PER_RULE])
+                chunk = paths[start : start + MAX_PATHS_PER_RULE]
                 rules.append({"methods": listed, "paths": chunk})
     return rules
 
