@@ -12,8 +12,8 @@ import gzip
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, BinaryIO, cast
+from datetime import datetime
+from typing import Any, BinaryIO, NamedTuple, cast
 
 import orjson
 
@@ -22,9 +22,8 @@ MALFORMED_EXAMPLES = 5
 """How many malformed line numbers a `ReadStats` keeps, to point at them."""
 
 
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    """The fields of one audit record the review uses."""
+class AuditRecord(NamedTuple):
+    """The fields of one audit record the review uses (a tuple: a million are made)."""
 
     time: float
     """Epoch seconds."""
@@ -71,25 +70,30 @@ def open_audit(stream: BinaryIO) -> BinaryIO:
 
 
 class _Clock:
-    """RFC 3339 UTC times to epoch seconds, caching the whole-second part (lines come in order)."""
+    """RFC 3339 UTC times to epoch seconds, caching the hour (lines come in time order)."""
 
-    __slots__ = ("_epoch", "_second")
+    __slots__ = ("_epoch", "_hour")
 
     def __init__(self) -> None:
-        self._second = ""
+        self._hour = ""
         self._epoch = 0.0
 
     def epoch(self, text: str) -> float:
-        second = text[:19]
-        if second != self._second:
-            base = datetime.fromisoformat(second).replace(tzinfo=UTC).timestamp()
-            self._second, self._epoch = second, base
+        hour = text[:13]  # 2026-11-23T17
+        if hour != self._hour:
+            base = datetime.fromisoformat(hour + ":00:00+00:00").timestamp()
+            self._hour, self._epoch = hour, base
         rest = text[19:]
-        if rest == "Z":
-            return self._epoch
-        if rest[:1] == "." and rest[-1:] == "Z" and rest[1:-1].isdigit():
-            return self._epoch + float("0" + rest[:-1])
+        if text[13] == ":" and text[16] == ":" and (rest == "Z" or rest[:1] == "."):
+            seconds = int(text[14:16]) * 60 + int(text[17:19])
+            if rest == "Z":
+                return self._epoch + seconds
+            if rest[-1:] == "Z" and rest[1:-1].isdigit():
+                return self._epoch + seconds + float("0" + rest[:-1])
         return datetime.fromisoformat(text).timestamp()  # another offset: the slow, exact way
+
+
+_STRINGS = (str, str, str)
 
 
 def parse_record(line: bytes, clock: _Clock) -> AuditRecord | None:
@@ -102,31 +106,28 @@ def parse_record(line: bytes, clock: _Clock) -> AuditRecord | None:
             actors: tuple[str, ...] = ()
         else:
             issuer, subject, kind = identity["issuer"], identity["subject"], identity["kind"]
-            actors = tuple(identity.get("actors", ()))
-        decision = raw["decision"]
-        if decision not in ("allow", "deny"):
+            actors = tuple(identity["actors"]) if "actors" in identity else ()
+        decision, reason, method, path = raw["decision"], raw["reason"], raw["method"], raw["path"]
+        if decision not in ("allow", "deny") or (type(reason), type(method), type(path)) != (
+            _STRINGS
+        ):
             return None
-        grant = raw.get("grant")
-        tenant = raw.get("tenant")
-        record = AuditRecord(
-            time=clock.epoch(raw["time"]),
-            decision=decision,
-            reason=raw["reason"],
-            grant=grant,
-            method=raw["method"],
-            path=raw["path"],
-            issuer=issuer,
-            subject=subject,
-            kind=kind,
-            tenant=tenant,
-            mcp="mcp" in raw,
-            actors=actors,
+        return AuditRecord(
+            clock.epoch(raw["time"]),
+            decision,
+            reason,
+            raw.get("grant"),
+            method,
+            path,
+            issuer,
+            subject,
+            kind,
+            raw.get("tenant"),
+            "mcp" in raw,
+            actors,
         )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, IndexError):
         return None
-    if not all(isinstance(v, str) for v in (record.reason, record.method, record.path)):
-        return None
-    return record
 
 
 def read_records(streams: Iterable[BinaryIO], stats: ReadStats) -> Iterator[AuditRecord]:
