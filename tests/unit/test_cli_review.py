@@ -241,6 +241,18 @@ def test_bad_input_is_a_clear_error(
     assert message in capsys.readouterr().err
 
 
+def test_a_missing_kubeconfig_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "audit.log").write_bytes(b"")
+    argv = ["--cluster", "--kubeconfig", str(tmp_path / "none"), str(tmp_path / "audit.log")]
+    code = main(["access-review", *argv])
+    assert code == 2
+    assert "nhigate access-review: error: --cluster: cannot read the resources" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_truncated_gzip_file_is_a_clear_error(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

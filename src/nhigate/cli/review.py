@@ -114,6 +114,8 @@ def resource_set(documents: list[Any], where: str) -> ResourceSet:
 
 
 async def _cluster_documents(kubeconfig: str | None, namespace: str | None) -> list[Any]:
+    from kubernetes_asyncio.config import ConfigException
+
     from nhigate.k8s.client import KubeClient, KubeError
     from nhigate.k8s.resources import IDENTITYISSUERS, PROTECTEDSERVICES, ROUTEGRANTS
 
@@ -125,7 +127,7 @@ async def _cluster_documents(kubeconfig: str | None, namespace: str | None) -> l
                 documents.extend(items)
     except KubeError as exc:
         raise InputError(f"--cluster: {exc}") from None
-    except (OSError, ValueError) as exc:  # no kubeconfig, unreachable API server
+    except (ConfigException, OSError, ValueError) as exc:  # no kubeconfig, no API server
         raise InputError(f"--cluster: cannot read the resources: {exc}") from None
     return documents
 

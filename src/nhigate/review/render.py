@@ -51,7 +51,7 @@ def render_table(review: Review) -> str:
         lines.append(f"          {stats.malformed} lines are not audit records (lines {where} ...)")
     if usage.unknown_grants:
         names = ", ".join(f"{g} x{n}" for g, n in usage.unknown_grants.most_common(5))
-        lines.append(f"          allowed by grants not in the resources: {names}")
+        lines.append(f"          allowed by grants not reviewed (absent or not --service): {names}")
     lines.append(f"reviewed: {fmt_time(review.settings.at)}")
     for service in review.services:
         grants = [g for g in review.grants if g.service == service]
