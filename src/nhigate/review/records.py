@@ -17,7 +17,11 @@ from typing import Any, BinaryIO, NamedTuple, cast
 
 import orjson
 
+from nhigate.policy.paths import is_canonical_path
+
 GZIP_MAGIC = b"\x1f\x8b"
+POLICY_ALLOWED_DENIALS = frozenset({"rate_limited"})
+"""Denials of requests the policy allowed (a grant matched): they count as use of the grant."""
 MALFORMED_EXAMPLES = 5
 """How many malformed line numbers a `ReadStats` keeps, to point at them."""
 
@@ -112,6 +116,10 @@ def parse_record(line: bytes, clock: _Clock) -> AuditRecord | None:
             _STRINGS
         ):
             return None
+        if (decision == "allow" or reason in POLICY_ALLOWED_DENIALS) and not is_canonical_path(
+            path
+        ):
+            return None  # the proxy only allows canonical paths: a forged or corrupt line
         return AuditRecord(
             clock.epoch(raw["time"]),
             decision,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nhigate.policy import Grant, PathPattern
-from nhigate.review.records import AuditRecord
+from nhigate.review.records import POLICY_ALLOWED_DENIALS, AuditRecord
 from nhigate.review.shapes import PathShapes
 
 MAX_IDENTITIES = 256
@@ -28,9 +28,6 @@ MAX_UNKNOWN_GRANTS = 256
 MAX_BUCKETS = 240
 MAX_CACHED_REQUESTS = 4096
 FIRST_BUCKET_SECONDS = 60.0
-
-POLICY_ALLOWED_DENIALS = frozenset({"rate_limited"})
-"""Denials of requests the policy allowed (a grant matched): they count as use of the grant."""
 
 IdentityKey = tuple[str | None, str | None, str | None]
 """(issuer, subject, kind) as the audit names a caller; all None when it did not authenticate."""
