@@ -196,7 +196,7 @@ def lifetime_findings(grant: RouteGrant, settings: ReviewSettings) -> list[Findi
             )
         ]
     start = spec.not_before.timestamp() if spec.not_before is not None else settings.at
-    window = expires - max(start, 0.0)
+    window = expires - start
     if window > settings.max_window:
         return [
             Finding(
