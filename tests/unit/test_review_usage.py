@@ -35,7 +35,7 @@ def test_distinct_requests_callers_and_grants_stay_bounded() -> None:
         builder.add(_record(n, "allow", f"/v1/{word}/{n}", "ns/g", f"caller-{n}"))
         builder.add(_record(n, "allow", "/v1/x", f"ns/other-{n}", "caller-0"))
         prober = f"stranger-{n}" if n % 2 else "prober"
-        builder.add(_record(n, "deny", f"/secret/{n}", None, prober))
+        builder.add(_record(n, "deny", f"/secret/{word}", None, prober))
     usage = builder.usage
     grant = usage.grants["ns/g"]
     assert grant.requests == count

@@ -32,6 +32,11 @@ _IDENTIFIER = re.compile(
 )
 
 
+def shape_of(path: str) -> str:
+    """`path` with each identifier segment written `*`: /v1/payments/42 -> /v1/payments/*."""
+    return "/".join(WILDCARD if is_identifier(s) else s for s in path.split("/"))
+
+
 class _Node:
     __slots__ = ("children", "terminal")
 

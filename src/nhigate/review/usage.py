@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from nhigate.policy import Grant, PathPattern
 from nhigate.review.records import POLICY_ALLOWED_DENIALS, AuditRecord
-from nhigate.review.shapes import PathShapes
+from nhigate.review.shapes import PathShapes, shape_of
 
 MAX_IDENTITIES = 256
 MAX_DENIED_IDENTITIES = 4096
@@ -128,7 +128,7 @@ class DeniedCaller:
     last_denied: float | None = None
     reasons: Counter[str] = field(default_factory=Counter)
     tried: Counter[tuple[str, str]] = field(default_factory=Counter)
-    """(method, path) -> count, for the first `MAX_TRIED` distinct requests."""
+    """(method, path with ids as `*`) -> count, for the first `MAX_TRIED` distinct ones."""
     other_tried: int = 0
     grants: Counter[str] = field(default_factory=Counter)
     """Grants named by the denials (expired, not yet valid, tenant mismatch)."""
@@ -236,7 +236,7 @@ class UsageBuilder:
         if caller.last_denied is None or record.time > caller.last_denied:
             caller.last_denied = record.time
         caller.reasons[record.reason] += 1
-        tried = (record.method, record.path)
+        tried = (record.method, shape_of(record.path))
         if tried in caller.tried or len(caller.tried) < MAX_TRIED:
             caller.tried[tried] += 1
         else:
