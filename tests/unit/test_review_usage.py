@@ -60,3 +60,26 @@ def test_the_time_series_widens_its_buckets_and_keeps_every_request() -> None:
     assert sum(c for _, c in series.points()) == 10_000
     assert len(series.counts) <= MAX_BUCKETS
     assert series.width > 60.0
+
+
+def test_paths_differing_only_in_ids_share_one_attribution() -> None:
+    builder = UsageBuilder([GRANT])
+    for n in range(100):
+        builder.add(_record(n, "allow", f"/v1/orders/{n}", "ns/g", "caller-0"))
+    assert ("ns/g", "GET", "/v1/orders/*") in builder._cache
+    assert len(builder._cache) == 1  # one entry for the shape, not one per path
+    assert builder.usage.grants["ns/g"].rules[0].requests == 100
+
+
+def test_a_grant_naming_an_id_is_attributed_path_by_path() -> None:
+    # /v1/7 and /v1/42 have one shape, but only /v1/42 is rule 1's: no shape cache here.
+    grant = Grant(
+        name="ns/ids",
+        subjects=(TokenSubject("idp", "caller-0"),),
+        rules=(Rule(frozenset({"GET"}), ("/v1/42",)), Rule(frozenset({"GET"}), ("/v1/*",))),
+    )
+    builder = UsageBuilder([grant])
+    builder.add(_record(1, "allow", "/v1/7", "ns/ids", "caller-0"))
+    builder.add(_record(2, "allow", "/v1/42", "ns/ids", "caller-0"))
+    rules = builder.usage.grants["ns/ids"].rules
+    assert [r.requests for r in rules] == [1, 1]

@@ -59,8 +59,13 @@ def _count(node: _Node) -> int:
     return 1 + sum(_count(c) for c in node.children.values())
 
 
+_IDENTIFIER_START = frozenset("0123456789abcdefABCDEF")
+
+
 def is_identifier(segment: str) -> bool:
     """True for segments that name one object (ids, UUIDs, hashes) rather than a route."""
+    if not segment or segment[0] not in _IDENTIFIER_START:
+        return False  # the common route name ("v1", "orders"), without the regex
     return _IDENTIFIER.fullmatch(segment) is not None
 
 

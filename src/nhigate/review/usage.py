@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from nhigate.policy import Grant, PathPattern
 from nhigate.review.records import POLICY_ALLOWED_DENIALS, AuditRecord
-from nhigate.review.shapes import PathShapes, shape_of
+from nhigate.review.shapes import PathShapes, is_identifier, shape_of
 
 MAX_IDENTITIES = 256
 MAX_DENIED_IDENTITIES = 4096
@@ -97,10 +97,20 @@ class GrantUsage:
     not judged unused)."""
     series: TimeSeries = field(default_factory=TimeSeries)
 
+    by_shape: bool = False
+    """Paths that differ only in identifier segments are attributed alike (see `shape_of`):
+    true when no path pattern of the grant names an identifier literally, since then a
+    pattern matches a path exactly when it matches its shape, and `PathShapes` records both
+    the same way."""
+
     @classmethod
     def of(cls, grant: Grant) -> GrantUsage:
         patterns = [[PathPattern.compile(p) for p in rule.paths] for rule in grant.rules]
-        return cls(grant=grant, patterns=patterns, rules=[RuleUsage() for _ in grant.rules])
+        by_shape = not any(
+            is_identifier(segment) for rule in patterns for p in rule for segment in p.segments
+        )
+        rules = [RuleUsage() for _ in grant.rules]
+        return cls(grant=grant, patterns=patterns, rules=rules, by_shape=by_shape)
 
     def _attribute(self, method: str, path: str) -> tuple[RuleUsage, PathShapes | None] | None:
         segments = path[1:].split("/")
@@ -204,16 +214,21 @@ class UsageBuilder:
         if record.mcp:
             grant.mcp_requests += 1
             return
-        method = record.method
-        request = (grant.grant.name, method, record.path)
+        method, path = record.method, record.path
         cache = self._cache
+        request = (grant.grant.name, method, path)
         if request in cache:
             hit = cache[request]
         else:
-            hit = grant._attribute(method, record.path)
-            if len(cache) >= MAX_CACHED_REQUESTS:
-                cache.clear()
-            cache[request] = hit
+            if grant.by_shape:
+                request = (grant.grant.name, method, shape_of(path))
+            if request in cache:
+                hit = cache[request]
+            else:
+                hit = grant._attribute(method, path)
+                if len(cache) >= MAX_CACHED_REQUESTS:
+                    cache.clear()
+                cache[request] = hit
         if hit is None:
             grant.unmatched += 1
             return
