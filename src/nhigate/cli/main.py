@@ -15,6 +15,7 @@ COMMAND_MODULES: dict[str, str] = {
     "who-can": "nhigate.cli.explain",
     "proxy": "nhigate.cli.proxy",
     "controller": "nhigate.cli.controller",
+    "access-review": "nhigate.cli.review",
 }
 
 
