@@ -84,6 +84,7 @@ __all__ = [
     "TenantSpec",
     "TokenSubjectSpec",
     "UpstreamCredentialSpec",
+    "WebSocketSpec",
     "parse_duration",
 ]
 
@@ -821,6 +822,16 @@ class McpSpec(SpecModel):
     )
 
 
+class WebSocketSpec(SpecModel):
+    """Which paths of the backend accept WebSocket connections (docs/proxy.md#websocket)."""
+
+    paths: Annotated[list[PathPatternText], _set_list(32, 1), _Unique] = Field(
+        description="Path patterns (the RouteGrant grammar) where the proxy relays a WebSocket "
+        "upgrade; a connection still needs a grant for GET on its path. Upgrades anywhere "
+        "else are refused with 400 upgrade_rejected."
+    )
+
+
 class OverrideHandling(StrEnum):
     """What the proxy does with a request that asks the backend for another method or path."""
 
@@ -883,6 +894,11 @@ class ProtectedServiceSpec(SpecModel):
         default=None,
         description="Requests naming another method or path for the backend are refused "
         "unless this says the backend honours them (then both must be granted).",
+    )
+    websocket: WebSocketSpec | None = Field(
+        default=None,
+        description="WebSocket endpoints. Absent: every upgrade request is refused "
+        "(docs/proxy.md#websocket).",
     )
 
 
