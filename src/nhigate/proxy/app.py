@@ -94,6 +94,18 @@ from nhigate.proxy.overrides import (
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
 from nhigate.proxy.settings import ProxySettings
+from nhigate.proxy.websocket import (
+    RECHECK_INTERVAL,
+    ClientSide,
+    Tunnel,
+    Tunnels,
+    UpgradeRefusedError,
+    connect_backend,
+    declared_path,
+    handshake_key,
+    switched,
+    token_expiry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +120,7 @@ REJECTED_METHODS = frozenset({"CONNECT", "TRACE"})
 STATUS_FOR: dict[Reason, int] = {
     Reason.REQUEST_REJECTED: 400,
     Reason.OVERRIDE_REJECTED: 400,
+    Reason.UPGRADE_REJECTED: 400,
     Reason.PATH_REJECTED: 400,
     Reason.NO_POLICY: 503,
     Reason.CREDENTIAL_MISSING: 401,
@@ -263,6 +276,9 @@ class ProxyState:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     credential: UpstreamCredentialFile | None = None
     mcp_sessions: SessionBindings = field(default_factory=SessionBindings)
+    tunnels: Tunnels = field(default_factory=Tunnels)
+    """Open WebSocket connections, re-checked on every policy swap and timer tick."""
+    upstream_ssl: ssl.SSLContext | None = None
 
     @property
     def ready(self) -> bool:
@@ -348,6 +364,9 @@ class ProxyHandler:
         overrides = find_overrides(request.headers.items(), query)
         if overrides:
             ex.override = self._override(service, overrides)
+        websocket_key: str | None = None
+        if "Upgrade" in request.headers:
+            websocket_key = self._upgrade(request, ex, service, path)
         if service.mcp_endpoints:
             endpoint = mcp_endpoint_of(service, path)
             if endpoint is not None:  # decided per JSON-RPC message, never by path rules
@@ -359,6 +378,8 @@ class ProxyHandler:
             self._authorise_override(policy, ex, identity, path)
         if decision.rate_limit is not None or service.rate_limit is not None:
             self._rate_limit(service, identity, decision)
+        if websocket_key is not None:
+            return await self._websocket(request, ex, policy, path, query, websocket_key)
         return await self._forward(request, ex, policy, path, query)
 
     # -- stages ----------------------------------------------------------------------------
@@ -534,6 +555,23 @@ class ProxyHandler:
             detail = f"override {override_method} {override_path[:200]} not granted"
             raise DenyError(decision.reason, detail)
 
+    def _upgrade(
+        self, request: web.Request, ex: _Exchange, service: ServiceConfig, path: str
+    ) -> str:
+        """The `Sec-WebSocket-Key` of an upgrade the proxy relays; any other upgrade request
+        is refused (`websocket.py`)."""
+        try:
+            key = handshake_key(request.method, request.version == HttpVersion11, request.headers)
+        except UpgradeRefusedError as exc:
+            raise DenyError(Reason.UPGRADE_REJECTED, str(exc)) from None
+        if not declared_path(service.websocket_paths, path):
+            raise DenyError(Reason.UPGRADE_REJECTED, "path is not a declared WebSocket path")
+        if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
+            raise DenyError(Reason.UPGRADE_REJECTED, "WebSocket on an MCP endpoint")
+        if ex.override is not None:
+            raise DenyError(Reason.UPGRADE_REJECTED, "override on a WebSocket handshake")
+        return key
+
     def _rate_limit(self, service: ServiceConfig, identity: Identity, decision: Decision) -> None:
         limit = decision.rate_limit or service.rate_limit
         if limit is None:
@@ -632,6 +670,96 @@ class ProxyHandler:
         if upstream.body is not None and ex.method != "HEAD":
             return self._respond_buffered(ex, upstream, upstream.body)
         return await self._respond(request, ex, upstream)
+
+    async def _websocket(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        policy: Policy,
+        path: str,
+        query: str,
+        key: str,
+    ) -> web.StreamResponse:
+        """Forward an authorised handshake; relay bytes only once the backend switched."""
+        state = self.state
+        identity = ex.identity
+        decision = ex.decision
+        assert identity is not None
+        assert decision is not None
+        headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
+        headers.append(("Connection", "Upgrade"))
+        headers.append(("Upgrade", "websocket"))
+        try:
+            head = serialise_head("GET", path + query, headers)
+        except UnsafeHeadError as exc:
+            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
+        settings = state.settings
+        upstream = settings.upstream
+        try:
+            backend = await connect_backend(
+                upstream.host, upstream.port, state.upstream_ssl, settings.connect_timeout
+            )
+            assert backend.transport is not None
+            backend.transport.write(head)
+            answer = await backend.answer(settings.upstream_timeout)
+        except UpstreamTimeoutError as exc:
+            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
+        except UpstreamUnavailableError as exc:
+            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
+        if not switched(answer.status, answer.headers, key):
+            backend.close()  # whatever the backend sends next is never relayed
+            if answer.status == 101:
+                detail = "backend switched protocols without completing the WebSocket handshake"
+                raise DenyError(Reason.UPSTREAM_UNAVAILABLE, detail)
+            response = web.Response(
+                status=answer.status,
+                body=answer.tail,
+                headers=filter_response_headers(answer.headers),
+            )
+            self._audit_allowed(ex, answer.status, "upgrade declined by the backend")
+            return response
+        transport = request.transport
+        if transport is None:
+            backend.close()
+            raise DenyError(Reason.REQUEST_REJECTED, "client went away during the handshake")
+        switch = web.StreamResponse(status=101, headers=filter_response_headers(answer.headers))
+        switch.headers["Upgrade"] = "websocket"
+        switch.headers["Connection"] = "Upgrade"
+        await switch.prepare(request)
+        tunnel = Tunnel(
+            transport,
+            backend,
+            identity=identity,
+            path=path,
+            tenant=ex.tenant,
+            token_expiry=token_expiry(identity),
+        )
+        state.tunnels.open.add(tunnel)
+        self._record(ex, "allow", Reason.ALLOWED, decision.grant, 101, None, {"event": "open"})
+        try:
+            request.protocol.set_parser(ClientSide(tunnel))  # type: ignore[arg-type]
+            if answer.tail:
+                tunnel.from_backend(answer.tail)
+            while await tunnel.wait():  # True: the caller's socket is full
+                await request.writer.drain()
+                tunnel.resume_backend()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+        finally:
+            tunnel.end("client")  # no-op when it already ended
+            state.tunnels.open.discard(tunnel)
+            self._record_close(ex, tunnel, decision.grant)
+        return switch
+
+    def _record_close(self, ex: _Exchange, tunnel: Tunnel, grant: str | None) -> None:
+        """The record of a WebSocket's end: duration, bytes each way, who ended it and why."""
+        websocket = {
+            "event": "close",
+            "closed_by": tunnel.closed_by,
+            "bytes_from_client": tunnel.bytes_from_client,
+            "bytes_to_client": tunnel.bytes_to_client,
+        }
+        self._record(ex, "close", tunnel.reason, grant, 101, tunnel.detail, websocket)
 
     def _upstream_headers(
         self,
@@ -788,6 +916,7 @@ class ProxyHandler:
         grant: str | None,
         status: int,
         detail: str | None,
+        websocket: dict[str, Any] | None = None,
     ) -> None:
         elapsed = time.perf_counter() - ex.started
         state = self.state
@@ -809,9 +938,11 @@ class ProxyHandler:
                 detail,
                 ex.tenant,
                 mcp=ex.mcp,
+                websocket=websocket,
             )
         )
-        state.metrics.observe_request(decision, reason.value, grant, elapsed)
+        if decision != "close":  # the connection was counted when it opened
+            state.metrics.observe_request(decision, reason.value, grant, elapsed)
 
 
 PIPELINE: web.AppKey[ProxyHandler] = web.AppKey("nhigate_proxy_pipeline", ProxyHandler)
@@ -943,6 +1074,7 @@ def create_app(
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
+    app.cleanup_ctx.append(_websocket_ctx)
     setup_pipeline(app, ProxyHandler(state, answers_expect=False))
     return app
 
@@ -1057,8 +1189,33 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.upstream_timeout,
     )
+    state.upstream_ssl = ssl_context
     yield
     await state.pool.close()
+
+
+async def _websocket_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Re-check open WebSockets on every policy swap and every `RECHECK_INTERVAL` (grant and
+    token expiry); on shutdown, close them with 1001 before aiohttp waits for handlers."""
+    state = app[STATE]
+    tunnels = state.tunnels
+    state.holder.subscribe(lambda policy: tunnels.recheck(policy, state.clock()))
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(RECHECK_INTERVAL)
+            tunnels.recheck(state.holder.current, state.clock())
+
+    async def on_shutdown(app: web.Application) -> None:
+        tunnels.shut_all()
+
+    app.on_shutdown.append(on_shutdown)
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        tunnels.shut_all()
 
 
 def _authn_ctx(
