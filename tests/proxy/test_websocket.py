@@ -35,6 +35,8 @@ async def echo(request: web.Request) -> web.StreamResponse:
     """Echo text and binary messages; `close <code>` closes with that code."""
     ws = web.WebSocketResponse(max_msg_size=0)
     await ws.prepare(request)
+    if request.path == "/rooms/greeting/ws":
+        await ws.send_str("welcome")  # sent at once, before the caller says anything
     async for msg in ws:
         if msg.type is WSMsgType.TEXT:
             if msg.data.startswith("close "):
@@ -152,6 +154,16 @@ async def test_the_upgrade_request_carries_the_proxys_headers_not_the_callers(
     assert ws_upstream.last_header("X-Forwarded-For") == ["127.0.0.1"]
     assert ws_upstream.last_header("Upgrade") == ["websocket"]
     assert len(ws_upstream.last_header("Sec-WebSocket-Key")) == 1
+
+
+async def test_what_the_backend_sends_right_after_its_101_reaches_the_caller(
+    wsproxy: Any,
+) -> None:
+    ws = await _connect(wsproxy, "/rooms/greeting/ws")
+    assert (await ws.receive(timeout=5)).data == "welcome"
+    await ws.send_str("and back")
+    assert (await ws.receive(timeout=5)).data == "and back"
+    await ws.close()
 
 
 # -- policy changes close open connections -----------------------------------------------------

@@ -713,7 +713,7 @@ class ProxyHandler:
                 raise DenyError(Reason.UPSTREAM_UNAVAILABLE, detail)
             response = web.Response(
                 status=answer.status,
-                body=answer.tail,
+                body=answer.body,
                 headers=filter_response_headers(answer.headers),
             )
             self._audit_allowed(ex, answer.status, "upgrade declined by the backend")
@@ -725,7 +725,11 @@ class ProxyHandler:
         switch = web.StreamResponse(status=101, headers=filter_response_headers(answer.headers))
         switch.headers["Upgrade"] = "websocket"
         switch.headers["Connection"] = "Upgrade"
-        await switch.prepare(request)
+        try:
+            await switch.prepare(request)
+        except BaseException:
+            backend.close()
+            raise
         tunnel = Tunnel(
             transport,
             backend,
@@ -738,8 +742,6 @@ class ProxyHandler:
         self._record(ex, "allow", Reason.ALLOWED, decision.grant, 101, None, {"event": "open"})
         try:
             request.protocol.set_parser(ClientSide(tunnel))  # type: ignore[arg-type]
-            if answer.tail:
-                tunnel.from_backend(answer.tail)
             while await tunnel.wait():  # True: the caller's socket is full
                 await request.writer.drain()
                 tunnel.resume_backend()
@@ -759,6 +761,7 @@ class ProxyHandler:
             "bytes_from_client": tunnel.bytes_from_client,
             "bytes_to_client": tunnel.bytes_to_client,
         }
+        ex.now = self.state.clock()  # the record's time is the close; duration_ms the whole
         self._record(ex, "close", tunnel.reason, grant, 101, tunnel.detail, websocket)
 
     def _upstream_headers(

@@ -191,9 +191,8 @@ class BackendAnswer:
 
     status: int
     headers: list[tuple[bytes, bytes]]
-    tail: bytes
-    """For 101: bytes the backend sent after the head (already the new protocol).
-    Otherwise: the whole response body."""
+    body: bytes
+    """The whole response body of a non-101 answer (bytes after a 101 are `Backend.early`)."""
 
 
 class _Head:
@@ -247,6 +246,8 @@ class Backend(asyncio.Protocol):
         self._head_bytes = 0
         self.tunnel: Tunnel | None = None
         self.closed = False
+        self.early: list[bytes] = []
+        """Bytes after a 101 that arrived before the tunnel was attached (relayed first)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -257,14 +258,22 @@ class Backend(asyncio.Protocol):
             tunnel.from_backend(data)
             return
         if self._answer is not None:
-            return  # bytes after a non-101 answer: never relayed, the connection is closed
+            # After a 101: the new protocol, held until the tunnel is attached. After any
+            # other answer: never relayed (the connection is being closed).
+            if self._answer.status == 101 and self.transport is not None:
+                self.early.append(data)
+                if sum(map(len, self.early)) > HIGH_WATER:
+                    self.transport.pause_reading()
+            return
         self._head_bytes += len(data)
         head = self._head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
-            self._settle(BackendAnswer(head.status, head.headers, data[offset:]))
+            if offset < len(data):
+                self.early.append(data[offset:])
+            self._settle(BackendAnswer(head.status, head.headers, b""))
             return
         except httptools.HttpParserError as exc:
             self._fail(UpstreamUnavailableError(f"malformed upstream response: {exc}"))
@@ -402,6 +411,13 @@ class Tunnel:
         self._backend_paused = False
         self._waiter: asyncio.Future[None] | None = None
         backend.tunnel = self
+        early, backend.early = backend.early, []
+        for data in early:  # what the backend sent right after its 101, in order
+            self.from_backend(data)
+        if early:
+            self._backend_transport.resume_reading()
+        if backend.closed:  # it already went away: the caller gets what it sent, then the close
+            self.end("backend")
 
     # -- bytes -----------------------------------------------------------------------------
 
