@@ -19,8 +19,11 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from nhigate.policy import Revocation, ServiceConfig
+from nhigate.proxy.app import STATE
 
 LARGE = 4 * 1024 * 1024 + 17
+FLOOD_MESSAGES = 400
+FLOOD_SIZE = 64 * 1024
 
 WS_SERVICE = ServiceConfig(
     namespace="payments",
@@ -37,6 +40,18 @@ async def echo(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     if request.path == "/rooms/greeting/ws":
         await ws.send_str("welcome")  # sent at once, before the caller says anything
+    if request.path == "/rooms/deaf/ws":
+        await asyncio.sleep(1.5)  # reads nothing for a while, then counts what came
+        received = 0
+        async for msg in ws:
+            received += len(msg.data)
+            if received >= FLOOD_MESSAGES * FLOOD_SIZE:
+                await ws.send_str(f"got {received}")
+                break
+        return ws
+    if request.path == "/rooms/flood/ws":
+        for i in range(FLOOD_MESSAGES):  # as fast as the connection takes them
+            await ws.send_bytes(i.to_bytes(4, "big") * (FLOOD_SIZE // 4))
     async for msg in ws:
         if msg.type is WSMsgType.TEXT:
             if msg.data.startswith("close "):
@@ -163,6 +178,42 @@ async def test_what_the_backend_sends_right_after_its_101_reaches_the_caller(
     assert (await ws.receive(timeout=5)).data == "welcome"
     await ws.send_str("and back")
     assert (await ws.receive(timeout=5)).data == "and back"
+    await ws.close()
+
+
+async def test_a_caller_that_does_not_read_pauses_the_backend_not_the_proxys_memory(
+    wsproxy: Any,
+) -> None:
+    ws = await _connect(wsproxy, "/rooms/flood/ws")
+    await asyncio.sleep(1.0)  # the backend floods 25 MiB while the caller reads nothing
+    (tunnel,) = wsproxy.app[STATE].tunnels.open
+    queued = tunnel._client.get_write_buffer_size()
+    assert queued < 1024 * 1024, queued
+    assert tunnel.bytes_to_client < FLOOD_MESSAGES * FLOOD_SIZE // 2
+    for i in range(FLOOD_MESSAGES):  # then everything arrives, in order and intact
+        msg = await ws.receive(timeout=10)
+        assert msg.data == i.to_bytes(4, "big") * (FLOOD_SIZE // 4)
+    await ws.close()
+
+
+async def test_a_backend_that_does_not_read_pauses_the_caller_not_the_proxys_memory(
+    wsproxy: Any,
+) -> None:
+    ws = await _connect(wsproxy, "/rooms/deaf/ws")
+    payload = b"\x01" * FLOOD_SIZE
+
+    async def flood() -> None:
+        for _ in range(FLOOD_MESSAGES):
+            await ws.send_bytes(payload)
+
+    sending = asyncio.create_task(flood())
+    await asyncio.sleep(1.0)
+    (tunnel,) = wsproxy.app[STATE].tunnels.open
+    queued = tunnel._backend_transport.get_write_buffer_size()
+    assert queued < 1024 * 1024, queued
+    assert tunnel.bytes_from_client < FLOOD_MESSAGES * FLOOD_SIZE // 2
+    await asyncio.wait_for(sending, 20)
+    assert (await ws.receive(timeout=20)).data == f"got {FLOOD_MESSAGES * FLOOD_SIZE}"
     await ws.close()
 
 
