@@ -263,6 +263,22 @@ async def test_grant_expiry_closes_an_open_stream_within_a_second(wsproxy: Any, 
     assert [r["reason"] for r in closed] == ["grant_expired"]
 
 
+async def test_a_stream_outlives_its_grants_expiry_when_another_grant_still_allows_it(
+    wsproxy: Any, kit: Any
+) -> None:
+    expiring = kit.grant("payments/a-ws", "ci-deployer", ("/ws",), expires_at=wsproxy.clock() + 0.5)
+    lasting = kit.grant("payments/b-ws", "ci-deployer", ("/ws",))
+    wsproxy.set_policy((expiring, lasting), service=WS_SERVICE)
+    ws = await _connect(wsproxy)
+    await asyncio.sleep(1.5)  # past the first grant's expiry and two timer ticks
+    await ws.send_str("still allowed")
+    assert (await ws.receive(timeout=2)).data == "still allowed"
+    await ws.close()
+    closed = await _wait_records(wsproxy, "close")
+    assert [r["reason"] for r in closed] == ["allowed"]
+    assert closed[0]["websocket"]["closed_by"] != "proxy"
+
+
 async def test_token_expiry_closes_an_open_stream(wsproxy: Any) -> None:
     now = int(wsproxy.clock())
     ws = await _connect(wsproxy, headers=wsproxy.auth(exp=now + 2))

@@ -738,7 +738,7 @@ class ProxyHandler:
             tenant=ex.tenant,
             token_expiry=token_expiry(identity),
         )
-        state.tunnels.open.add(tunnel)
+        state.tunnels.add(tunnel, policy, ex.now)
         self._record(ex, "allow", Reason.ALLOWED, decision.grant, 101, None, {"event": "open"})
         try:
             request.protocol.set_parser(ClientSide(tunnel))  # type: ignore[arg-type]
@@ -1198,8 +1198,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _websocket_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Re-check open WebSockets on every policy swap and every `RECHECK_INTERVAL` (grant and
-    token expiry); on shutdown, close them with 1001 before aiohttp waits for handlers."""
+    """Re-check open WebSockets on every policy swap, and every `RECHECK_INTERVAL` those whose
+    grant or token expiry has come; on shutdown, close them with 1001 before aiohttp waits
+    for handlers."""
     state = app[STATE]
     tunnels = state.tunnels
     state.holder.subscribe(lambda policy: tunnels.recheck(policy, state.clock()))
@@ -1207,7 +1208,7 @@ async def _websocket_ctx(app: web.Application) -> AsyncIterator[None]:
     async def tick() -> None:
         while True:
             await asyncio.sleep(RECHECK_INTERVAL)
-            tunnels.recheck(state.holder.current, state.clock())
+            tunnels.recheck(state.holder.current, state.clock(), due_only=True)
 
     async def on_shutdown(app: web.Application) -> None:
         tunnels.shut_all()

@@ -26,8 +26,7 @@ import base64
 import binascii
 import hashlib
 import ssl
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -400,7 +399,9 @@ class Tunnel:
         self.path = path
         self.tenant = tenant
         self.token_expiry = token_expiry
-        self.opened = time.perf_counter()
+        self.deadline = token_expiry
+        """When the clock alone could end this connection (its token's `exp` or the `expiresAt`
+        of the grant that allows it): the timer re-decides it then, not before."""
         self.bytes_from_client = 0
         self.bytes_to_client = 0
         self.closed_by: str | None = None
@@ -491,14 +492,24 @@ class Tunnel:
             self._client.write(close_frame(code, reason.value))
         self.end("proxy")
 
-    def problem(self, policy: Policy, patterns: tuple[str, ...], now: float) -> Reason | None:
-        """Why the policy no longer allows this connection at `now` (None: it still does)."""
+    def problem(
+        self, policy: Policy, expiries: Mapping[str, float | None], now: float
+    ) -> Reason | None:
+        """Why the policy no longer allows this connection at `now` (None: it still does, and
+        `deadline` is set to when the clock could change that). `expiries`: `expiresAt` per
+        grant name."""
         if self.token_expiry is not None and now >= self.token_expiry:
             return Reason.TOKEN_EXPIRED
-        if not declared_path(patterns, self.path):
+        if not declared_path(policy.document.service.websocket_paths, self.path):
             return Reason.UPGRADE_REJECTED
         decision = decide_request(policy, self.identity, "GET", self.path, now, self.tenant)
-        return None if decision.allowed else decision.reason
+        if not decision.allowed:
+            return decision.reason
+        # Nothing else in a policy turns an allow into a deny as time passes: revocations
+        # only end, grants that are not yet valid only begin.
+        ends = [t for t in (self.token_expiry, expiries.get(decision.grant or "")) if t is not None]
+        self.deadline = min(ends) if ends else None
+        return None
 
 
 class Tunnels:
@@ -506,19 +517,32 @@ class Tunnels:
 
     def __init__(self) -> None:
         self.open: set[Tunnel] = set()
+        self._expiries: tuple[Policy | None, dict[str, float | None]] = (None, {})
 
-    def recheck(self, policy: Policy | None, now: float) -> None:
-        """Close every connection the policy (or the clock) no longer allows."""
+    def add(self, tunnel: Tunnel, policy: Policy, now: float) -> None:
+        """Track an opened connection (its handshake was just allowed under `policy`)."""
+        self.open.add(tunnel)
+        tunnel.problem(policy, self._expiries_of(policy), now)  # sets its deadline
+
+    def recheck(self, policy: Policy | None, now: float, *, due_only: bool = False) -> None:
+        """Close every connection the policy (or the clock) no longer allows. `due_only` (the
+        timer): re-decide only connections whose deadline has passed."""
         if not self.open:
             return
+        expiries = self._expiries_of(policy) if policy is not None else {}
         for tunnel in list(self.open):
-            reason = (
-                Reason.NO_POLICY
-                if policy is None
-                else tunnel.problem(policy, policy.document.service.websocket_paths, now)
-            )
+            if due_only and (tunnel.deadline is None or now < tunnel.deadline):
+                continue
+            reason = Reason.NO_POLICY if policy is None else tunnel.problem(policy, expiries, now)
             if reason is not None:
                 tunnel.shut(reason, CLOSE_POLICY, "the policy no longer allows this connection")
+
+    def _expiries_of(self, policy: Policy) -> dict[str, float | None]:
+        cached_for, expiries = self._expiries
+        if cached_for is not policy:
+            expiries = {grant.name: grant.expires_at for grant in policy.grants}
+            self._expiries = (policy, expiries)
+        return expiries
 
     def shut_all(self) -> None:
         """Shutdown: every connection gets 1001 going away."""
