@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from prometheus_client import generate_latest
 
 from nhigate.policy import Revocation, ServiceConfig
 from nhigate.proxy.app import STATE
@@ -114,6 +115,7 @@ async def _wait_records(proxy: Any, event: str, count: int = 1) -> list[dict[str
 
 async def test_text_binary_large_ping_and_close_code_cross_the_proxy(wsproxy: Any) -> None:
     ws = await _connect(wsproxy)
+    assert _metric(wsproxy, "nhigate_proxy_websocket_connections ") == 1
     await ws.send_str("hello")
     assert (await ws.receive()).data == "hello"
     await ws.send_bytes(b"\x00\xff" * 10)
@@ -146,6 +148,9 @@ async def test_text_binary_large_ping_and_close_code_cross_the_proxy(wsproxy: An
     assert record["websocket"]["bytes_from_client"] > LARGE
     assert record["websocket"]["bytes_to_client"] > LARGE
     assert record["duration_ms"] > 0
+    from_client = 'nhigate_proxy_websocket_bytes_total{direction="from_client"}'
+    assert _metric(wsproxy, from_client) == record["websocket"]["bytes_from_client"]
+    assert _metric(wsproxy, "nhigate_proxy_websocket_connections ") == 0
 
 
 async def test_the_upgrade_request_carries_the_proxys_headers_not_the_callers(
@@ -220,6 +225,15 @@ async def test_a_backend_that_does_not_read_pauses_the_caller_not_the_proxys_mem
 # -- policy changes close open connections -----------------------------------------------------
 
 
+def _metric(proxy: Any, line_start: str) -> float:
+    text = generate_latest(proxy.metrics.registry).decode()
+    values = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)
+    ]
+    assert len(values) == 1, (line_start, text)
+    return values[0]
+
+
 async def _assert_closed_by_policy(wsproxy: Any, ws: Any, started: float, reason: str) -> None:
     msg = await _closed_within(ws, 1.5)
     elapsed = time.monotonic() - started
@@ -229,6 +243,13 @@ async def _assert_closed_by_policy(wsproxy: Any, ws: Any, started: float, reason
     closed = await _wait_records(wsproxy, "close")
     assert [(r["reason"], r["websocket"]["closed_by"]) for r in closed] == [(reason, "proxy")]
     assert closed[0]["identity"]["subject"] == "ci-deployer"
+    assert (
+        _metric(
+            wsproxy, f'nhigate_proxy_websocket_closed_total{{closed_by="proxy",reason="{reason}"}}'
+        )
+        == 1
+    )
+    assert _metric(wsproxy, "nhigate_proxy_websocket_connections ") == 0
 
 
 async def test_a_revocation_closes_an_open_stream_at_once(wsproxy: Any, kit: Any) -> None:

@@ -739,6 +739,7 @@ class ProxyHandler:
             token_expiry=token_expiry(identity),
         )
         state.tunnels.add(tunnel, policy, ex.now)
+        state.metrics.websocket_open.inc()
         self._record(ex, "allow", Reason.ALLOWED, decision.grant, 101, None, {"event": "open"})
         try:
             request.protocol.set_parser(ClientSide(tunnel))  # type: ignore[arg-type]
@@ -751,6 +752,11 @@ class ProxyHandler:
             tunnel.end("client")  # no-op when it already ended
             state.tunnels.open.discard(tunnel)
             self._record_close(ex, tunnel, decision.grant)
+            metrics = state.metrics
+            metrics.websocket_open.dec()
+            metrics.websocket_closed.labels(tunnel.closed_by, tunnel.reason.value).inc()
+            metrics.websocket_bytes.labels("from_client").inc(tunnel.bytes_from_client)
+            metrics.websocket_bytes.labels("to_client").inc(tunnel.bytes_to_client)
         return switch
 
     def _record_close(self, ex: _Exchange, tunnel: Tunnel, grant: str | None) -> None:
