@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
+import ipaddress
 import os
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client import generate_latest
 
 from nhigate.policy import Revocation, ServiceConfig
@@ -220,6 +228,69 @@ async def test_a_backend_that_does_not_read_pauses_the_caller_not_the_proxys_mem
     await asyncio.wait_for(sending, 20)
     assert (await ws.receive(timeout=20)).data == f"got {FLOOD_MESSAGES * FLOOD_SIZE}"
     await ws.close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_wss_through_the_proxys_tls_listener(
+    kit: Any, ws_upstream: Any, signing_key: Any, tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    proxy, runner = await kit.start_proxy(
+        ws_upstream.url, key=signing_key, upstream=ws_upstream, tls_cert=cert, tls_key=key
+    )
+    try:
+        proxy.set_policy(_grants(kit), service=WS_SERVICE)
+        server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ssl.load_cert_chain(str(cert), str(key))
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client_ssl = ssl.create_default_context(cafile=str(cert))
+        ws = await proxy.session.ws_connect(
+            f"wss://127.0.0.1:{port}/ws", headers=proxy.auth(), ssl=client_ssl, max_msg_size=0
+        )
+        big = os.urandom(LARGE)
+        await ws.send_bytes(big)
+        assert (await ws.receive(timeout=20)).data == big
+        await ws.send_str("over TLS")
+        assert (await ws.receive()).data == "over TLS"
+        assert ws_upstream.last_header("X-Forwarded-Proto") == ["https"]
+        started = time.monotonic()
+        proxy.set_policy(kit.default_grants, service=WS_SERVICE)
+        await _assert_closed_by_policy(proxy, ws, started, "no_matching_grant")
+    finally:
+        await proxy.session.close()
+        await runner.cleanup()
 
 
 # -- policy changes close open connections -----------------------------------------------------
