@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -599,6 +600,62 @@ async def test_a_backend_that_does_not_switch_cannot_open_a_tunnel(
         records = proxy.audit_records()
         assert records[0]["status"] == status
         assert not any(r.get("websocket") for r in records)
+    finally:
+        await proxy.session.close()
+        await runner.cleanup()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_callers_that_vanish_leave_no_open_tunnel_behind(wsproxy: Any) -> None:
+    count = 30
+
+    async def vanish() -> None:
+        host, port = wsproxy.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_handshake(token=wsproxy.token()).encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        writer.transport.abort()  # no close frame, no FIN: a reset
+
+    await asyncio.gather(*(vanish() for _ in range(count)))
+    closed = await _wait_records(wsproxy, "close", count)
+    assert len(closed) == count
+    assert {r["websocket"]["closed_by"] for r in closed} <= {"client", "backend"}
+    assert wsproxy.app[STATE].tunnels.open == set()
+    assert _metric(wsproxy, "nhigate_proxy_websocket_connections ") == 0
+
+
+async def test_a_handshake_to_a_backend_that_is_down_is_502(kit: Any, signing_key: Any) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    proxy, runner = await kit.start_proxy(f"http://127.0.0.1:{dead}", key=signing_key)
+    try:
+        proxy.set_policy(_grants(kit), service=WS_SERVICE)
+        raw = await _raw(proxy.url, _handshake(token=proxy.token()).encode(), read_for=0.5)
+        assert _statuses(raw) == [502]
+        (record,) = proxy.audit_records()
+        assert (record["decision"], record["reason"]) == ("deny", "upstream_unavailable")
+    finally:
+        await proxy.session.close()
+        await runner.cleanup()
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer nothing (`_raw_backend` then reads until the proxy hangs up)."""
+
+
+async def test_a_handshake_the_backend_never_answers_is_504(kit: Any, signing_key: Any) -> None:
+    server, port, _ = await _raw_backend(_silent)
+    proxy, runner = await kit.start_proxy(
+        f"http://127.0.0.1:{port}", key=signing_key, upstream_timeout=0.5
+    )
+    try:
+        proxy.set_policy(_grants(kit), service=WS_SERVICE)
+        # The answer comes within the read window: the 0.5 s upstream timeout, not the 30 s one.
+        raw = await _raw(proxy.url, _handshake(token=proxy.token()).encode(), read_for=1.5)
+        assert _statuses(raw) == [504]
+        assert proxy.audit_records()[0]["reason"] == "upstream_timeout"
     finally:
         await proxy.session.close()
         await runner.cleanup()
