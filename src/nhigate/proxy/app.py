@@ -10,10 +10,12 @@ The pipeline, in order (one function each, `ProxyHandler.handle` reads top to bo
 5. tenant: header and claim must agree -> 403 `tenant_mismatch`;
    method/path overrides (`X-HTTP-Method-Override`, `X-Original-URL`, `?_method=`; form-body
    `_method` while the body is read in 8.) -> 400 `override_rejected` (`overrides.py`);
+   `Upgrade`: only a WebSocket handshake to a declared path -> 400 `upgrade_rejected`;
 6. `decide()` on the normalised path with the proxy's own clock (and on the override, when
    the service declares that its backend honours them) -> 403;
 7. token bucket per (identity, grant) -> 429 with `Retry-After`;
-8. forward exactly the authorised path (+ query) with filtered headers -> 413/502/504;
+8. forward exactly the authorised path (+ query) with filtered headers -> 413/502/504
+   (a WebSocket: the handshake, then bytes both ways once the backend switched, `websocket.py`);
 9. one audit line and metrics, for every outcome above.
 
 Any unexpected exception denies with 500 `internal_error` (fail closed) and is audited.
@@ -96,6 +98,8 @@ from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
 from nhigate.proxy.settings import ProxySettings
 from nhigate.proxy.websocket import (
     RECHECK_INTERVAL,
+    Backend,
+    BackendAnswer,
     ClientSide,
     Tunnel,
     Tunnels,
@@ -681,31 +685,7 @@ class ProxyHandler:
         key: str,
     ) -> web.StreamResponse:
         """Forward an authorised handshake; relay bytes only once the backend switched."""
-        state = self.state
-        identity = ex.identity
-        decision = ex.decision
-        assert identity is not None
-        assert decision is not None
-        headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
-        headers.append(("Connection", "Upgrade"))
-        headers.append(("Upgrade", "websocket"))
-        try:
-            head = serialise_head("GET", path + query, headers)
-        except UnsafeHeadError as exc:
-            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
-        settings = state.settings
-        upstream = settings.upstream
-        try:
-            backend = await connect_backend(
-                upstream.host, upstream.port, state.upstream_ssl, settings.connect_timeout
-            )
-            assert backend.transport is not None
-            backend.transport.write(head)
-            answer = await backend.answer(settings.upstream_timeout)
-        except UpstreamTimeoutError as exc:
-            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
-        except UpstreamUnavailableError as exc:
-            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
+        backend, answer = await self._handshake_upstream(request, ex, policy, path + query)
         if not switched(answer.status, answer.headers, key):
             backend.close()  # whatever the backend sends next is never relayed
             if answer.status == 101:
@@ -718,26 +698,66 @@ class ProxyHandler:
             )
             self._audit_allowed(ex, answer.status, "upgrade declined by the backend")
             return response
-        transport = request.transport
-        if transport is None:
-            backend.close()
-            raise DenyError(Reason.REQUEST_REJECTED, "client went away during the handshake")
         switch = web.StreamResponse(status=101, headers=filter_response_headers(answer.headers))
         switch.headers["Upgrade"] = "websocket"
         switch.headers["Connection"] = "Upgrade"
+        transport = request.transport
         try:
+            if transport is None:
+                raise DenyError(Reason.REQUEST_REJECTED, "client went away during the handshake")
             await switch.prepare(request)
         except BaseException:
             backend.close()
             raise
+        assert ex.identity is not None
         tunnel = Tunnel(
             transport,
             backend,
-            identity=identity,
+            identity=ex.identity,
             path=path,
             tenant=ex.tenant,
-            token_expiry=token_expiry(identity),
+            token_expiry=token_expiry(ex.identity),
         )
+        await self._relay(request, ex, policy, tunnel)
+        return switch
+
+    async def _handshake_upstream(
+        self, request: web.Request, ex: _Exchange, policy: Policy, target: str
+    ) -> tuple[Backend, BackendAnswer]:
+        """A new backend connection, the handshake written on it and the backend's answer."""
+        identity = ex.identity
+        decision = ex.decision
+        assert identity is not None
+        assert decision is not None
+        headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
+        headers.append(("Connection", "Upgrade"))
+        headers.append(("Upgrade", "websocket"))
+        try:
+            head = serialise_head("GET", target, headers)
+        except UnsafeHeadError as exc:
+            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
+        state = self.state
+        settings = state.settings
+        upstream = settings.upstream
+        try:
+            backend = await connect_backend(
+                upstream.host, upstream.port, state.upstream_ssl, settings.connect_timeout
+            )
+            assert backend.transport is not None
+            backend.transport.write(head)
+            return backend, await backend.answer(settings.upstream_timeout)
+        except UpstreamTimeoutError as exc:
+            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
+        except UpstreamUnavailableError as exc:
+            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
+
+    async def _relay(
+        self, request: web.Request, ex: _Exchange, policy: Policy, tunnel: Tunnel
+    ) -> None:
+        """Audit the open, relay until either side (or the policy) ends it, audit the close."""
+        state = self.state
+        decision = ex.decision
+        assert decision is not None
         state.tunnels.add(tunnel, policy, ex.now)
         state.metrics.websocket_open.inc()
         self._record(ex, "allow", Reason.ALLOWED, decision.grant, 101, None, {"event": "open"})
@@ -750,17 +770,12 @@ class ProxyHandler:
             pass
         finally:
             tunnel.end("client")  # no-op when it already ended
-            state.tunnels.open.discard(tunnel)
+            state.tunnels.remove(tunnel)
             self._record_close(ex, tunnel, decision.grant)
-            metrics = state.metrics
-            metrics.websocket_open.dec()
-            metrics.websocket_closed.labels(tunnel.closed_by, tunnel.reason.value).inc()
-            metrics.websocket_bytes.labels("from_client").inc(tunnel.bytes_from_client)
-            metrics.websocket_bytes.labels("to_client").inc(tunnel.bytes_to_client)
-        return switch
 
     def _record_close(self, ex: _Exchange, tunnel: Tunnel, grant: str | None) -> None:
-        """The record of a WebSocket's end: duration, bytes each way, who ended it and why."""
+        """The record of a WebSocket's end (duration, bytes each way, who ended it and why)
+        and its metrics."""
         websocket = {
             "event": "close",
             "closed_by": tunnel.closed_by,
@@ -769,6 +784,11 @@ class ProxyHandler:
         }
         ex.now = self.state.clock()  # the record's time is the close; duration_ms the whole
         self._record(ex, "close", tunnel.reason, grant, 101, tunnel.detail, websocket)
+        metrics = self.state.metrics
+        metrics.websocket_open.dec()
+        metrics.websocket_closed.labels(tunnel.closed_by, tunnel.reason.value).inc()
+        metrics.websocket_bytes.labels("from_client").inc(tunnel.bytes_from_client)
+        metrics.websocket_bytes.labels("to_client").inc(tunnel.bytes_to_client)
 
     def _upstream_headers(
         self,

@@ -15,8 +15,9 @@ side can open a tunnel the proxy has not seen the backend agree to (WebSocket sm
 Once open, the proxy relays the bytes unchanged in both directions with flow control, and
 watches the frame boundaries of the backend's stream so that it can put a close frame
 (1008 policy violation, 1001 going away) between two frames when it ends the connection
-itself: when the policy no longer allows it (`Tunnels.recheck`, on every policy swap and
-every `RECHECK_INTERVAL`) or on shutdown.
+itself: when the policy no longer allows it (`Tunnels.recheck`: every connection on each
+policy swap; on a `RECHECK_INTERVAL` timer, those whose token or grant expiry has come) or on
+shutdown.
 """
 
 from __future__ import annotations
@@ -523,6 +524,10 @@ class Tunnels:
         """Track an opened connection (its handshake was just allowed under `policy`)."""
         self.open.add(tunnel)
         tunnel.problem(policy, self._expiries_of(policy), now)  # sets its deadline
+
+    def remove(self, tunnel: Tunnel) -> None:
+        """Stop tracking a connection that ended."""
+        self.open.discard(tunnel)
 
     def recheck(self, policy: Policy | None, now: float, *, due_only: bool = False) -> None:
         """Close every connection the policy (or the clock) no longer allows. `due_only` (the
