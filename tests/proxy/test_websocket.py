@@ -477,6 +477,41 @@ async def test_every_other_upgrade_is_refused_and_audited(
     assert records[0]["identity"]["subject"] == "ci-deployer"
 
 
+async def test_a_handshake_cannot_reach_an_mcp_endpoint_or_carry_an_override(
+    wsproxy: Any, ws_upstream: Any, kit: Any
+) -> None:
+    # Even a service that declares every path for WebSocket and honours overrides.
+    service = ServiceConfig(
+        namespace="payments",
+        name="payments-api",
+        backend_service="api",
+        backend_port=8080,
+        websocket_paths=("/**",),
+        mcp_endpoints=("/mcp",),
+        authorise_method_overrides=True,
+        authorise_path_overrides=True,
+    )
+    everything = kit.grant("payments/all", "ci-deployer", ("/**",), frozenset({"*"}))
+    wsproxy.set_policy((everything,), service=service)
+    token = wsproxy.token()
+    for request in (
+        _handshake("/mcp", token=token),
+        _handshake("/MCP/x", token=token),
+        _handshake(token=token, extra="X-HTTP-Method-Override: DELETE\r\n"),
+        _handshake(token=token, extra="X-Original-URL: /admin\r\n"),
+    ):
+        raw = await _raw(wsproxy.url, request.encode(), read_for=0.3)
+        assert _statuses(raw)[:1] == [400], raw[:200]
+    records = wsproxy.audit_records()
+    assert [(r["reason"], r["detail"]) for r in records] == [
+        ("upgrade_rejected", "WebSocket on an MCP endpoint"),
+        ("upgrade_rejected", "WebSocket on an MCP endpoint"),
+        ("upgrade_rejected", "override on a WebSocket handshake"),
+        ("upgrade_rejected", "override on a WebSocket handshake"),
+    ]
+    assert ws_upstream.requests == []
+
+
 async def test_an_unauthenticated_handshake_is_401_and_never_reaches_the_backend(
     wsproxy: Any, ws_upstream: Any
 ) -> None:
