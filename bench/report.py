@@ -680,11 +680,21 @@ def _websocket_section(results: JSON) -> list[str]:
             _fmt(r.get("cpu_vs_relay"), ".2f"),
         ]
         for size, per_size in (websocket.get("results") or {}).items()
+        if size != "idle"
         for case, r in per_size.items()
     ]
     header = ["message", "case", "echoes/s", "p50 / p99 ms", "backend CPU µs/echo"]
     header += ["proxy CPU µs/message", "echoes/s vs direct", "proxy CPU vs bare relay"]
     lines += _table(header, rows)
+    idle = (websocket.get("results") or {}).get("idle")
+    if idle:
+        lines += [
+            "",
+            f"{idle['connections']:,} idle connections held open through nhigate: "
+            f"**{idle['kib_per_connection']:.1f} KiB** of proxy RSS each "
+            f"({idle['rss_before_mib']:.1f} → {idle['rss_after_mib']:.1f} MiB), "
+            f"{idle['idle_cpu_percent']:.2f}% of a core while idle.",
+        ]
     return [*lines, ""]
 
 

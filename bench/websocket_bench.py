@@ -19,6 +19,10 @@ Cases, side by side for each size:
 Reported per case: echoes/s (one echo = one message each way), p50/p99 round-trip latency,
 CPU (user + system from /proc) per echo of the backend and of the proxy, and for nhigate the
 ratios to direct. The proxy's CPU per relayed message is half its CPU per echo.
+
+Then `--idle N` connections are opened through nhigate and held: the proxy's resident memory
+(VmRSS from /proc) per open connection, and its CPU per second while they sit idle (the
+re-check timer and nothing else).
 """
 
 from __future__ import annotations
@@ -218,6 +222,39 @@ async def load(
     return len(latencies), latencies
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def idle_cost(url: str, token: str, pid: int, count: int) -> dict[str, float]:
+    """Proxy memory per open connection and CPU while `count` connections sit idle."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}"}
+    connector = aiohttp.TCPConnector(limit=0)  # the default pool stops at 100 connections
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.sleep(1.0)  # let the proxy settle after the load
+        before = rss_kib(pid)
+        sockets = [await session.ws_connect(url, headers=headers) for _ in range(count)]
+        await asyncio.sleep(1.0)
+        after = rss_kib(pid)
+        cpu_before = cpu_seconds(pid)
+        await asyncio.sleep(3.0)
+        idle_cpu = (cpu_seconds(pid) - cpu_before) / 3.0
+        for ws in sockets:
+            await ws.close()
+    return {
+        "connections": count,
+        "rss_before_mib": before / 1024,
+        "rss_after_mib": after / 1024,
+        "kib_per_connection": (after - before) / count,
+        "idle_cpu_percent": idle_cpu * 100,
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -280,6 +317,8 @@ async def cases(args: argparse.Namespace) -> dict[str, Any]:
                 / per_size["relay"]["proxy_cpu_us_per_echo"]
             )
             results[str(size)] = per_size
+        if args.idle:
+            results["idle"] = await idle_cost(targets["nhigate"][0], token, proxy.pid, args.idle)
         return results
     finally:
         for child in (proxy, relay, backend):
@@ -298,6 +337,8 @@ def table(results: dict[str, Any]) -> str:
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for size, per_size in results.items():
+        if size == "idle":
+            continue
         for name, r in per_size.items():
             relay = r.get("proxy_cpu_us_per_message")
             ratio = r.get("echoes_per_s_ratio")
@@ -330,6 +371,7 @@ def main() -> int:
     parser.add_argument(
         "--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[64, 16384]
     )
+    parser.add_argument("--idle", type=int, default=500, help="idle connections (0: skip)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -344,10 +386,20 @@ def main() -> int:
             "sizes": args.sizes,
         },
         "proxy_cpu_us_per_message_median": statistics.median(
-            per_size["nhigate"]["proxy_cpu_us_per_message"] for per_size in results.values()
+            per_size["nhigate"]["proxy_cpu_us_per_message"]
+            for size, per_size in results.items()
+            if size != "idle"
         ),
     }
     print(table(results))
+    if "idle" in results:
+        idle = results["idle"]
+        print(
+            f"{idle['connections']} idle connections through nhigate: "
+            f"{idle['kib_per_connection']:.1f} KiB RSS each "
+            f"({idle['rss_before_mib']:.1f} -> {idle['rss_after_mib']:.1f} MiB), "
+            f"{idle['idle_cpu_percent']:.2f}% CPU while idle"
+        )
     print(f"load average before {load_before}, after {report['load_average']['after']}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))

@@ -154,7 +154,14 @@ CANNED: dict[str, Any] = {
                         "direct": ws_row(9000.0, 0.5, 5.0, 30.0),
                         "relay": ws_row(5600.0, 0.5, 9.0, 36.0, relay=16.8, ratio=0.62),
                         "nhigate": ws_row(4800.0, 0.54, 9.8, 35.9, relay=15.9, ratio=0.53, vs=0.95),
-                    }
+                    },
+                    "idle": {
+                        "connections": 500,
+                        "rss_before_mib": 56.1,
+                        "rss_after_mib": 64.1,
+                        "kib_per_connection": 16.5,
+                        "idle_cpu_percent": 0.0,
+                    },
                 }
             }
         ),
@@ -311,6 +318,7 @@ def test_write_report_renders_markdown_and_every_plot(tmp_path: Path) -> None:
         "## WebSocket relay",
         "| 64 B | direct | 9,000 | 0.50 / 5.0 | 30.0 | — | — | — |",
         "| 64 B | nhigate | 4,800 | 0.54 / 9.8 | 35.9 | 15.9 | 0.53 | 0.95 |",
+        "500 idle connections held open through nhigate: **16.5 KiB** of proxy RSS each",
         "_Not measured: timeout: no result within 900 s_",
         ".venv/bin/python bench/run.py --quick",
         "# reconcile: timeout in 900 s",
