@@ -760,7 +760,7 @@ class ProxyHandler:
         assert decision is not None
         state.tunnels.add(tunnel, policy, ex.now)
         state.metrics.websocket_open.inc()
-        self._record(ex, "allow", Reason.ALLOWED, decision.grant, 101, None, {"event": "open"})
+        self._audit_allowed(ex, 101, websocket={"event": "open"})
         try:
             request.protocol.set_parser(ClientSide(tunnel))  # type: ignore[arg-type]
             while await tunnel.wait():  # True: the caller's socket is full
@@ -925,10 +925,16 @@ class ProxyHandler:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def _audit_allowed(self, ex: _Exchange, status: int, detail: str | None = None) -> None:
+    def _audit_allowed(
+        self,
+        ex: _Exchange,
+        status: int,
+        detail: str | None = None,
+        websocket: dict[str, Any] | None = None,
+    ) -> None:
         decision = ex.decision
         assert decision is not None
-        self._record(ex, "allow", Reason.ALLOWED, decision.grant, status, detail)
+        self._record(ex, "allow", Reason.ALLOWED, decision.grant, status, detail, websocket)
 
     def _deny(self, ex: _Exchange, denied: DenyError) -> web.Response:
         reason = denied.reason
