@@ -703,6 +703,47 @@ def _mcp_section(results: JSON) -> list[str]:
     return [*lines, ""]
 
 
+def _websocket_section(results: JSON) -> list[str]:
+    lines = ["## WebSocket relay", ""]
+    websocket = part(results, "websocket")
+    if not websocket:
+        return lines + _not_measured(results, "websocket")
+    lines += [
+        "aiohttp's WebSocket echo server (CPU 1) and client; `relay` is a bare uvloop TCP relay "
+        "and nhigate the proxy, both on CPU 0. One echo is one message each way; CPU from "
+        "/proc, per relayed message = half the proxy's CPU per echo.",
+        "",
+    ]
+    rows = [
+        [
+            f"{int(size):,} B",
+            case,
+            f"{r['echoes_per_s']:,.0f}",
+            f"{r['p50_ms']:.2f} / {r['p99_ms']:.1f}",
+            f"{r['backend_cpu_us_per_echo']:.1f}",
+            _fmt(r.get("proxy_cpu_us_per_message")),
+            _fmt(r.get("echoes_per_s_ratio"), ".2f"),
+            _fmt(r.get("cpu_vs_relay"), ".2f"),
+        ]
+        for size, per_size in (websocket.get("results") or {}).items()
+        if size != "idle"
+        for case, r in per_size.items()
+    ]
+    header = ["message", "case", "echoes/s", "p50 / p99 ms", "backend CPU µs/echo"]
+    header += ["proxy CPU µs/message", "echoes/s vs direct", "proxy CPU vs bare relay"]
+    lines += _table(header, rows)
+    idle = (websocket.get("results") or {}).get("idle")
+    if idle:
+        lines += [
+            "",
+            f"{idle['connections']:,} idle connections held open through nhigate: "
+            f"**{idle['kib_per_connection']:.1f} KiB** of proxy RSS each "
+            f"({idle['rss_before_mib']:.1f} → {idle['rss_after_mib']:.1f} MiB), "
+            f"{idle['idle_cpu_percent']:.2f}% of a core while idle.",
+        ]
+    return [*lines, ""]
+
+
 def _token_section(results: JSON) -> list[str]:
     lines = ["## Token verification", ""]
     token = part(results, "token")
@@ -756,6 +797,7 @@ def render_markdown(results: JSON) -> str:
     lines += _revocation_section(results)
     lines += _reconcile_section(results)
     lines += _token_section(results)
+    lines += _websocket_section(results)
     lines += _mcp_section(results)
     lines += _commands(results)
     return "\n".join(lines)

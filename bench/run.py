@@ -4,8 +4,8 @@
 
 Parts (each a separate bench/ command, run in this order, each with a hard time limit, all
 on 127.0.0.1): proxy (proxy_bench.py), decide (decide_bench.py), token (token_bench.py),
-scale (scale_bench.py), revocation (revocation_bench.py), reconcile (reconcile_bench.py),
-mcp (mcp_bench.py).
+scale (scale_bench.py), websocket (websocket_bench.py), revocation (revocation_bench.py),
+reconcile (reconcile_bench.py), mcp (mcp_bench.py).
 A part that fails or times out is recorded with its error and the run goes on. Every part's
 output is kept in OUT/logs/<part>.log and its JSON in OUT/raw/<part>.json.
 
@@ -36,7 +36,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = sys.executable
-PARTS = ("proxy", "decide", "token", "scale", "revocation", "reconcile", "mcp")
+PARTS = ("proxy", "decide", "token", "scale", "websocket", "revocation", "reconcile", "mcp")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
     if quick:
         scale += ["--grants", "10,1000,10000", "--reload-grants", "2000", "--reloads", "2"]
         scale += ["--reload-duration", "6"]
+    websocket = [PY, script("websocket_bench.py"), "--duration", duration, "--repeat", str(repeat)]
     revocation = [PY, script("revocation_bench.py"), "--trials", "10" if quick else "50"]
     reconcile = [PY, script("reconcile_bench.py"), "--grants", "200" if quick else "1000"]
     reconcile += ["--timeout", "120" if quick else "300"]
@@ -85,6 +86,12 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
         ),
         Part("token", token, 300, None),
         Part("scale", [*scale, "--json", str(raw / "scale.json")], 1200, raw / "scale.json"),
+        Part(
+            "websocket",
+            [*websocket, "--json", str(raw / "websocket.json")],
+            600,
+            raw / "websocket.json",
+        ),
         Part(
             "revocation",
             [*revocation, "--json", str(raw / "revocation.json")],

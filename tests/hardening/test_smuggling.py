@@ -356,7 +356,7 @@ CASES = [
         (),
     ),
     Case(
-        "h2c upgrade is not passed on",
+        "h2c upgrade is refused",  # only a WebSocket handshake to a declared path may upgrade
         lambda t, _: _b(
             _req(
                 "GET",
@@ -367,8 +367,22 @@ CASES = [
                 "HTTP2-Settings: AAMAAABkAAQAAP__",
             )
         ),
-        (200,),
-        reaches=(("GET", "/v1/items/1"),),
+        (400,),
+    ),
+    Case(
+        "WebSocket upgrade to an undeclared path is refused",
+        lambda t, _: _b(
+            _req(
+                "GET",
+                "/v1/items/1",
+                t,
+                "Connection: Upgrade",
+                "Upgrade: websocket",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            )
+        ),
+        (400,),
     ),
     Case(
         "Connection: names Authorization and proxy-owned headers",

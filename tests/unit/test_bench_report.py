@@ -50,6 +50,30 @@ def proxy_row(name: str, conns: int, rps: float, cpu_us: float, p99: float) -> d
     }
 
 
+def ws_row(
+    rate: float,
+    p50: float,
+    p99: float,
+    backend: float,
+    *,
+    relay: float | None = None,
+    ratio: float | None = None,
+    vs: float | None = None,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "echoes_per_s": rate,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "backend_cpu_us_per_echo": backend,
+        "proxy_cpu_us_per_echo": 2 * relay if relay is not None else 0.0,
+    }
+    if relay is not None:
+        row |= {"proxy_cpu_us_per_message": relay, "echoes_per_s_ratio": ratio}
+    if vs is not None:
+        row["cpu_vs_relay"] = vs
+    return row
+
+
 def ratio(case: str, conns: int, per_core_vs_nginx: float, added_p99: float) -> dict[str, Any]:
     return {
         "case": case,
@@ -121,6 +145,24 @@ CANNED: dict[str, Any] = {
                     {"case": "spread", "grants": n, "p50_us": 2.0, "p99_us": p99, "max_us": 50.0}
                     for n, p99 in ((10, 4.0), (1000, 6.0), (10_000, 9.5), (100_000, 30.0))
                 ]
+            }
+        ),
+        "websocket": ok(
+            {
+                "results": {
+                    "64": {
+                        "direct": ws_row(9000.0, 0.5, 5.0, 30.0),
+                        "relay": ws_row(5600.0, 0.5, 9.0, 36.0, relay=16.8, ratio=0.62),
+                        "nhigate": ws_row(4800.0, 0.54, 9.8, 35.9, relay=15.9, ratio=0.53, vs=0.95),
+                    },
+                    "idle": {
+                        "connections": 500,
+                        "rss_before_mib": 56.1,
+                        "rss_after_mib": 64.1,
+                        "kib_per_connection": 16.5,
+                        "idle_cpu_percent": 0.0,
+                    },
+                }
             }
         ),
         "token": ok(
@@ -296,6 +338,10 @@ def test_write_report_renders_markdown_and_every_plot(tmp_path: Path) -> None:
         "| ES256 | 200.0 | 2.5 |",
         "deciding the tool 18.90 µs (+15.20 µs per `tools/call`)",
         "| tools/call | 3900 | 1.60 | 3.40 | 226.0 | +6.0 |",
+        "## WebSocket relay",
+        "| 64 B | direct | 9,000 | 0.50 / 5.0 | 30.0 | — | — | — |",
+        "| 64 B | nhigate | 4,800 | 0.54 / 9.8 | 35.9 | 15.9 | 0.53 | 0.95 |",
+        "500 idle connections held open through nhigate: **16.5 KiB** of proxy RSS each",
         "_Not measured: timeout: no result within 900 s_",
         ".venv/bin/python bench/run.py --quick",
         "# reconcile: timeout in 900 s",

@@ -194,6 +194,7 @@ def compile_service(service: ProtectedService) -> ServiceConfig:
         and overrides.method is OverrideHandling.AUTHORIZE,
         authorise_path_overrides=overrides is not None
         and overrides.path is OverrideHandling.AUTHORIZE,
+        websocket_paths=tuple(spec.websocket.paths) if spec.websocket is not None else (),
     )
 
 

@@ -85,6 +85,7 @@ __all__ = [
     "TenantSpec",
     "TokenSubjectSpec",
     "UpstreamCredentialSpec",
+    "WebSocketSpec",
     "parse_duration",
 ]
 
@@ -871,6 +872,16 @@ class McpSpec(SpecModel):
     )
 
 
+class WebSocketSpec(SpecModel):
+    """Which paths of the backend accept WebSocket connections (docs/proxy.md#websocket)."""
+
+    paths: Annotated[list[PathPatternText], _set_list(32, 1), _Unique] = Field(
+        description="Path patterns (the RouteGrant grammar) where the proxy relays a WebSocket "
+        "upgrade; a connection still needs a grant for GET on its path. Upgrades anywhere "
+        "else are refused with 400 upgrade_rejected."
+    )
+
+
 class OverrideHandling(StrEnum):
     """What the proxy does with a request that asks the backend for another method or path."""
 
@@ -968,6 +979,11 @@ class ProtectedServiceSpec(SpecModel):
         default=None,
         description="Rules every RouteGrant for this service must keep: maximum duration, "
         "expiry and reason required, allowed issuers.",
+    )
+    websocket: WebSocketSpec | None = Field(
+        default=None,
+        description="WebSocket endpoints. Absent: every upgrade request is refused "
+        "(docs/proxy.md#websocket).",
     )
 
 

@@ -82,6 +82,9 @@ class ServiceConfig:
     """The backend honours method-override headers/parameters: authorise them too (else 400)."""
     authorise_path_overrides: bool = False
     """The backend honours path-override headers (`X-Original-URL`): authorise them too."""
+    websocket_paths: tuple[str, ...] = ()
+    """Canonical path patterns (the grant grammar) where a WebSocket upgrade is relayed; an
+    upgrade anywhere else is refused (docs/proxy.md#websocket)."""
 
 
 @dataclass(frozen=True, slots=True)

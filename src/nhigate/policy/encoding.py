@@ -219,6 +219,8 @@ def _service_json(svc: ServiceConfig) -> dict[str, Any]:
             "method": svc.authorise_method_overrides,
             "path": svc.authorise_path_overrides,
         }
+    if svc.websocket_paths:  # absent unless set
+        body["websocketPaths"] = list(svc.websocket_paths)
     return body
 
 
@@ -734,7 +736,9 @@ def _service(value: object, where: str) -> ServiceConfig:
         "upstreamCredential",
         "identityAssertion",
     )
-    obj = _obj_optional(value, where, keys, ("mcpEndpoints", "authorizeOverrides"))
+    obj = _obj_optional(
+        value, where, keys, ("mcpEndpoints", "authorizeOverrides", "websocketPaths")
+    )
     authorise_method = authorise_path = False
     if "authorizeOverrides" in obj:
         w = f"{where}.authorizeOverrides"
@@ -749,6 +753,16 @@ def _service(value: object, where: str) -> ServiceConfig:
                 _fail(f"{where}.mcpEndpoints[{i}]", f"{endpoint!r} is not an MCP endpoint path")
         if len(set(mcp_endpoints)) != len(mcp_endpoints):
             _fail(f"{where}.mcpEndpoints", "duplicate endpoint")
+    websocket_paths: tuple[str, ...] = ()
+    if "websocketPaths" in obj:
+        websocket_paths = _str_list(obj, "websocketPaths", where, empty_ok=False)
+        for i, pattern in enumerate(websocket_paths):
+            try:
+                PathPattern.compile(pattern)
+            except ValueError as exc:
+                _fail(f"{where}.websocketPaths[{i}]", str(exc))
+        if len(set(websocket_paths)) != len(websocket_paths):
+            _fail(f"{where}.websocketPaths", "duplicate path")
     tenant: TenantMapping | None = None
     if obj["tenant"] is not None:
         w = f"{where}.tenant"
@@ -786,6 +800,7 @@ def _service(value: object, where: str) -> ServiceConfig:
         mcp_endpoints=mcp_endpoints,
         authorise_method_overrides=authorise_method,
         authorise_path_overrides=authorise_path,
+        websocket_paths=websocket_paths,
     )
 
 

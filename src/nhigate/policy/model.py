@@ -76,6 +76,9 @@ class Reason(StrEnum):
     """The replica already holds its bound of open client connections (503, then closed)."""
     REQUEST_REJECTED = "request_rejected"
     OVERRIDE_REJECTED = "override_rejected"
+    UPGRADE_REJECTED = "upgrade_rejected"
+    """An `Upgrade` request the proxy does not relay: not a well-formed WebSocket handshake
+    (RFC 6455 section 4.1) to a path the service declares (docs/proxy.md#websocket)."""
     BODY_TOO_LARGE = "body_too_large"
     NO_POLICY = "no_policy"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"

@@ -10,10 +10,12 @@ The pipeline, in order (one function each, `ProxyHandler.handle` reads top to bo
 5. tenant: header and claim must agree -> 403 `tenant_mismatch`;
    method/path overrides (`X-HTTP-Method-Override`, `X-Original-URL`, `?_method=`; form-body
    `_method` while the body is read in 8.) -> 400 `override_rejected` (`overrides.py`);
+   `Upgrade`: only a WebSocket handshake to a declared path -> 400 `upgrade_rejected`;
 6. `decide()` on the normalised path with the proxy's own clock (and on the override, when
    the service declares that its backend honours them) -> 403;
 7. token bucket per (identity, grant) -> 429 with `Retry-After`;
-8. forward exactly the authorised path (+ query) with filtered headers -> 413/502/504;
+8. forward exactly the authorised path (+ query) with filtered headers -> 413/502/504
+   (a WebSocket: the handshake, then bytes both ways once the backend switched, `websocket.py`);
 9. one audit line and metrics, for every outcome above.
 
 Any unexpected exception denies with 500 `internal_error` (fail closed) and is audited.
@@ -96,6 +98,20 @@ from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
 from nhigate.proxy.settings import ProxySettings
 from nhigate.proxy.usage import UsageRecorder
+from nhigate.proxy.websocket import (
+    RECHECK_INTERVAL,
+    Backend,
+    BackendAnswer,
+    ClientSide,
+    Tunnel,
+    Tunnels,
+    UpgradeRefusedError,
+    connect_backend,
+    declared_path,
+    handshake_key,
+    switched,
+    token_expiry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +126,7 @@ REJECTED_METHODS = frozenset({"CONNECT", "TRACE"})
 STATUS_FOR: dict[Reason, int] = {
     Reason.REQUEST_REJECTED: 400,
     Reason.OVERRIDE_REJECTED: 400,
+    Reason.UPGRADE_REJECTED: 400,
     Reason.PATH_REJECTED: 400,
     Reason.NO_POLICY: 503,
     Reason.CREDENTIAL_MISSING: 401,
@@ -270,6 +287,9 @@ class ProxyState:
     mcp_sessions: SessionBindings = field(default_factory=SessionBindings)
     usage: UsageRecorder = field(default_factory=UsageRecorder)
     """Allowed requests per grant and rule, reported on this replica's Lease."""
+    tunnels: Tunnels = field(default_factory=Tunnels)
+    """Open WebSocket connections, re-checked on every policy swap and timer tick."""
+    upstream_ssl: ssl.SSLContext | None = None
 
     @property
     def ready(self) -> bool:
@@ -364,6 +384,9 @@ class ProxyHandler:
         overrides = find_overrides(request.headers.items(), query)
         if overrides:
             ex.override = self._override(service, overrides)
+        websocket_key: str | None = None
+        if "Upgrade" in request.headers:
+            websocket_key = self._upgrade(request, ex, service, path)
         if service.mcp_endpoints:
             endpoint = mcp_endpoint_of(service, path)
             if endpoint is not None:  # decided per JSON-RPC message, never by path rules
@@ -375,6 +398,8 @@ class ProxyHandler:
             self._authorise_override(policy, ex, identity, path)
         if decision.rate_limit is not None or service.rate_limit is not None:
             self._rate_limit(service, identity, decision)
+        if websocket_key is not None:
+            return await self._websocket(request, ex, policy, path, query, websocket_key)
         return await self._forward(request, ex, policy, path, query)
 
     # -- stages ----------------------------------------------------------------------------
@@ -550,6 +575,23 @@ class ProxyHandler:
             detail = f"override {override_method} {override_path[:200]} not granted"
             raise DenyError(decision.reason, detail)
 
+    def _upgrade(
+        self, request: web.Request, ex: _Exchange, service: ServiceConfig, path: str
+    ) -> str:
+        """The `Sec-WebSocket-Key` of an upgrade the proxy relays; any other upgrade request
+        is refused (`websocket.py`)."""
+        try:
+            key = handshake_key(request.method, request.version == HttpVersion11, request.headers)
+        except UpgradeRefusedError as exc:
+            raise DenyError(Reason.UPGRADE_REJECTED, str(exc)) from None
+        if not declared_path(service.websocket_paths, path):
+            raise DenyError(Reason.UPGRADE_REJECTED, "path is not a declared WebSocket path")
+        if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
+            raise DenyError(Reason.UPGRADE_REJECTED, "WebSocket on an MCP endpoint")
+        if ex.override is not None:
+            raise DenyError(Reason.UPGRADE_REJECTED, "override on a WebSocket handshake")
+        return key
+
     def _rate_limit(self, service: ServiceConfig, identity: Identity, decision: Decision) -> None:
         limit = decision.rate_limit or service.rate_limit
         if limit is None:
@@ -648,6 +690,121 @@ class ProxyHandler:
         if upstream.body is not None and ex.method != "HEAD":
             return self._respond_buffered(ex, upstream, upstream.body)
         return await self._respond(request, ex, upstream)
+
+    async def _websocket(
+        self,
+        request: web.Request,
+        ex: _Exchange,
+        policy: Policy,
+        path: str,
+        query: str,
+        key: str,
+    ) -> web.StreamResponse:
+        """Forward an authorised handshake; relay bytes only once the backend switched."""
+        backend, answer = await self._handshake_upstream(request, ex, policy, path + query)
+        if not switched(answer.status, answer.headers, key):
+            backend.close()  # whatever the backend sends next is never relayed
+            if answer.status == 101:
+                detail = "backend switched protocols without completing the WebSocket handshake"
+                raise DenyError(Reason.UPSTREAM_UNAVAILABLE, detail)
+            response = web.Response(
+                status=answer.status,
+                body=answer.body,
+                headers=filter_response_headers(answer.headers),
+            )
+            self._audit_allowed(ex, answer.status, "upgrade declined by the backend")
+            return response
+        switch = web.StreamResponse(status=101, headers=filter_response_headers(answer.headers))
+        switch.headers["Upgrade"] = "websocket"
+        switch.headers["Connection"] = "Upgrade"
+        transport = request.transport
+        try:
+            if transport is None:
+                raise DenyError(Reason.REQUEST_REJECTED, "client went away during the handshake")
+            await switch.prepare(request)
+        except BaseException:
+            backend.close()
+            raise
+        assert ex.identity is not None
+        tunnel = Tunnel(
+            transport,
+            backend,
+            identity=ex.identity,
+            path=path,
+            tenant=ex.tenant,
+            token_expiry=token_expiry(ex.identity),
+        )
+        await self._relay(request, ex, policy, tunnel)
+        return switch
+
+    async def _handshake_upstream(
+        self, request: web.Request, ex: _Exchange, policy: Policy, target: str
+    ) -> tuple[Backend, BackendAnswer]:
+        """A new backend connection, the handshake written on it and the backend's answer."""
+        identity = ex.identity
+        decision = ex.decision
+        assert identity is not None
+        assert decision is not None
+        headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
+        headers.append(("Connection", "Upgrade"))
+        headers.append(("Upgrade", "websocket"))
+        try:
+            head = serialise_head("GET", target, headers)
+        except UnsafeHeadError as exc:
+            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
+        state = self.state
+        settings = state.settings
+        upstream = settings.upstream
+        try:
+            backend = await connect_backend(
+                upstream.host, upstream.port, state.upstream_ssl, settings.connect_timeout
+            )
+            assert backend.transport is not None
+            backend.transport.write(head)
+            return backend, await backend.answer(settings.upstream_timeout)
+        except UpstreamTimeoutError as exc:
+            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
+        except UpstreamUnavailableError as exc:
+            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
+
+    async def _relay(
+        self, request: web.Request, ex: _Exchange, policy: Policy, tunnel: Tunnel
+    ) -> None:
+        """Audit the open, relay until either side (or the policy) ends it, audit the close."""
+        state = self.state
+        decision = ex.decision
+        assert decision is not None
+        state.tunnels.add(tunnel, policy, ex.now)
+        state.metrics.websocket_open.inc()
+        self._audit_allowed(ex, 101, websocket={"event": "open"})
+        try:
+            request.protocol.set_parser(ClientSide(tunnel))  # type: ignore[arg-type]
+            while await tunnel.wait():  # True: the caller's socket is full
+                await request.writer.drain()
+                tunnel.resume_backend()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+        finally:
+            tunnel.end("client")  # no-op when it already ended
+            state.tunnels.remove(tunnel)
+            self._record_close(ex, tunnel, decision.grant)
+
+    def _record_close(self, ex: _Exchange, tunnel: Tunnel, grant: str | None) -> None:
+        """The record of a WebSocket's end (duration, bytes each way, who ended it and why)
+        and its metrics."""
+        websocket = {
+            "event": "close",
+            "closed_by": tunnel.closed_by,
+            "bytes_from_client": tunnel.bytes_from_client,
+            "bytes_to_client": tunnel.bytes_to_client,
+        }
+        ex.now = self.state.clock()  # the record's time is the close; duration_ms the whole
+        self._record(ex, "close", tunnel.reason, grant, 101, tunnel.detail, websocket)
+        metrics = self.state.metrics
+        metrics.websocket_open.dec()
+        metrics.websocket_closed.labels(tunnel.closed_by, tunnel.reason.value).inc()
+        metrics.websocket_bytes.labels("from_client").inc(tunnel.bytes_from_client)
+        metrics.websocket_bytes.labels("to_client").inc(tunnel.bytes_to_client)
 
     def _upstream_headers(
         self,
@@ -784,10 +941,16 @@ class ProxyHandler:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def _audit_allowed(self, ex: _Exchange, status: int, detail: str | None = None) -> None:
+    def _audit_allowed(
+        self,
+        ex: _Exchange,
+        status: int,
+        detail: str | None = None,
+        websocket: dict[str, Any] | None = None,
+    ) -> None:
         decision = ex.decision
         assert decision is not None
-        self._record(ex, "allow", Reason.ALLOWED, decision.grant, status, detail)
+        self._record(ex, "allow", Reason.ALLOWED, decision.grant, status, detail, websocket)
         if decision.grant is not None and ex.policy is not None:
             self.state.usage.record(ex.policy, decision.grant, ex.method, ex.path, ex.now)
 
@@ -806,6 +969,7 @@ class ProxyHandler:
         grant: str | None,
         status: int,
         detail: str | None,
+        websocket: dict[str, Any] | None = None,
     ) -> None:
         elapsed = time.perf_counter() - ex.started
         state = self.state
@@ -827,9 +991,11 @@ class ProxyHandler:
                 detail,
                 ex.tenant,
                 mcp=ex.mcp,
+                websocket=websocket,
             )
         )
-        state.metrics.observe_request(decision, reason.value, grant, elapsed)
+        if decision != "close":  # the connection was counted when it opened
+            state.metrics.observe_request(decision, reason.value, grant, elapsed)
 
 
 PIPELINE: web.AppKey[ProxyHandler] = web.AppKey("nhigate_proxy_pipeline", ProxyHandler)
@@ -961,6 +1127,7 @@ def create_app(
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
+    app.cleanup_ctx.append(_websocket_ctx)
     setup_pipeline(app, ProxyHandler(state, answers_expect=False))
     return app
 
@@ -1089,8 +1256,34 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.upstream_timeout,
     )
+    state.upstream_ssl = ssl_context
     yield
     await state.pool.close()
+
+
+async def _websocket_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Re-check open WebSockets on every policy swap, and every `RECHECK_INTERVAL` those whose
+    grant or token expiry has come; on shutdown, close them with 1001 before aiohttp waits
+    for handlers."""
+    state = app[STATE]
+    tunnels = state.tunnels
+    state.holder.subscribe(lambda policy: tunnels.recheck(policy, state.clock()))
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(RECHECK_INTERVAL)
+            tunnels.recheck(state.holder.current, state.clock(), due_only=True)
+
+    async def on_shutdown(app: web.Application) -> None:
+        tunnels.shut_all()
+
+    app.on_shutdown.append(on_shutdown)
+    task = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        tunnels.shut_all()
 
 
 def _authn_ctx(

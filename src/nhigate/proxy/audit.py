@@ -64,6 +64,7 @@ def audit_line(
     peer: str | None = None,
     *,
     mcp: dict[str, Any] | None = None,
+    websocket: dict[str, Any] | None = None,
 ) -> bytes:
     """One audit record (the fields of `AuditEvent`, in its order) as one JSON line."""
     record: dict[str, Any] = {
@@ -88,6 +89,8 @@ def audit_line(
         record["peer"] = peer
     if mcp is not None:
         record["mcp"] = mcp
+    if websocket is not None:
+        record["websocket"] = websocket
     return orjson.dumps(record, option=_OPTIONS)
 
 
@@ -112,6 +115,9 @@ class AuditEvent:
     peer: str | None = None
     mcp: dict[str, Any] | None = None
     """On MCP endpoints: the JSON-RPC method and the tool, resource or prompt it names."""
+    websocket: dict[str, Any] | None = None
+    """On WebSocket connections: `event` (open/close); at close, who ended it and the bytes
+    each way (docs/proxy.md#websocket)."""
 
     def to_json(self) -> bytes:
         """The record as one JSON line."""
@@ -132,6 +138,7 @@ class AuditEvent:
             self.tenant,
             self.peer,
             mcp=self.mcp,
+            websocket=self.websocket,
         )
 
 

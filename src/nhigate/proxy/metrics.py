@@ -157,6 +157,21 @@ class ProxyMetrics:
             registry=r,
         )
         self.ready = Gauge("nhigate_proxy_ready", "1 when serving with a valid policy.", registry=r)
+        self.websocket_open = Gauge(
+            "nhigate_proxy_websocket_connections", "WebSocket connections open now.", registry=r
+        )
+        self.websocket_closed = Counter(
+            "nhigate_proxy_websocket_closed",
+            "WebSocket connections ended, by who ended them (client, backend, proxy) and why.",
+            ["closed_by", "reason"],
+            registry=r,
+        )
+        self.websocket_bytes = Counter(
+            "nhigate_proxy_websocket_bytes",
+            "Bytes relayed over WebSocket connections that ended, by direction.",
+            ["direction"],
+            registry=r,
+        )
         self._version: str | None = None
 
     def watch_jwks_refreshes(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
