@@ -249,3 +249,11 @@ def test_the_oidc_issuer_serves_discovery_naming_itself_and_the_jwks(key: TestKe
 def test_ensure_packages_installs_nothing_when_every_command_is_there() -> None:
     # `sh` is on every machine: nothing to install, so no apt-get (and no root) is needed
     peers.ensure_packages({"sh": "dash"})
+
+
+def test_haproxy_compares_aud_as_one_string_so_an_audience_array_is_refused(
+    haproxy: tuple[int, Any], key: TestKey
+) -> None:
+    # a limit the report states: valid by RFC 7519, refused by this configuration
+    port, _ = haproxy
+    assert status(port, "/v1/items/123", token(key, aud=[AUDIENCE])) == 401
