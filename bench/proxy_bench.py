@@ -459,6 +459,7 @@ def main() -> int:
             args.json.write_text(json.dumps({"benchmark": "proxy", **counted}, indent=2) + "\n")
         return 0
     if args.instructions:
+        peers.ensure_packages({"nginx": "nginx", "valgrind": "valgrind"})
         with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp:
             up_port = free_port()
             upstream = start_nginx(

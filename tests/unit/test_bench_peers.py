@@ -8,7 +8,6 @@ would flatter HAProxy. oauth2-proxy's flags are checked as text (building it tak
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 import threading
 import time
@@ -109,9 +108,10 @@ def key() -> TestKey:
 
 @pytest.fixture(scope="module")
 def haproxy(tmp_path_factory: pytest.TempPathFactory, key: TestKey) -> Iterator[tuple[int, Any]]:
-    """A real HAProxy on the bench configuration, in front of a recording upstream."""
-    if shutil.which("haproxy") is None:
-        peers.ensure_packages({"haproxy": "haproxy"})
+    """A real HAProxy on the bench configuration, in front of a recording upstream.
+
+    haproxy is a Debian package hack/lib/common.sh installs for the suite.
+    """
     workdir = tmp_path_factory.mktemp("haproxy")
     pem = workdir / "issuer.pem"
     pem.write_bytes(key.public_pem())
