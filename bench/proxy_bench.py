@@ -1,4 +1,4 @@
-"""Proxy overhead in one run: direct upstream vs nginx reverse proxy vs nhigate.
+"""Proxy overhead in one run: direct upstream vs nginx vs HAProxy vs oauth2-proxy vs nhigate.
 
     .venv/bin/python bench/proxy_bench.py [--duration 4] [--repeat 1] [--grants 1000]
         [--connections 1,32] [--json results.json]
@@ -13,13 +13,22 @@ under test is pinned to CPU 0, wrk and the upstream to CPU 1. Cases:
   (verified once, then served from the token cache); audit records serialised
   and written to /dev/null;
 - `nhigate+audit`: the same with audit lines appended to a file and `/metrics`
-  scraped every second.
+  scraped every second;
+- `haproxy+jwt`: HAProxy (Debian) verifying the same token with `jwt_verify` on every
+  request, its claims and the same method/path/subject rule as ACLs (bench/peers.py);
+- `oauth2-proxy`: oauth2-proxy (Go module, built once and cached) in JWT-bearer mode,
+  with discovery + JWKS served by this process on 127.0.0.1.
+
+Every proxy verifies the same ES256 token (one key, `iss` = the local issuer's URL), and
+each one must refuse a forged token before it is measured. The HAProxy configuration and
+the oauth2-proxy command line go into the JSON results (and so into report.md) verbatim.
 
 Reported per case: req/s, p50/p99/p99.9 latency, the proxy's CPU (user + system,
 from /proc) per request and the req/s one core would serve at that cost (robust on
 a busy machine, unlike wall-clock req/s), the load average, and ratios to direct
-and to nginx (added latency = case minus direct). Needs `nginx` and `wrk` on PATH
-(Debian: apt-get install -y nginx wrk) and `taskset` (util-linux).
+and to nginx (added latency = case minus direct). Needs `nginx`, `wrk` and `haproxy` on
+PATH (installed with apt-get when missing, as root), Go for oauth2-proxy and `taskset`
+(util-linux).
 
 `--instructions N` instead counts nhigate's user-space instructions per request over
 N sequential requests under valgrind's callgrind: slow (minutes) but deterministic,
@@ -46,6 +55,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import peers
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_CPU = "0"
@@ -210,10 +221,16 @@ def median_result(runs: list[Result]) -> Result:
     return ordered[len(ordered) // 2]
 
 
-def serve_nhigate(upstream_port: int, port: int, admin_port: int, grants: int, audit: str) -> None:
-    """Child process: run nhigate with an in-memory 1k-grant policy (no API server needed)."""
+def serve_nhigate(
+    upstream_port: int, port: int, admin_port: int, grants: int, audit: str, shared: Path | None
+) -> None:
+    """Child process: run nhigate with an in-memory 1k-grant policy (no API server needed).
+
+    `shared` is the JSON of `shared_token()` (the issuer, its JWKS and the bench token the
+    peers verify too); without it nhigate makes its own key and token.
+    """
     sys.path.insert(0, str(ROOT / "tests" / "proxy"))
-    from jwt_factory import jwks_for, make_signing_key
+    from jwt_factory import claims_for, jwks_for, make_signing_key, sign  # type: ignore[import-not-found]
 
     from nhigate.policy import (
         Grant,
@@ -228,15 +245,22 @@ def serve_nhigate(upstream_port: int, port: int, admin_port: int, grants: int, a
     from nhigate.proxy.policy_source import PolicyHolder
     from nhigate.proxy.settings import ProxySettings, Upstream
 
-    key = make_signing_key("ES256", kid="bench")
+    subject = f"client-{grants // 2}"
+    if shared is not None:
+        given = json.loads(shared.read_text())
+        issuer_url, jwks, token = given["issuer"], given["jwks"], given["token"]
+    else:
+        key = make_signing_key("ES256", kid="bench")
+        issuer_url, jwks = ISSUER, jwks_for(key)
+        token = sign(key, claims_for(ISSUER, AUDIENCE, subject, lifetime=3600))
     issuer = IssuerConfig(
         name="bench",
-        issuer=ISSUER,
+        issuer=issuer_url,
         audiences=(AUDIENCE,),
         algorithms=("ES256",),
         max_token_lifetime_seconds=7200,
         clock_skew_seconds=30,
-        jwks=jwks_for(key),
+        jwks=jwks,
     )
     grant_list = tuple(
         Grant(
@@ -250,10 +274,6 @@ def serve_nhigate(upstream_port: int, port: int, admin_port: int, grants: int, a
         namespace="bench", name="bench-api", backend_service="api", backend_port=upstream_port
     )
     policy = compile_policy(make_document(service, (issuer,), grant_list, ()))
-    from jwt_factory import claims_for, sign
-
-    subject = f"client-{grants // 2}"
-    token = sign(key, claims_for(ISSUER, AUDIENCE, subject, lifetime=3600))
     print(json.dumps({"token": token}), flush=True)
     settings = ProxySettings(
         upstream=Upstream("http", "127.0.0.1", upstream_port),
@@ -267,7 +287,13 @@ def serve_nhigate(upstream_port: int, port: int, admin_port: int, grants: int, a
 
 
 def start_nhigate(
-    up_port: int, port: int, admin: int, grants: int, audit: str, wrapper: tuple[str, ...] = ()
+    up_port: int,
+    port: int,
+    admin: int,
+    grants: int,
+    audit: str,
+    wrapper: tuple[str, ...] = (),
+    shared: Path | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
     """An nhigate child process pinned to the proxy CPU; returns it and its valid token."""
     serve = [str(up_port), str(port), str(admin), audit]
@@ -275,6 +301,7 @@ def start_nhigate(
         [
             *("taskset", "-c", PROXY_CPU, *wrapper, sys.executable, __file__),
             *("--grants", str(grants), "--serve-nhigate", *serve),
+            *(("--shared-token", str(shared)) if shared is not None else ()),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -419,10 +446,11 @@ def main() -> int:
         help="with --instructions: a Python upstream in this process instead of nginx",
     )
     parser.add_argument("--serve-nhigate", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--shared-token", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_nhigate:
         up, port, admin, audit = args.serve_nhigate
-        serve_nhigate(int(up), int(port), int(admin), args.grants, audit)
+        serve_nhigate(int(up), int(port), int(admin), args.grants, audit, args.shared_token)
         return 0
     if args.instructions and args.python_upstream:
         with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp, PythonUpstream() as up:
@@ -431,6 +459,7 @@ def main() -> int:
             args.json.write_text(json.dumps({"benchmark": "proxy", **counted}, indent=2) + "\n")
         return 0
     if args.instructions:
+        peers.ensure_packages({"nginx": "nginx", "valgrind": "valgrind"})
         with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp:
             up_port = free_port()
             upstream = start_nginx(
@@ -445,17 +474,28 @@ def main() -> int:
         if args.json is not None:
             args.json.write_text(json.dumps({"benchmark": "proxy", **counted}, indent=2) + "\n")
         return 0
+    peers.ensure_packages()
     connections = [int(c) for c in args.connections.split(",")]
+    oauth2_proxy = peers.oauth2_proxy_binary()
     processes: list[subprocess.Popen[Any]] = []
     results: list[Result] = []
     audit_lines = 0
     scrapes = 0
-    with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp:
+    key = bench_key()
+    with (
+        tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp,
+        peers.OidcIssuer(jwks_of(key)) as oidc,
+    ):
         workdir = Path(tmp)
         audit = workdir / "audit.jsonl"
+        token = shared_token(key, oidc.issuer, f"client-{args.grants // 2}")
+        shared = workdir / "shared-token.json"
+        shared.write_text(json.dumps({"issuer": oidc.issuer, "jwks": jwks_of(key), "token": token}))
+        pem = workdir / "issuer.pem"
+        pem.write_bytes(key.public_pem())
         try:
-            up_port, nginx_port, nh_port, nh_admin, nha_port, nha_admin = (
-                free_port() for _ in range(6)
+            up_port, nginx_port, nh_port, nh_admin, nha_port, nha_admin, ha_port, o2_port = (
+                free_port() for _ in range(8)
             )
             processes.append(
                 start_nginx(workdir, "upstream", UPSTREAM_BODY.format(port=up_port), LOAD_CPU)
@@ -463,45 +503,67 @@ def main() -> int:
             body = PROXY_BODY.format(port=nginx_port, upstream=up_port)
             processes.append(start_nginx(workdir, "proxy", body, PROXY_CPU))
             # "nhigate": audit records serialised and written to /dev/null, metrics never scraped.
-            nh, token = start_nhigate(up_port, nh_port, nh_admin, args.grants, os.devnull)
+            nh, _ = start_nhigate(up_port, nh_port, nh_admin, args.grants, os.devnull, (), shared)
             processes.append(nh)
             # "nhigate+audit": audit lines appended to a file, /metrics scraped every second.
-            nha, token_a = start_nhigate(up_port, nha_port, nha_admin, args.grants, str(audit))
+            nha, _ = start_nhigate(
+                up_port, nha_port, nha_admin, args.grants, str(audit), (), shared
+            )
             processes.append(nha)
-            for port in (up_port, nginx_port, nh_port, nha_port):
+            haproxy_config = peers.haproxy_config(
+                port=ha_port,
+                upstream=up_port,
+                pem=pem,
+                issuer=oidc.issuer,
+                audience=AUDIENCE,
+                subject=f"client-{args.grants // 2}",
+            )
+            haproxy = peers.start_haproxy(workdir, haproxy_config, PROXY_CPU)
+            processes.append(haproxy)
+            o2_args = peers.oauth2_proxy_args(
+                port=o2_port, upstream=up_port, issuer=oidc.issuer, audience=AUDIENCE
+            )
+            o2 = peers.start_oauth2_proxy(oauth2_proxy, o2_args, PROXY_CPU)
+            processes.append(o2)
+            for port in (up_port, nginx_port, nh_port, nha_port, ha_port, o2_port):
                 wait_port(port)
             script = workdir / "auth.lua"
             script.write_text(WRK_SCRIPT.format(token=token))
-            script_a = workdir / "auth-a.lua"
-            script_a.write_text(WRK_SCRIPT.format(token=token_a))
             path = "/v1/items/123"
             cases = [
-                ("direct", f"http://127.0.0.1:{up_port}{path}", script),
-                ("nginx", f"http://127.0.0.1:{nginx_port}{path}", script),
-                ("nhigate", f"http://127.0.0.1:{nh_port}{path}", script),
-                ("nhigate+audit", f"http://127.0.0.1:{nha_port}{path}", script_a),
+                ("direct", up_port),
+                ("nginx", nginx_port),
+                ("haproxy+jwt", ha_port),
+                ("oauth2-proxy", o2_port),
+                ("nhigate", nh_port),
+                ("nhigate+audit", nha_port),
             ]
-            for name, url, lua in cases:  # warm up: token cache, keep-alive pools
-                run_wrk(name, url, 4, 1, lua)
+            for name, port in cases[2:]:  # each authenticating proxy must refuse a forged token
+                require_refusal(name, port, path, forged(token))
+            for name, port in cases:  # warm up: token cache, keep-alive pools
+                run_wrk(name, f"http://127.0.0.1:{port}{path}", 4, 1, script)
             watched = {
                 "direct": with_children(processes[0].pid),
                 "nginx": with_children(processes[1].pid),
+                "haproxy+jwt": [haproxy.pid],
+                "oauth2-proxy": [o2.pid],
                 "nhigate": [nh.pid],
                 "nhigate+audit": [nha.pid],
             }
             scraper = MetricsScraper(nha_admin)
             for conns in connections:
-                for name, url, lua in cases:
+                for name, port in cases:
+                    url = f"http://127.0.0.1:{port}{path}"
                     runs = []
                     for _ in range(args.repeat):
                         if name == "nhigate+audit":
                             with scraper:
                                 runs.append(
-                                    measure(name, url, watched[name], conns, args.duration, lua)
+                                    measure(name, url, watched[name], conns, args.duration, script)
                                 )
                         else:
                             runs.append(
-                                measure(name, url, watched[name], conns, args.duration, lua)
+                                measure(name, url, watched[name], conns, args.duration, script)
                             )
                     results.append(median_result(runs))
             scrapes = scraper.scrapes
@@ -518,9 +580,56 @@ def main() -> int:
                 if os.environ.get("NHIGATE_BENCH_KEEP_AUDIT"):
                     shutil.copy(audit, os.environ["NHIGATE_BENCH_KEEP_AUDIT"])
     summary = report(results, audit_lines, scrapes)
+    summary["peers"] = {
+        "haproxy+jwt": {"version": peers.haproxy_version(), "config": haproxy_config},
+        "oauth2-proxy": {
+            "version": peers.oauth2_proxy_version(oauth2_proxy),
+            "module": f"{peers.OAUTH2_PROXY_MODULE}@{peers.OAUTH2_PROXY_VERSION}",
+            "command": ["oauth2-proxy", *o2_args],
+            "env": {"GOMAXPROCS": "1"},
+        },
+    }
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def bench_key() -> Any:
+    """The ES256 signing key of the bench issuer (tests/proxy/jwt_factory.py's TestKey)."""
+    sys.path.insert(0, str(ROOT / "tests" / "proxy"))
+    from jwt_factory import make_signing_key
+
+    return make_signing_key("ES256", kid="bench")
+
+
+def jwks_of(key: Any) -> dict[str, Any]:
+    return {"keys": [dict(key.public_jwk)]}
+
+
+def shared_token(key: Any, issuer: str, subject: str) -> str:
+    """The one valid token every proxy verifies: ES256, `iss` = the local issuer, 1 h."""
+    from jwt_factory import claims_for, sign
+
+    return str(sign(key, claims_for(issuer, AUDIENCE, subject, lifetime=3600)))
+
+
+def forged(token: str) -> str:
+    """`token` with its signature's last bytes changed: the same claims, not signed by the key."""
+    head, payload, signature = token.split(".")
+    return f"{head}.{payload}.{signature[:-4]}{'AAAA' if signature[-4:] != 'AAAA' else 'BBBB'}"
+
+
+def require_refusal(name: str, port: int, path: str, token: str) -> None:
+    """Fail the bench if the proxy `name` forwards a request with a forged token."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        status_line = sock.recv(65536).split(b"\r\n", 1)[0].decode(errors="replace")
+    if status_line.split()[1:2] not in (["401"], ["403"]):
+        raise RuntimeError(f"{name} did not refuse a forged token: {status_line!r}")
 
 
 def ratios(results: list[Result]) -> list[dict[str, Any]]:
@@ -529,7 +638,7 @@ def ratios(results: list[Result]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for conns in sorted({r.connections for r in results}):
         direct, nginx = by[("direct", conns)], by[("nginx", conns)]
-        for name in ("nginx", "nhigate", "nhigate+audit"):
+        for name in dict.fromkeys(r.name for r in results if r.name != "direct"):
             r = by[(name, conns)]
             out.append(
                 {

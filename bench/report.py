@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,7 +226,7 @@ def plot_overhead(results: JSON, path: Path) -> bool:
     # `direct` has no proxy: its CPU is the origin's own, not comparable per core
     cases = [c for c in dict.fromkeys(r["name"] for r in rows) if c != "direct"]
     conns = sorted({r["connections"] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases)), 4.5))
     width = 0.8 / max(1, len(conns))
     for i, c in enumerate(conns):
         values = [(proxy_row(proxy, case, c) or {}).get("rps_per_core", 0.0) for case in cases]
@@ -404,8 +405,11 @@ def _proxy_section(results: JSON) -> list[str]:
     if not proxy:
         return lines + _not_measured(results, "proxy")
     lines += [
-        "Direct upstream vs nginx reverse proxy vs nhigate (valid token, 1k-grant policy) vs "
-        "nhigate with an audit file and /metrics scrapes. Proxy on CPU 0; wrk and the upstream "
+        "Direct upstream vs nginx reverse proxy (no auth) vs HAProxy verifying the JWT on every "
+        "request with a method/path/subject ACL (`haproxy+jwt`) vs oauth2-proxy in JWT-bearer "
+        "mode vs nhigate (1k-grant policy, cached token) vs nhigate with an audit file and "
+        "/metrics scrapes. Every authenticating proxy verifies the same ES256 token and had to "
+        "refuse a forged one before it was measured. Proxy on CPU 0; wrk and the upstream "
         "on CPU 1. Each row is the median of the repeats. req/s per core = 1e6 / the proxy's CPU "
         "µs per request (for `direct`, the upstream's own CPU).",
         "",
@@ -469,6 +473,114 @@ def _proxy_section(results: JSON) -> list[str]:
         ],
         rows,
     )
+    return [*lines, "", *_peer_configs(proxy), *_peer_checks()]
+
+
+PEER_CHECKS: list[tuple[str, str, str, str]] = [
+    (
+        "signature",
+        "yes (verified once per token, then cached)",
+        "yes, `jwt_verify` on every request",
+        "yes, on every request (go-oidc)",
+    ),
+    (
+        "alg allow-list",
+        "per IdentityIssuer; `none`/HMAC cannot be configured",
+        "the `alg` header must equal the pinned `ES256` (ACL in the config); "
+        "`jwt_verify` takes the alg from its argument",
+        "the discovery document's `id_token_signing_alg_values_supported` (RS256 when absent)",
+    ),
+    (
+        "exp / nbf / aud / iss",
+        "all four, with clock skew and a lifetime cap",
+        "only what the config writes as ACLs: `exp`, `aud`, `iss` here; no `nbf`, no skew, "
+        "`aud` compared as one string (an `aud` array is refused); `jwt_verify` itself checks "
+        "no claim",
+        "`exp`, `aud` (the `=AUDIENCE` of `--extra-jwt-issuers`), `iss`, `nbf` when present",
+    ),
+    (
+        "key rotation / JWKS refresh",
+        "JWKS fetched and refreshed; unknown `kid` refreshes (rate-limited); keys survive "
+        "an outage",
+        "no JWKS: a PEM file named in the config, read at start; a new key needs a reload",
+        "JWKS from discovery, refetched when a token's `kid` is unknown",
+    ),
+    (
+        "token cache",
+        "yes (verified tokens, evicted on key rotation)",
+        "no (every request pays the ECDSA verification)",
+        "no (every request pays the verification)",
+    ),
+    (
+        "method/path rule per subject",
+        "RouteGrants: methods + normalised path patterns per subject",
+        "ACLs on `method`, `path` (raw, not normalised) and the `sub` claim, written by hand",
+        "none: any valid token of the issuer reaches every path "
+        "(`--skip-auth-route` only bypasses auth)",
+    ),
+    (
+        "audit line per decision",
+        "yes, one JSON record per allow/deny with reason",
+        "a log line per request if `log` is configured (off here, as for nginx); no reason",
+        "`--request-logging` / `--auth-logging` lines (off here)",
+    ),
+    (
+        "revocation",
+        "Revocation resources (jti/subject), enforced within seconds",
+        "none built in",
+        "none for bearer JWTs",
+    ),
+    (
+        "header stripping",
+        "`Authorization` never reaches the upstream; identity headers are the proxy's",
+        "`Authorization` removed by `del-header` in the config",
+        "the caller's `Authorization` (the bearer token) reaches the upstream: "
+        "`--skip-auth-strip-headers` strips it only where `--pass-authorization-header` "
+        "would set it",
+    ),
+]
+"""What each peer checks compared with nhigate: from docs/security.md, HAProxy 2.6's
+configuration manual (`jwt_verify`), oauth2-proxy v7.15.6's flag descriptions and go-oidc
+v3's verifier; the HAProxy column is proven on the bench configuration by
+tests/unit/test_bench_peers.py."""
+
+
+def _peer_configs(proxy: JSON) -> list[str]:
+    """Each peer's configuration, verbatim, so a reader can run the same comparison."""
+    peers = proxy.get("peers") or {}
+    if not peers:
+        return []
+    lines = ["### Peer configurations", ""]
+    haproxy = peers.get("haproxy+jwt")
+    if haproxy:
+        lines += [
+            f"HAProxy {haproxy.get('version', '?')} (`haproxy -db -f haproxy.cfg`, "
+            "pinned to CPU 0; ports and the key path are per run):",
+            "",
+            "```haproxy",
+            haproxy.get("config", "").rstrip(),
+            "```",
+            "",
+        ]
+    o2 = peers.get("oauth2-proxy")
+    if o2:
+        env = " ".join(f"{k}={v}" for k, v in (o2.get("env") or {}).items())
+        lines += [
+            f"oauth2-proxy {o2.get('version', '?')} (built from `{o2.get('module', '?')}`), "
+            "pinned to CPU 0, discovery + JWKS served by the bench on 127.0.0.1:",
+            "",
+            "```sh",
+            " ".join(x for x in (env, shlex.join(o2.get("command") or [])) if x),
+            "```",
+            "",
+        ]
+    return lines
+
+
+def _peer_checks() -> list[str]:
+    lines = ["### What each peer checks", ""]
+    rows = [list(row) for row in PEER_CHECKS]
+    lines += _table(["property", "nhigate", "HAProxy + jwt_verify", "oauth2-proxy"], rows)
     return [*lines, ""]
 
 

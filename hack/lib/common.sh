@@ -13,6 +13,8 @@ ensure_debian_packages() {
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
   command -v go >/dev/null 2>&1 || missing+=(golang-go)
+  # tests/unit/test_bench_peers.py runs the bench's HAProxy configuration for real
+  command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing Debian packages: ${missing[*]}"
     if [ "$(id -u)" -ne 0 ]; then

@@ -100,6 +100,10 @@ def ok(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+HAPROXY_CFG = """frontend bench
+    http-request deny unless { var(txn.bearer),jwt_verify("ES256","/k.pem") -m int 1 }
+"""
+
 CANNED: dict[str, Any] = {
     "command": ".venv/bin/python bench/run.py --quick",
     "started": "2026-01-01T00:00:00+00:00",
@@ -124,6 +128,8 @@ CANNED: dict[str, Any] = {
                     for name, rps, cpu, p99 in (
                         ("direct", 30000, 15, 0.10),
                         ("nginx", 20000, 25, 0.15),
+                        ("haproxy+jwt", 12000, 120, 0.30),
+                        ("oauth2-proxy", 7000, 240, 0.60),
                         ("nhigate", 9000, 80, 0.40),
                         ("nhigate+audit", 8000, 90, 0.45),
                     )
@@ -133,10 +139,21 @@ CANNED: dict[str, Any] = {
                     for conns in (1, 32)
                     for case, per_core, added in (
                         ("nginx", 1.0, 0.05),
+                        ("haproxy+jwt", 0.21, 0.15),
+                        ("oauth2-proxy", 0.10, 0.45),
                         ("nhigate", 0.31, 0.30),
                         ("nhigate+audit", 0.28, 0.35),
                     )
                 ],
+                "peers": {
+                    "haproxy+jwt": {"version": "2.6.12-1+deb12u4", "config": HAPROXY_CFG},
+                    "oauth2-proxy": {
+                        "version": "v7.15.6",
+                        "module": "github.com/oauth2-proxy/oauth2-proxy/v7@v7.15.6",
+                        "command": ["oauth2-proxy", "--skip-jwt-bearer-tokens=true", "--x=a b"],
+                        "env": {"GOMAXPROCS": "1"},
+                    },
+                },
             }
         ),
         "decide": ok(
@@ -348,6 +365,52 @@ def test_write_report_renders_markdown_and_every_plot(tmp_path: Path) -> None:
         "# proxy: ok in 12 s, load 0.5 -> 1.5",
     ):
         assert needle in text, needle
+
+
+def test_the_proxy_section_shows_each_peer_its_configuration_and_what_it_checks() -> None:
+    text = report.render_markdown(CANNED)
+    for needle in (
+        "| haproxy+jwt | 32 | 12000 | 8333 | 120.0 |",
+        "| oauth2-proxy | 1 | 7000 | 4167 | 240.0 |",
+        "| haproxy+jwt | 32 | 0.50 | 0.80 | 0.21 | 0.050 | 0.150 |",
+        "### Peer configurations",
+        "HAProxy 2.6.12-1+deb12u4 (`haproxy -db -f haproxy.cfg`",
+        "```haproxy\n" + HAPROXY_CFG.rstrip() + "\n```",  # verbatim
+        "oauth2-proxy v7.15.6 (built from `github.com/oauth2-proxy/oauth2-proxy/v7@v7.15.6`)",
+        "GOMAXPROCS=1 oauth2-proxy --skip-jwt-bearer-tokens=true '--x=a b'",  # shell-quoted
+        "### What each peer checks",
+        "| property | nhigate | HAProxy + jwt_verify | oauth2-proxy |",
+    ):
+        assert needle in text, needle
+    for row, *_ in report.PEER_CHECKS:
+        assert f"| {row} |" in text, row
+    assert {row for row, *_ in report.PEER_CHECKS} >= {
+        "signature",
+        "alg allow-list",
+        "exp / nbf / aud / iss",
+        "key rotation / JWKS refresh",
+        "token cache",
+        "method/path rule per subject",
+        "audit line per decision",
+        "revocation",
+        "header stripping",
+    }
+
+
+def test_the_overhead_plot_has_a_bar_group_per_proxy_including_the_peers(tmp_path: Path) -> None:
+    captured: list[list[str]] = []
+    real_bar = report.plt.Axes.bar
+
+    def bar(self: Any, xs: Any, values: Any, *args: Any, **kwargs: Any) -> Any:
+        captured.append(list(values))
+        return real_bar(self, xs, values, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report.plt.Axes, "bar", bar)
+        assert report.plot_overhead(CANNED, tmp_path / "o.png")
+    # one series per connection count, one bar per proxy: nginx, 2 peers, nhigate x2
+    assert [len(series) for series in captured] == [5, 5]
+    assert captured[1][1] == pytest.approx(1e6 / 120)  # haproxy+jwt at 32 connections
 
 
 def test_a_failed_part_gets_no_plot_and_says_why(tmp_path: Path) -> None:
