@@ -26,8 +26,9 @@ LABEL_PROTECTED_SERVICE = "nhigate.io/protected-service"
 PROXY_APP_NAME = "nhigate-proxy"
 
 POLICY_KEY = "policy.json.gz"
-PROXY_SHUTDOWN_DELAY_SECONDS = 5
 """ConfigMap key holding the encoded PolicyDocument."""
+PROXY_SHUTDOWN_DELAY_SECONDS = 5
+"""`--shutdown-delay`: seconds a terminating proxy stays up, unready, before it stops listening."""
 POLICY_VERSION_ANNOTATION = "nhigate.io/policy-version"
 ASSERTION_KEY_FILE = "key.pem"
 JWKS_KEY = "jwks.json"
