@@ -44,13 +44,17 @@ from nhigate.policy import (
     who_can,
 )
 from nhigate.policy.mcp import McpKind, explain_mcp, mcp_endpoint_of, who_can_mcp
+from nhigate.policy.model import (
+    service_account_of_subject,
+    service_account_subject,
+    token_identity,
+)
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = 1
 EXIT_BAD_INPUT = 2
 
 _METHOD = re.compile(r"^[A-Za-z]{1,20}$")
-_SA_PREFIX = "system:serviceaccount:"
 
 
 class InputError(ValueError):
@@ -216,12 +220,10 @@ def _kubernetes_issuer(issuers: Sequence[IdentityIssuer], names: Sequence[str]) 
 
 
 def _service_account_from_subject(subject: str, uid: str | None) -> ServiceAccountRef | None:
-    if not subject.startswith(_SA_PREFIX):
+    account = service_account_of_subject(subject)
+    if account is None:
         return None
-    namespace, sep, name = subject[len(_SA_PREFIX) :].partition(":")
-    if not sep or not namespace or not name:
-        return None
-    return ServiceAccountRef(namespace=namespace, name=name, uid=uid)
+    return ServiceAccountRef(namespace=account[0], name=account[1], uid=uid)
 
 
 def _issuer_by_name(issuers: Sequence[IdentityIssuer], name: str) -> IdentityIssuer | None:
@@ -244,11 +246,10 @@ def caller_from_as(
         if not slash or not namespace or not name:
             raise InputError(f"--as {text!r}: expected serviceaccount:NAMESPACE/NAME")
         issuer = _kubernetes_issuer(issuers, names)
-        identity = Identity(
-            kind=IdentityKind.SERVICE_ACCOUNT,
-            issuer=issuer,
-            subject=f"{_SA_PREFIX}{namespace}:{name}",
-            claims=claims,
+        identity = token_identity(
+            issuer,
+            service_account_subject(namespace, name),
+            claims,
             service_account=ServiceAccountRef(namespace=namespace, name=name),
         )
         notes = []
@@ -269,26 +270,11 @@ def caller_from_as(
         sa = None
         if resource is not None and resource.spec.kubernetes is not None:
             sa = _service_account_from_subject(subject, None)
-        identity = Identity(
-            kind=IdentityKind.SERVICE_ACCOUNT if sa is not None else IdentityKind.JWT,
-            issuer=issuer_name,
-            subject=subject,
-            claims=claims,
-            service_account=sa,
-        )
+        identity = token_identity(issuer_name, subject, claims, service_account=sa)
         return Caller(identity, f"token from issuer {issuer_name}, subject {subject}", notes=notes)
     raise InputError(
         f"--as {text!r}: expected serviceaccount:NS/NAME, token:ISSUER/SUBJECT or spiffe://..."
     )
-
-
-def _audiences(claims: Mapping[str, Any]) -> list[str]:
-    aud = claims.get("aud")
-    if isinstance(aud, str):
-        return [aud]
-    if isinstance(aud, list):
-        return [a for a in aud if isinstance(a, str)]
-    return []
 
 
 def caller_from_token(
@@ -320,33 +306,41 @@ def caller_from_token(
     if resource is None:
         rejected = (Reason.UNKNOWN_ISSUER, f"no trusted IdentityIssuer has issuer {iss!r}")
     else:
-        audiences = _audiences(claims)
         exp = claims.get("exp")
         nbf = claims.get("nbf")
         at = now.timestamp()
-        if not set(audiences) & set(resource.spec.audiences):
-            rejected = (
-                Reason.AUDIENCE_MISMATCH,
-                f"token audience {audiences} names none of {list(resource.spec.audiences)}",
-            )
+        audience = _audience_problem(claims, resource.spec.audiences)
+        if audience is not None:
+            rejected = audience
         elif isinstance(exp, int | float) and at >= exp:
             rejected = (Reason.TOKEN_EXPIRED, f"token expired at {_fmt(exp)}")
         elif isinstance(nbf, int | float) and at < nbf:
             rejected = (Reason.TOKEN_NOT_YET_VALID, f"token not valid before {_fmt(nbf)}")
-    identity = Identity(
-        kind=IdentityKind.SERVICE_ACCOUNT if sa is not None else IdentityKind.JWT,
-        issuer=issuer_name,
-        subject=sub,
-        claims=claims,
-        service_account=sa,
-        token_id=jti,
-    )
+    identity = token_identity(issuer_name, sub, claims, service_account=sa, token_id=jti)
     return Caller(
         identity,
         f"token from issuer {issuer_name or iss!r}, subject {sub}",
         unverified_claims=claims,
         rejected=rejected,
     )
+
+
+def _audience_problem(
+    claims: Mapping[str, Any], trusted: Sequence[str]
+) -> tuple[Reason, str] | None:
+    """Why the proxy would refuse the token's `aud` (its own check), or None."""
+    from nhigate.proxy.tokens import TokenError, audiences
+
+    try:
+        named = audiences(claims)
+    except TokenError as exc:
+        return (exc.reason, exc.detail)
+    if named.isdisjoint(trusted):
+        return (
+            Reason.AUDIENCE_MISMATCH,
+            f"token audience {sorted(named)} names none of {list(trusted)}",
+        )
+    return None
 
 
 def _with_actors(caller: Caller, actors: Sequence[str]) -> Caller:

@@ -12,12 +12,12 @@ from typing import Any
 from nhigate.api.conditions import READY, TRUE
 from nhigate.api.models import IdentityIssuer, ProtectedService, RouteGrant
 from nhigate.policy import ServiceAccountSubject, SpiffeSubject, Subject, TokenSubject
+from nhigate.policy.model import SERVICE_ACCOUNT_SUBJECT_PREFIX, service_account_subject
 from nhigate.review.usage import GrantUsage, IdentityKey
 
 DAY = 86400.0
 DEFAULT_MAX_WINDOW = 90 * DAY
 DEFAULT_MIN_DENIALS = 3
-_SA_PREFIX = "system:serviceaccount:"
 
 
 class Kind(StrEnum):
@@ -70,8 +70,8 @@ def subject_seen(subject: Subject, identity: IdentityKey) -> bool:
     if isinstance(subject, ServiceAccountSubject):
         if kind != "serviceAccount" or name is None:
             return False
-        expected = f"{_SA_PREFIX}{subject.namespace}:{subject.name}"
-        return name == expected or not name.startswith(_SA_PREFIX)
+        expected = service_account_subject(subject.namespace, subject.name)
+        return name == expected or not name.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
     if isinstance(subject, TokenSubject):
         return (
             kind in ("jwt", "serviceAccount")
