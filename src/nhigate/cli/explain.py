@@ -49,6 +49,7 @@ from nhigate.policy.model import (
     service_account_subject,
     token_identity,
 )
+from nhigate.policy.times import format_seconds, parse_rfc3339
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = 1
@@ -155,17 +156,14 @@ def add_parser(subparsers: Any) -> None:
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def parse_time(text: str | None) -> datetime:
+def parse_at(text: str | None) -> datetime:
     """`--at`: RFC 3339 with an offset (or `Z`); now when absent."""
     if text is None:
         return datetime.now(UTC)
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"--at {text!r}: not an RFC 3339 time like 2026-01-02T03:04:05Z") from None
-    if moment.tzinfo is None:
-        raise InputError(f"--at {text!r}: add a timezone, e.g. {text}Z")
-    return moment.astimezone(UTC)
+        return datetime.fromtimestamp(parse_rfc3339(text), UTC)
+    except ValueError as exc:
+        raise InputError(f"--at {exc}") from None
 
 
 def parse_method(text: str) -> str:
@@ -313,9 +311,9 @@ def caller_from_token(
         if audience is not None:
             rejected = audience
         elif isinstance(exp, int | float) and at >= exp:
-            rejected = (Reason.TOKEN_EXPIRED, f"token expired at {_fmt(exp)}")
+            rejected = (Reason.TOKEN_EXPIRED, f"token expired at {format_seconds(exp)}")
         elif isinstance(nbf, int | float) and at < nbf:
-            rejected = (Reason.TOKEN_NOT_YET_VALID, f"token not valid before {_fmt(nbf)}")
+            rejected = (Reason.TOKEN_NOT_YET_VALID, f"token not valid before {format_seconds(nbf)}")
     identity = token_identity(issuer_name, sub, claims, service_account=sa, token_id=jti)
     return Caller(
         identity,
@@ -356,10 +354,6 @@ def _with_actors(caller: Caller, actors: Sequence[str]) -> Caller:
     if not chain:
         return caller
     return replace(caller, identity=replace(caller.identity, actors=chain))
-
-
-def _fmt(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -432,11 +426,11 @@ def _print_header(
     out.write(f"request:   {method} {raw_path}\n")
     if canonical is not None and canonical != raw_path:
         out.write(f"path:      normalised to {canonical} (the path authorised and forwarded)\n")
-    out.write(f"time:      {now.strftime('%Y-%m-%dT%H:%M:%SZ')}\n")
+    out.write(f"time:      {format_seconds(now.timestamp())}\n")
 
 
 def _explain(args: argparse.Namespace, out: TextIO) -> int:
-    now = parse_time(args.at)
+    now = parse_at(args.at)
     method = parse_method(args.method)
     if (args.as_identity is None) == (args.token is None):
         raise InputError("give exactly one of --as IDENTITY or --token JWT")
@@ -563,7 +557,7 @@ def near_misses(policy: Policy, identity: Identity) -> list[str]:
 
 
 def _who_can(args: argparse.Namespace, out: TextIO) -> int:
-    now = parse_time(args.at)
+    now = parse_at(args.at)
     method = parse_method(args.method)
     resources = _load(args.resources)
     service = resources.service(args.service, args.namespace)
@@ -598,7 +592,7 @@ def _who_can(args: argparse.Namespace, out: TextIO) -> int:
         if grant.tenant is not None:
             extras.append(f"tenant {grant.tenant}")
         if grant.expires_at is not None:
-            extras.append(f"until {_fmt(grant.expires_at)}")
+            extras.append(f"until {format_seconds(grant.expires_at)}")
         suffix = f" [{'; '.join(extras)}]" if extras else ""
         out.write(f"  {describe_subject(subject)}  (grant {grant.name}){suffix}\n")
     out.write("\nRevocations apply to single credentials and are not listed here.\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -13,6 +13,7 @@ from nhigate.api.conditions import READY, TRUE
 from nhigate.api.models import IdentityIssuer, ProtectedService, RouteGrant
 from nhigate.policy import ServiceAccountSubject, SpiffeSubject, Subject, TokenSubject
 from nhigate.policy.model import SERVICE_ACCOUNT_SUBJECT_PREFIX, service_account_subject
+from nhigate.policy.times import format_seconds
 from nhigate.review.usage import GrantUsage, IdentityKey
 
 DAY = 86400.0
@@ -91,7 +92,7 @@ def seen_subjects(usage: GrantUsage) -> list[bool]:
 
 
 def _fmt_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_seconds(moment.timestamp())
 
 
 def _days(seconds: float) -> str:
