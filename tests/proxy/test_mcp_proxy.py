@@ -2,7 +2,7 @@
 
 A small spec-shaped MCP backend (JSON or SSE answers, a session id on initialize)
 records what it receives; the attack tests assert the backend received nothing, or
-exactly the bytes that were authorised (DESIGN.md invariant 8).
+exactly the bytes that were authorised (docs/security.md invariant 8).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Method and path overrides cannot make the backend act on what no grant allows (issue 12,
-item 1; DESIGN.md invariant 7).
+item 1; docs/security.md#7-what-is-authorised-is-all-a-backend-can-act-on).
 
 With a grant of `GET /v1/items/**`, a GET carrying `X-HTTP-Method-Override: DELETE` used to be
 allowed and reach the backend unchanged; so did `X-Original-URL: /admin` and `?_method=DELETE`.

@@ -1,5 +1,5 @@
 """The upstream never receives a request twice unless its method is idempotent (issue 12,
-item 2; DESIGN.md invariant 7).
+item 2; docs/security.md#7-what-is-authorised-is-all-a-backend-can-act-on).
 
 The upstream here is a real TCP server on 127.0.0.1 that reads each request in full and
 then, for the paths that ask for it, closes the connection without answering: exactly what

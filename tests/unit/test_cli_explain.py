@@ -125,6 +125,22 @@ def test_token_for_another_audience_is_rejected(capsys: pytest.CaptureFixture[st
     assert "DENIED: audience_mismatch" in out
 
 
+@pytest.mark.parametrize(
+    ("aud", "reason"),
+    [(["payments-api", 5], "token_invalid"), (None, "audience_mismatch")],
+    ids=["non-string member", "missing"],
+)
+def test_token_audience_is_judged_as_the_proxy_judges_it(
+    capsys: pytest.CaptureFixture[str], aud: object, reason: str
+) -> None:
+    """explain predicts the proxy: a malformed `aud` is token_invalid there, not filtered."""
+    claims = {"iss": "https://issuer.demo.nhigate.example", "sub": "x", "aud": aud}
+    token = _unsigned_token({k: v for k, v in claims.items() if v is not None})
+    code, out, _ = _explain(capsys, "--token", token, "GET", "/v1/payments/42")
+    assert code == 1
+    assert f"DENIED: {reason}" in out
+
+
 def test_token_from_unknown_issuer_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     token = _unsigned_token({"iss": "https://evil.example", "aud": "payments-api", "sub": "x"})
     code, out, _ = _explain(capsys, "--token", token, "GET", "/v1/payments/42")

@@ -284,7 +284,7 @@ async def test_grant_policy_refuses_and_re_judges_when_the_policy_changes(
 
 
 def _usage_lease(version: str, at: float, count: int, key: str) -> dict[str, Any]:
-    from nhigate.controller.status import format_time
+    from nhigate.policy.times import format_seconds
     from nhigate.policy.usage import HOUR, RuleUse, UsageReport, encode_report
 
     report = UsageReport("p1", {f"{NS}/good": {key: RuleUse(int(at), {int(at) // HOUR: count})}})
@@ -303,7 +303,7 @@ def _usage_lease(version: str, at: float, count: int, key: str) -> dict[str, Any
         "spec": {
             "holderIdentity": "r1",
             "leaseDurationSeconds": 15,
-            "renewTime": format_time(at).replace("Z", ".000000Z"),
+            "renewTime": format_seconds(at).replace("Z", ".000000Z"),
         },
     }
 

@@ -200,3 +200,37 @@ def test_slugs_follow_github() -> None:
     assert _slug("`ProxyAvailable` = False, `Unavailable`") == "proxyavailable--false-unavailable"
     assert _slug("Upgrades and the CRDs") == "upgrades-and-the-crds"
     assert _slug("3. Tokens: `iss`, `aud`") == "3-tokens-iss-aud"
+
+
+# --- citations ------------------------------------------------------------------------------
+
+SECURITY = DOCS / "security.md"
+_CITED_INVARIANT = re.compile(r"security\.md(?: invariant |#)(\d+)(-[a-z0-9-]+)?")
+
+
+def _cited_files() -> list[Path]:
+    roots = [ROOT / "src", ROOT / "tests", ROOT / "bench", ROOT / "hack", DOCS]
+    return [p for r in roots for p in r.rglob("*") if p.suffix in {".py", ".md", ".sh"}] + [
+        ROOT / "README.md"
+    ]
+
+
+def test_nothing_cites_a_design_document_the_repository_does_not_hold() -> None:
+    here = Path(__file__).resolve()
+    citing = [
+        str(p.relative_to(ROOT))
+        for p in _cited_files()
+        if p != here and "DESIGN" + ".md" in p.read_text()
+    ]
+    assert citing == [], "cite docs/ instead (security invariants: docs/security.md)"
+
+
+def test_every_cited_security_invariant_is_a_numbered_heading() -> None:
+    numbered = {a.split("-", 1)[0]: a for a in _anchors(SECURITY) if re.match(r"\d+-", a)}
+    assert sorted(numbered, key=int) == [str(n) for n in range(1, 9)]
+    wrong: list[str] = []
+    for path in _cited_files():
+        for number, rest in _CITED_INVARIANT.findall(path.read_text()):
+            if number not in numbered or (rest and numbered[number] != number + rest):
+                wrong.append(f"{path.relative_to(ROOT)}: invariant {number}{rest}")
+    assert not wrong, f"citations of missing invariants: {wrong}"

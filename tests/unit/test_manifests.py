@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from nhigate.api.compile import compile_service
 from nhigate.api.models import ProtectedService
 from nhigate.controller import manifests as m
 from nhigate.controller.bypass import find_bypass_paths
@@ -363,9 +364,18 @@ def test_volumes_and_mounts(
         assert volumes[name]["secret"]["defaultMode"] & 0o007 == 0  # never world-readable
 
 
-def test_upstream_credential_path_matches_the_mount() -> None:
-    assert m.upstream_credential_path(FULL) == "/var/run/nhigate/upstream-credential/token"
-    assert m.upstream_credential_path(MINIMAL) is None
+def test_upstream_credential_file_in_the_policy_is_the_mounted_one() -> None:
+    """The document's `value_file` (api.compile) names the file the Deployment mounts."""
+    credential = compile_service(FULL).upstream_credential
+    assert credential is not None
+    assert credential.value_file == "/var/run/nhigate/upstream-credential/token"
+    deployment = m.build_proxy_deployment(FULL, image="img", policy_version="v1")
+    mounts = {v["name"]: v for v in container_of(deployment)["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    directory, _, key = credential.value_file.rpartition("/")
+    assert mounts["upstream-credential"]["mountPath"] == directory
+    assert volumes["upstream-credential"]["secret"]["items"] == [{"key": key, "path": key}]
+    assert compile_service(MINIMAL).upstream_credential is None
 
 
 def test_pod_runs_restricted() -> None:

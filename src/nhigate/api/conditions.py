@@ -13,8 +13,10 @@ observedGeneration are refreshed on every write.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
+
+from nhigate.policy.times import format_seconds
 
 # --- statuses -------------------------------------------------------------------------------
 TRUE: Final = "True"
@@ -104,13 +106,6 @@ MAX_MESSAGE_LENGTH: Final = 32768
 """The Kubernetes limit on a condition message; longer messages are truncated."""
 
 
-def format_time(moment: datetime) -> str:
-    """RFC 3339 in UTC with a `Z` and whole seconds, as Kubernetes writes timestamps."""
-    if moment.tzinfo is None:
-        raise ValueError("condition times must be timezone-aware")
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def get_condition(
     conditions: Sequence[Mapping[str, Any]] | None, type: str
 ) -> dict[str, Any] | None:
@@ -147,6 +142,9 @@ def set_condition(
         raise ValueError(f"condition status must be True, False or Unknown, got {status!r}")
     if not reason or not reason[0].isupper() or not reason.isalnum():
         raise ValueError(f"condition reason must be CamelCase, got {reason!r}")
+    if now.tzinfo is None:
+        raise ValueError("condition times must be timezone-aware")
+    moment = format_seconds(now.timestamp())
     result: list[dict[str, Any]] = []
     found = False
     for existing in conditions or ():
@@ -155,12 +153,10 @@ def set_condition(
             continue
         found = True
         unchanged = existing.get("status") == status and existing.get("lastTransitionTime")
-        transition = existing["lastTransitionTime"] if unchanged else format_time(now)
+        transition = existing["lastTransitionTime"] if unchanged else moment
         result.append(_condition(type, status, reason, message, observed_generation, transition))
     if not found:
-        result.append(
-            _condition(type, status, reason, message, observed_generation, format_time(now))
-        )
+        result.append(_condition(type, status, reason, message, observed_generation, moment))
     return result
 
 

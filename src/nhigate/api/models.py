@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from nhigate.api.durations import DURATION_PATTERN, parse_duration
 from nhigate.api.validation import CAMEL_CASE, Cel, CelRule, SpecModel, StatusModel
+from nhigate.policy import kinds
 from nhigate.policy.names import MCP_ENDPOINT_PATTERN
 from nhigate.policy.paths import PathPattern
 
@@ -89,9 +90,9 @@ __all__ = [
     "parse_duration",
 ]
 
-GROUP = "nhigate.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+GROUP = kinds.GROUP
+VERSION = kinds.VERSION
+API_VERSION = kinds.API_VERSION
 
 # ---------------------------------------------------------------------------------------------
 # Scalar types
@@ -1394,9 +1395,9 @@ _PS_NAME_RULE = CelRule(
 class IdentityIssuer(Resource):
     """Whom we trust to mint machine credentials."""
 
-    KIND = "IdentityIssuer"
-    PLURAL = "identityissuers"
-    SHORT_NAME = "nhiiss"
+    KIND = kinds.IDENTITY_ISSUER.kind
+    PLURAL = kinds.IDENTITY_ISSUER.plural
+    SHORT_NAME = kinds.IDENTITY_ISSUER.short_name
 
     kind: Literal["IdentityIssuer"] = Field(default="IdentityIssuer", description=_KIND_DESCRIPTION)
     spec: IdentityIssuerSpec
@@ -1406,9 +1407,9 @@ class IdentityIssuer(Resource):
 class ProtectedService(Resource):
     """One backend Service put behind an nhigate proxy."""
 
-    KIND = "ProtectedService"
-    PLURAL = "protectedservices"
-    SHORT_NAME = "nhips"
+    KIND = kinds.PROTECTED_SERVICE.kind
+    PLURAL = kinds.PROTECTED_SERVICE.plural
+    SHORT_NAME = kinds.PROTECTED_SERVICE.short_name
 
     kind: Literal["ProtectedService"] = Field(
         default="ProtectedService", description=_KIND_DESCRIPTION
@@ -1425,9 +1426,9 @@ class ProtectedService(Resource):
 class RouteGrant(Resource):
     """Who may do what, on which ProtectedService, until when."""
 
-    KIND = "RouteGrant"
-    PLURAL = "routegrants"
-    SHORT_NAME = "nhirg"
+    KIND = kinds.ROUTE_GRANT.kind
+    PLURAL = kinds.ROUTE_GRANT.plural
+    SHORT_NAME = kinds.ROUTE_GRANT.short_name
 
     kind: Literal["RouteGrant"] = Field(default="RouteGrant", description=_KIND_DESCRIPTION)
     spec: RouteGrantSpec
@@ -1437,9 +1438,9 @@ class RouteGrant(Resource):
 class Revocation(Resource):
     """Deny a credential before it expires."""
 
-    KIND = "Revocation"
-    PLURAL = "revocations"
-    SHORT_NAME = "nhirev"
+    KIND = kinds.REVOCATION.kind
+    PLURAL = kinds.REVOCATION.plural
+    SHORT_NAME = kinds.REVOCATION.short_name
 
     kind: Literal["Revocation"] = Field(default="Revocation", description=_KIND_DESCRIPTION)
     spec: RevocationSpec

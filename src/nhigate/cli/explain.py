@@ -44,13 +44,18 @@ from nhigate.policy import (
     who_can,
 )
 from nhigate.policy.mcp import McpKind, explain_mcp, mcp_endpoint_of, who_can_mcp
+from nhigate.policy.model import (
+    service_account_of_subject,
+    service_account_subject,
+    token_identity,
+)
+from nhigate.policy.times import format_seconds, parse_rfc3339
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = 1
 EXIT_BAD_INPUT = 2
 
 _METHOD = re.compile(r"^[A-Za-z]{1,20}$")
-_SA_PREFIX = "system:serviceaccount:"
 
 
 class InputError(ValueError):
@@ -151,17 +156,14 @@ def add_parser(subparsers: Any) -> None:
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def parse_time(text: str | None) -> datetime:
+def parse_at(text: str | None) -> datetime:
     """`--at`: RFC 3339 with an offset (or `Z`); now when absent."""
     if text is None:
         return datetime.now(UTC)
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"--at {text!r}: not an RFC 3339 time like 2026-01-02T03:04:05Z") from None
-    if moment.tzinfo is None:
-        raise InputError(f"--at {text!r}: add a timezone, e.g. {text}Z")
-    return moment.astimezone(UTC)
+        return datetime.fromtimestamp(parse_rfc3339(text), UTC)
+    except ValueError as exc:
+        raise InputError(f"--at {exc}") from None
 
 
 def parse_method(text: str) -> str:
@@ -216,12 +218,10 @@ def _kubernetes_issuer(issuers: Sequence[IdentityIssuer], names: Sequence[str]) 
 
 
 def _service_account_from_subject(subject: str, uid: str | None) -> ServiceAccountRef | None:
-    if not subject.startswith(_SA_PREFIX):
+    account = service_account_of_subject(subject)
+    if account is None:
         return None
-    namespace, sep, name = subject[len(_SA_PREFIX) :].partition(":")
-    if not sep or not namespace or not name:
-        return None
-    return ServiceAccountRef(namespace=namespace, name=name, uid=uid)
+    return ServiceAccountRef(namespace=account[0], name=account[1], uid=uid)
 
 
 def _issuer_by_name(issuers: Sequence[IdentityIssuer], name: str) -> IdentityIssuer | None:
@@ -244,11 +244,10 @@ def caller_from_as(
         if not slash or not namespace or not name:
             raise InputError(f"--as {text!r}: expected serviceaccount:NAMESPACE/NAME")
         issuer = _kubernetes_issuer(issuers, names)
-        identity = Identity(
-            kind=IdentityKind.SERVICE_ACCOUNT,
-            issuer=issuer,
-            subject=f"{_SA_PREFIX}{namespace}:{name}",
-            claims=claims,
+        identity = token_identity(
+            issuer,
+            service_account_subject(namespace, name),
+            claims,
             service_account=ServiceAccountRef(namespace=namespace, name=name),
         )
         notes = []
@@ -269,26 +268,11 @@ def caller_from_as(
         sa = None
         if resource is not None and resource.spec.kubernetes is not None:
             sa = _service_account_from_subject(subject, None)
-        identity = Identity(
-            kind=IdentityKind.SERVICE_ACCOUNT if sa is not None else IdentityKind.JWT,
-            issuer=issuer_name,
-            subject=subject,
-            claims=claims,
-            service_account=sa,
-        )
+        identity = token_identity(issuer_name, subject, claims, service_account=sa)
         return Caller(identity, f"token from issuer {issuer_name}, subject {subject}", notes=notes)
     raise InputError(
         f"--as {text!r}: expected serviceaccount:NS/NAME, token:ISSUER/SUBJECT or spiffe://..."
     )
-
-
-def _audiences(claims: Mapping[str, Any]) -> list[str]:
-    aud = claims.get("aud")
-    if isinstance(aud, str):
-        return [aud]
-    if isinstance(aud, list):
-        return [a for a in aud if isinstance(a, str)]
-    return []
 
 
 def caller_from_token(
@@ -320,33 +304,41 @@ def caller_from_token(
     if resource is None:
         rejected = (Reason.UNKNOWN_ISSUER, f"no trusted IdentityIssuer has issuer {iss!r}")
     else:
-        audiences = _audiences(claims)
         exp = claims.get("exp")
         nbf = claims.get("nbf")
         at = now.timestamp()
-        if not set(audiences) & set(resource.spec.audiences):
-            rejected = (
-                Reason.AUDIENCE_MISMATCH,
-                f"token audience {audiences} names none of {list(resource.spec.audiences)}",
-            )
+        audience = _audience_problem(claims, resource.spec.audiences)
+        if audience is not None:
+            rejected = audience
         elif isinstance(exp, int | float) and at >= exp:
-            rejected = (Reason.TOKEN_EXPIRED, f"token expired at {_fmt(exp)}")
+            rejected = (Reason.TOKEN_EXPIRED, f"token expired at {format_seconds(exp)}")
         elif isinstance(nbf, int | float) and at < nbf:
-            rejected = (Reason.TOKEN_NOT_YET_VALID, f"token not valid before {_fmt(nbf)}")
-    identity = Identity(
-        kind=IdentityKind.SERVICE_ACCOUNT if sa is not None else IdentityKind.JWT,
-        issuer=issuer_name,
-        subject=sub,
-        claims=claims,
-        service_account=sa,
-        token_id=jti,
-    )
+            rejected = (Reason.TOKEN_NOT_YET_VALID, f"token not valid before {format_seconds(nbf)}")
+    identity = token_identity(issuer_name, sub, claims, service_account=sa, token_id=jti)
     return Caller(
         identity,
         f"token from issuer {issuer_name or iss!r}, subject {sub}",
         unverified_claims=claims,
         rejected=rejected,
     )
+
+
+def _audience_problem(
+    claims: Mapping[str, Any], trusted: Sequence[str]
+) -> tuple[Reason, str] | None:
+    """Why the proxy would refuse the token's `aud` (its own check), or None."""
+    from nhigate.proxy.tokens import TokenError, audiences
+
+    try:
+        named = audiences(claims)
+    except TokenError as exc:
+        return (exc.reason, exc.detail)
+    if named.isdisjoint(trusted):
+        return (
+            Reason.AUDIENCE_MISMATCH,
+            f"token audience {sorted(named)} names none of {list(trusted)}",
+        )
+    return None
 
 
 def _with_actors(caller: Caller, actors: Sequence[str]) -> Caller:
@@ -362,10 +354,6 @@ def _with_actors(caller: Caller, actors: Sequence[str]) -> Caller:
     if not chain:
         return caller
     return replace(caller, identity=replace(caller.identity, actors=chain))
-
-
-def _fmt(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -438,11 +426,11 @@ def _print_header(
     out.write(f"request:   {method} {raw_path}\n")
     if canonical is not None and canonical != raw_path:
         out.write(f"path:      normalised to {canonical} (the path authorised and forwarded)\n")
-    out.write(f"time:      {now.strftime('%Y-%m-%dT%H:%M:%SZ')}\n")
+    out.write(f"time:      {format_seconds(now.timestamp())}\n")
 
 
 def _explain(args: argparse.Namespace, out: TextIO) -> int:
-    now = parse_time(args.at)
+    now = parse_at(args.at)
     method = parse_method(args.method)
     if (args.as_identity is None) == (args.token is None):
         raise InputError("give exactly one of --as IDENTITY or --token JWT")
@@ -569,7 +557,7 @@ def near_misses(policy: Policy, identity: Identity) -> list[str]:
 
 
 def _who_can(args: argparse.Namespace, out: TextIO) -> int:
-    now = parse_time(args.at)
+    now = parse_at(args.at)
     method = parse_method(args.method)
     resources = _load(args.resources)
     service = resources.service(args.service, args.namespace)
@@ -604,7 +592,7 @@ def _who_can(args: argparse.Namespace, out: TextIO) -> int:
         if grant.tenant is not None:
             extras.append(f"tenant {grant.tenant}")
         if grant.expires_at is not None:
-            extras.append(f"until {_fmt(grant.expires_at)}")
+            extras.append(f"until {format_seconds(grant.expires_at)}")
         suffix = f" [{'; '.join(extras)}]" if extras else ""
         out.write(f"  {describe_subject(subject)}  (grant {grant.name}){suffix}\n")
     out.write("\nRevocations apply to single credentials and are not listed here.\n")

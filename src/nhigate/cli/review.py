@@ -24,7 +24,7 @@ from nhigate.api.models import (
     RouteGrant,
 )
 from nhigate.api.resources import ResourceError, ResourceSet, load_resources, parse_resource
-from nhigate.cli.explain import InputError, parse_time
+from nhigate.cli.explain import InputError, parse_at
 from nhigate.review.findings import DAY, DEFAULT_MAX_WINDOW, DEFAULT_MIN_DENIALS, ReviewSettings
 from nhigate.review.plots import PlotsUnavailable, pyplot, render_plots
 from nhigate.review.records import ReadStats, read_records
@@ -160,7 +160,7 @@ def _access_review(args: argparse.Namespace, out: TextIO) -> int:
     if args.max_window_days < 1 or args.min_denials < 1:
         raise InputError("--max-window-days and --min-denials must be at least 1")
     settings = ReviewSettings(
-        at=parse_time(args.at).timestamp(),
+        at=parse_at(args.at).timestamp(),
         max_window=args.max_window_days * DAY,
         min_denials=args.min_denials,
     )

@@ -20,12 +20,12 @@ from nhigate.api import conditions as c
 from nhigate.api.models import RouteGrant
 from nhigate.controller.status import condition
 from nhigate.policy import LiveIdentities, LiveServiceAccount
+from nhigate.policy.model import service_account_of_subject
 
 JSON = dict[str, Any]
 Account = tuple[str, str]
 """(namespace, name) of a service account."""
 
-SA_SUBJECT_PREFIX = "system:serviceaccount:"
 RETIRED_RETENTION = 600.0
 """Seconds a retired UID stays listed. Afterwards a token of it is still refused by time:
 it was issued before the deletion, long before any snapshot taken since."""
@@ -48,17 +48,10 @@ def granted_accounts(grants: Iterable[RouteGrant]) -> set[Account]:
             if subject.service_account is not None:
                 accounts.add((subject.service_account.namespace, subject.service_account.name))
             elif subject.token is not None and subject.token.subject:
-                account = _account_of_subject(subject.token.subject)
+                account = service_account_of_subject(subject.token.subject)
                 if account is not None:
                     accounts.add(account)
     return accounts
-
-
-def _account_of_subject(sub: str) -> Account | None:
-    if not sub.startswith(SA_SUBJECT_PREFIX):
-        return None
-    namespace, sep, name = sub[len(SA_SUBJECT_PREFIX) :].partition(":")
-    return (namespace, name) if sep and namespace and name and ":" not in name else None
 
 
 def _meta(obj: Mapping[str, Any]) -> JSON:

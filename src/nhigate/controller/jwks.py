@@ -7,20 +7,15 @@ of the proxy's identity-assertion key, with the same RFC 7638 `kid` the proxy us
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from nhigate.jose import THUMBPRINT_MEMBERS, load_p256_private_key, p256_signing_jwk
+
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth"})
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "RSA": ("n", "e"),
-    "EC": ("crv", "x", "y"),
-    "OKP": ("crv", "x"),
-}
 MAX_KEYS = 64
 
 
@@ -51,9 +46,10 @@ def validate_jwks(data: bytes | dict[str, Any]) -> dict[str, Any]:
         if private:
             raise InvalidJwks(f"keys[{index}] holds private key members {private}")
         kty = key.get("kty")
-        if kty not in _REQUIRED:
+        required = THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None
+        if required is None:
             raise InvalidJwks(f"keys[{index}]: unsupported kty {kty!r}")
-        missing = [m for m in _REQUIRED[kty] if not isinstance(key.get(m), str) or not key[m]]
+        missing = [m for m in required if not isinstance(key.get(m), str) or not key[m]]
         if missing:
             raise InvalidJwks(f"keys[{index}] ({kty}) lacks {missing}")
         if key.get("use", "sig") != "sig":
@@ -64,10 +60,6 @@ def validate_jwks(data: bytes | dict[str, Any]) -> dict[str, Any]:
     if len(keys) > MAX_KEYS:
         raise InvalidJwks(f"{len(keys)} keys; at most {MAX_KEYS} are accepted")
     return {"keys": keys}
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def new_assertion_key() -> bytes:
@@ -82,22 +74,4 @@ def new_assertion_key() -> bytes:
 
 def assertion_public_jwks(private_pem: bytes) -> dict[str, Any]:
     """The public JWK Set for an EC P-256 assertion key (kid = RFC 7638 thumbprint)."""
-    try:
-        loaded = serialization.load_pem_private_key(private_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"assertion key must be an EC P-256 private key: {exc}") from None
-    if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(
-        loaded.curve, ec.SECP256R1
-    ):
-        raise ValueError("assertion key must be an EC P-256 private key")
-    numbers = loaded.public_key().public_numbers()
-    public = {
-        "crv": "P-256",
-        "kty": "EC",
-        "x": _b64(numbers.x.to_bytes(32, "big")),
-        "y": _b64(numbers.y.to_bytes(32, "big")),
-    }
-    thumbprint = hashlib.sha256(
-        json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
-    ).digest()
-    return {"keys": [{**public, "kid": _b64(thumbprint), "alg": "ES256", "use": "sig"}]}
+    return {"keys": [p256_signing_jwk(load_p256_private_key(private_pem))]}

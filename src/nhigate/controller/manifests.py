@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from nhigate.api.compile import UPSTREAM_CREDENTIAL_DIR
 from nhigate.api.models import API_VERSION, IsolationMode, ProtectedService, parse_duration
 
 Manifest = dict[str, Any]
@@ -26,8 +27,9 @@ LABEL_PROTECTED_SERVICE = "nhigate.io/protected-service"
 PROXY_APP_NAME = "nhigate-proxy"
 
 POLICY_KEY = "policy.json.gz"
-PROXY_SHUTDOWN_DELAY_SECONDS = 5
 """ConfigMap key holding the encoded PolicyDocument."""
+PROXY_SHUTDOWN_DELAY_SECONDS = 5
+"""`--shutdown-delay`: seconds a terminating proxy stays up, unready, before it stops listening."""
 POLICY_VERSION_ANNOTATION = "nhigate.io/policy-version"
 ASSERTION_KEY_FILE = "key.pem"
 JWKS_KEY = "jwks.json"
@@ -37,7 +39,6 @@ PROXY_PORT_NAME = "proxy"
 ADMIN_PORT_NAME = "admin"
 RUN_DIR = "/var/run/nhigate"
 ASSERTION_DIR = f"{RUN_DIR}/assertion"
-UPSTREAM_CREDENTIAL_DIR = f"{RUN_DIR}/upstream-credential"
 TLS_DIR = f"{RUN_DIR}/tls"
 CLIENT_CA_DIR = f"{RUN_DIR}/client-ca"
 PROXY_UID = 65532
@@ -95,12 +96,6 @@ def proxy_labels(ps: ProtectedService) -> dict[str, str]:
 def assertion_enabled(ps: ProtectedService) -> bool:
     """True when the proxy signs identity assertions (`identityAssertion` set and enabled)."""
     return ps.spec.identity_assertion is not None and ps.spec.identity_assertion.enabled
-
-
-def upstream_credential_path(ps: ProtectedService) -> str | None:
-    """Where the proxy pod finds the upstream credential (the policy's `value_file`)."""
-    cred = ps.spec.upstream_credential
-    return f"{UPSTREAM_CREDENTIAL_DIR}/{cred.key}" if cred is not None else None
 
 
 def upstream_url(ps: ProtectedService) -> str:

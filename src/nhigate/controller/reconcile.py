@@ -67,14 +67,12 @@ from nhigate.controller.status import (
     ReplicaReport,
     condition,
     direct_path_blocked,
-    format_time,
     grant_active,
     grant_enforced,
     live_replicas,
     merge_conditions,
     next_replica_expiry,
     next_transition,
-    parse_time,
     policy_enforced,
     proxy_available,
     service_ready,
@@ -108,6 +106,7 @@ from nhigate.k8s import (
     ResourceRef,
 )
 from nhigate.policy import Grant, LiveIdentities, pack_document
+from nhigate.policy.times import format_seconds, parse_optional
 
 JSON = dict[str, Any]
 _VERSIONS_KEPT = 32
@@ -503,8 +502,8 @@ class Controller:
         for view in views:
             spec = _spec(view.body)
             not_before, expires_at = (
-                parse_time(spec.get("notBefore")),
-                parse_time(spec.get("expiresAt")),
+                parse_optional(spec.get("notBefore")),
+                parse_optional(spec.get("expiresAt")),
             )
             view.active = grant_active(not_before, expires_at, now)
             view.compiled = in_policy.get(view.key)
@@ -904,7 +903,7 @@ class Controller:
             )
             spec = _spec(view.body)
             active = view.active or grant_active(
-                parse_time(spec.get("notBefore")), parse_time(spec.get("expiresAt")), now
+                parse_optional(spec.get("notBefore")), parse_optional(spec.get("expiresAt")), now
             )
             extra: JSON = {"enforcedReplicas": ratio}
             if view.compiled is not None and observed.version:
@@ -936,7 +935,7 @@ class Controller:
         steady traffic must not turn every Lease renewal into a status write."""
         previous = (view.body.get("status") or {}).get("usage")
         fresh = grant_usage(view.key, view.compiled, reports, previous, now)
-        created = parse_time(_meta(view.body).get("creationTimestamp"))
+        created = parse_optional(_meta(view.body).get("creationTimestamp"))
         unused, idle_at = grant_unused(
             fresh.get("lastUsed"), created, idle_after, complete=reports.complete, now=now
         )
@@ -1013,7 +1012,9 @@ class Controller:
             desired = [
                 condition(c.ACCEPTED, False, c.REASON_TARGET_NOT_FOUND, message),
                 grant_active(
-                    parse_time(spec.get("notBefore")), parse_time(spec.get("expiresAt")), now
+                    parse_optional(spec.get("notBefore")),
+                    parse_optional(spec.get("expiresAt")),
+                    now,
                 ),
                 condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
             ]
@@ -1095,7 +1096,7 @@ class Controller:
             )
             return
         interval = _seconds(issuer.spec.refresh_interval)
-        last = parse_time(status.get("lastRefreshTime"))
+        last = parse_optional(status.get("lastRefreshTime"))
         generation_seen = status.get("observedGeneration") == issuer.metadata.generation
         due = (
             force or known is None or not generation_seen or last is None or now - last >= interval
@@ -1122,9 +1123,8 @@ class Controller:
         self, body: Mapping[str, Any], reason: str, message: str, known: _IssuerKeys | None
     ) -> None:
         if known is not None:
-            message += (
-                f"; still serving the {known.count} keys fetched at {format_time(known.fetched_at)}"
-            )
+            fetched = format_seconds(known.fetched_at)
+            message += f"; still serving the {known.count} keys fetched at {fetched}"
         await self._write_issuer_status(body, False, reason, message, known, None)
         self.log.warning(
             "IdentityIssuer %s/%s: %s",
@@ -1176,7 +1176,7 @@ class Controller:
             "keyCount": keys.count if keys is not None else 0,
         }
         if refreshed_at is not None:
-            status["lastRefreshTime"] = format_time(refreshed_at)
+            status["lastRefreshTime"] = format_seconds(refreshed_at)
         elif previous.get("lastRefreshTime"):
             status["lastRefreshTime"] = previous["lastRefreshTime"]
         if generation is not None:

@@ -17,26 +17,9 @@ from typing import Any
 from nhigate.api import conditions as c
 from nhigate.controller.bypass import BypassPath
 from nhigate.policy import Grant
+from nhigate.policy.times import format_seconds, parse_optional
 
 JSON = dict[str, Any]
-
-
-def format_time(epoch: float) -> str:
-    """Epoch seconds -> RFC 3339 UTC with second precision (the metav1.Time format)."""
-    return datetime.fromtimestamp(int(epoch), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str | None) -> float | None:
-    """RFC 3339 (Time or MicroTime) -> epoch seconds; None for absent or unparseable."""
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 def condition(type_: str, status: bool | str, reason: str, message: str) -> JSON:
@@ -91,7 +74,7 @@ def live_replicas(leases: Iterable[Mapping[str, Any]], now: float) -> list[Repli
     for lease in leases:
         spec = lease.get("spec") or {}
         meta = lease.get("metadata") or {}
-        renewed = parse_time(spec.get("renewTime"))
+        renewed = parse_optional(spec.get("renewTime"))
         duration = spec.get("leaseDurationSeconds")
         if renewed is None or not isinstance(duration, int) or duration <= 0:
             continue
@@ -147,11 +130,13 @@ def grant_active(not_before: float | None, expires_at: float | None, now: float)
     """`Active`: inside [notBefore, expiresAt)."""
     if not_before is not None and now < not_before:
         return condition(
-            c.ACTIVE, False, c.REASON_NOT_YET_VALID, f"valid from {format_time(not_before)}"
+            c.ACTIVE, False, c.REASON_NOT_YET_VALID, f"valid from {format_seconds(not_before)}"
         )
     if expires_at is not None and now >= expires_at:
-        return condition(c.ACTIVE, False, c.REASON_EXPIRED, f"expired at {format_time(expires_at)}")
-    until = f"until {format_time(expires_at)}" if expires_at is not None else "with no expiry"
+        return condition(
+            c.ACTIVE, False, c.REASON_EXPIRED, f"expired at {format_seconds(expires_at)}"
+        )
+    until = f"until {format_seconds(expires_at)}" if expires_at is not None else "with no expiry"
     return condition(c.ACTIVE, True, c.REASON_ACTIVE, f"valid {until}")
 
 

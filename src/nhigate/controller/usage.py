@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nhigate.api import conditions as c
-from nhigate.controller.status import condition, format_time, live_replicas, parse_time
+from nhigate.controller.status import condition, live_replicas
 from nhigate.policy import Grant
+from nhigate.policy.times import format_seconds, parse_optional
 from nhigate.policy.usage import (
     MAX_SHAPES,
     USAGE_ANNOTATION,
@@ -71,12 +72,12 @@ def _in_window(use: RuleUse, first_hour: int) -> int:
 
 def _later(a: str | None, b: float | None) -> str | None:
     """The later of an RFC 3339 time and epoch seconds, as RFC 3339."""
-    known = parse_time(a)
+    known = parse_optional(a)
     if b is None or b <= 0:
         return a if known is not None else None
     if known is not None and known >= b:
         return a
-    return format_time(b)
+    return format_seconds(b)
 
 
 def grant_usage(
@@ -147,7 +148,7 @@ def grant_unused(
     Idle means no allowed request for `idle_after` seconds since the last one, or since the
     grant was created if it never allowed one. Incomplete reports never make a grant idle.
     """
-    used = parse_time(last_used)
+    used = parse_optional(last_used)
     since = used if used is not None else created
     period = f"{int(idle_after)}s"
     if since is None:
@@ -159,13 +160,13 @@ def grant_unused(
         if used is not None:  # no time in the message: it must not change on every request
             message = f"used within the last {period} (status.usage.lastUsed)"
             return condition(c.UNUSED, False, c.REASON_USED, message), idle_at
-        message = f"not used since its creation {format_time(since)}; idle after {period}"
+        message = f"not used since its creation {format_seconds(since)}; idle after {period}"
         return condition(c.UNUSED, False, c.REASON_NOT_YET_IDLE, message), idle_at
     if not complete:
         message = "a proxy replica's usage report is incomplete: idleness is not claimed"
         return condition(c.UNUSED, c.UNKNOWN, c.REASON_USAGE_INCOMPLETE, message), None
-    what = f"last used {format_time(used)}" if used is not None else "never used"
-    message = f"{what}: no request allowed for {period} (since {format_time(since)})"
+    what = f"last used {format_seconds(used)}" if used is not None else "never used"
+    message = f"{what}: no request allowed for {period} (since {format_seconds(since)})"
     return condition(c.UNUSED, True, c.REASON_IDLE, message), None
 
 

@@ -23,7 +23,6 @@ from nhigate.k8s.resources import ResourceRef, ref_of
 JSON = dict[str, Any]
 
 _APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is valid YAML
-_MERGE_CONTENT_TYPE = "application/merge-patch+json"
 _REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
 
 
@@ -290,14 +289,6 @@ class KubeClient:
         ref = ref_of(obj)
         namespace = (obj.get("metadata") or {}).get("namespace")
         return await self._json("POST", ref.path(namespace), body=obj)
-
-    async def merge_patch(
-        self, ref: ResourceRef, name: str, namespace: str | None, patch: JSON
-    ) -> JSON:
-        """JSON merge patch (used for metadata such as annotations on objects we do not own)."""
-        return await self._json(
-            "PATCH", ref.path(namespace, name), body=patch, content_type=_MERGE_CONTENT_TYPE
-        )
 
     async def resource_exists(self, group: str, version: str, plural: str) -> bool:
         """Whether the API server serves `plural` in group/version (e.g. Gateway API HTTPRoutes)."""

@@ -10,6 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from nhigate.policy.kinds import (
+    GROUP,
+    IDENTITY_ISSUER,
+    PROTECTED_SERVICE,
+    REVOCATION,
+    ROUTE_GRANT,
+    VERSION,
+    CustomKind,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ResourceRef:
@@ -40,9 +50,6 @@ class ResourceRef:
         return prefix
 
 
-NHIGATE_GROUP = "nhigate.io"
-NHIGATE_VERSION = "v1alpha1"
-
 CONFIGMAPS = ResourceRef("", "v1", "configmaps", "ConfigMap")
 SECRETS = ResourceRef("", "v1", "secrets", "Secret")
 SERVICES = ResourceRef("", "v1", "services", "Service")
@@ -66,12 +73,16 @@ CUSTOMRESOURCEDEFINITIONS = ResourceRef(
     "CustomResourceDefinition",
     namespaced=False,
 )
-IDENTITYISSUERS = ResourceRef(NHIGATE_GROUP, NHIGATE_VERSION, "identityissuers", "IdentityIssuer")
-PROTECTEDSERVICES = ResourceRef(
-    NHIGATE_GROUP, NHIGATE_VERSION, "protectedservices", "ProtectedService"
-)
-ROUTEGRANTS = ResourceRef(NHIGATE_GROUP, NHIGATE_VERSION, "routegrants", "RouteGrant")
-REVOCATIONS = ResourceRef(NHIGATE_GROUP, NHIGATE_VERSION, "revocations", "Revocation")
+
+
+def _custom(custom: CustomKind) -> ResourceRef:
+    return ResourceRef(GROUP, VERSION, custom.plural, custom.kind)
+
+
+IDENTITYISSUERS = _custom(IDENTITY_ISSUER)
+PROTECTEDSERVICES = _custom(PROTECTED_SERVICE)
+ROUTEGRANTS = _custom(ROUTE_GRANT)
+REVOCATIONS = _custom(REVOCATION)
 
 ALL_RESOURCES: tuple[ResourceRef, ...] = (
     CONFIGMAPS, SECRETS, SERVICES, SERVICEACCOUNTS, PODS, EVENTS, NAMESPACES, LEASES,

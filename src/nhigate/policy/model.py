@@ -121,6 +121,47 @@ class Identity:
     """The token's `iat` (epoch seconds), when the credential is a token."""
 
 
+SERVICE_ACCOUNT_SUBJECT_PREFIX = "system:serviceaccount:"
+"""How a Kubernetes service-account token spells its `sub`: `system:serviceaccount:NS:NAME`."""
+
+
+def service_account_subject(namespace: str, name: str) -> str:
+    """The `sub` of a token for the service account `namespace`/`name`."""
+    return f"{SERVICE_ACCOUNT_SUBJECT_PREFIX}{namespace}:{name}"
+
+
+def service_account_of_subject(subject: str) -> tuple[str, str] | None:
+    """(namespace, name) of a `system:serviceaccount:NS:NAME` subject; None for any other."""
+    if not subject.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX):
+        return None
+    namespace, sep, name = subject[len(SERVICE_ACCOUNT_SUBJECT_PREFIX) :].partition(":")
+    return (namespace, name) if sep and namespace and name and ":" not in name else None
+
+
+def token_identity(
+    issuer: str,
+    subject: str,
+    claims: Mapping[str, object],
+    *,
+    service_account: ServiceAccountRef | None = None,
+    token_id: str | None = None,
+    actors: tuple[str, ...] = (),
+    issued_at: float | None = None,
+) -> Identity:
+    """The Identity a bearer token's claims name: a service account's when the issuer is a
+    `kubernetes` one and named it, else a plain JWT's."""
+    return Identity(
+        kind=IdentityKind.JWT if service_account is None else IdentityKind.SERVICE_ACCOUNT,
+        issuer=issuer,
+        subject=subject,
+        claims=claims,
+        service_account=service_account,
+        token_id=token_id,
+        actors=actors,
+        issued_at=issued_at,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Delegation:
     """Which actor chains a grant subject accepts (RFC 8693 `act`; docs/mcp.md).

@@ -80,10 +80,6 @@ def _decode_segment(raw: str) -> str:
     return "".join(out)
 
 
-def _is_dot_segment(segment: str) -> bool:
-    return segment in (".", "..")
-
-
 def _is_parameterised_dot(segment: str) -> bool:
     """`..;x` / `.;x`: some servlet containers strip `;params` and then see a dot-segment."""
     head = segment.split(";", 1)[0].split("%3B", 1)[0]

@@ -9,29 +9,19 @@ half of its lifetime remains; reused assertions share their `jti`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
-from base64 import urlsafe_b64encode
 from collections import OrderedDict
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from nhigate.jose import b64url, compact_json, load_p256_private_key, p256_signing_jwk
 from nhigate.policy.model import Identity
 
 ASSERTION_ISSUER = "nhigate-proxy"
 _CACHE_SIZE = 4096
 _CacheKey = tuple[str, str, str, str | None, str, int]
-
-
-def _b64(data: bytes) -> str:
-    return urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _compact_json(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
 class AssertionSigner:
@@ -42,25 +32,12 @@ class AssertionSigner:
         if private_key_pem is None:
             key = ec.generate_private_key(ec.SECP256R1())
         else:
-            loaded = serialization.load_pem_private_key(private_key_pem, password=None)
-            if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(
-                loaded.curve, ec.SECP256R1
-            ):
-                raise ValueError("assertion key must be an EC P-256 private key")
-            key = loaded
+            key = load_p256_private_key(private_key_pem)
         self._key = key
-        numbers = key.public_key().public_numbers()
-        public = {
-            "crv": "P-256",
-            "kty": "EC",
-            "x": _b64(numbers.x.to_bytes(32, "big")),
-            "y": _b64(numbers.y.to_bytes(32, "big")),
-        }
-        # RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order.
-        self.kid = _b64(hashlib.sha256(_compact_json(public)).digest())
-        self._jwk = {**public, "kid": self.kid, "alg": "ES256", "use": "sig"}
+        self._jwk = p256_signing_jwk(key)
+        self.kid = self._jwk["kid"]
         header = {"alg": "ES256", "typ": "JWT", "kid": self.kid}
-        self._header_b64 = _b64(_compact_json(header))
+        self._header_b64 = b64url(compact_json(header))
         self._cache: OrderedDict[_CacheKey, tuple[str, float]] = OrderedDict()
 
     def public_jwks(self) -> dict[str, object]:
@@ -104,10 +81,10 @@ class AssertionSigner:
         }
         if audience:
             claims["aud"] = audience
-        signing_input = f"{self._header_b64}.{_b64(_compact_json(claims))}"
+        signing_input = f"{self._header_b64}.{b64url(compact_json(claims))}"
         der = self._key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
-        token = f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        token = f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
         if len(self._cache) >= _CACHE_SIZE:
             self._cache.popitem(last=False)
         self._cache[key] = (token, float(exp_time))

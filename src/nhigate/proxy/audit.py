@@ -96,7 +96,7 @@ def audit_line(
 
 @dataclass(slots=True)
 class AuditEvent:
-    """The fields of one audit record (DESIGN.md invariant 6)."""
+    """The fields of one audit record (docs/security.md invariant 6)."""
 
     time: float
     request_id: str

@@ -1,5 +1,5 @@
 """Method and path overrides: headers and parameters a backend may route on instead of the
-request line (DESIGN.md invariant 7; the list and where each is honoured: docs/security.md).
+request line (docs/security.md invariant 7; the list and where each is honoured there).
 
 A grant authorises a method and a path. A backend that honours `X-HTTP-Method-Override:
 DELETE` (Express `method-override`, ASP.NET Core `UseHttpMethodOverride`, Symfony, Laravel,

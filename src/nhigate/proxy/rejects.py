@@ -3,7 +3,7 @@
 Smuggling shapes (duplicate `Content-Length`, `Transfer-Encoding` with `Content-Length`,
 obs-fold, bare LF, header names with spaces, NUL or raw non-ASCII bytes in the target,
 oversized or too many headers) never become a `web.Request`: aiohttp answers 400 itself and
-closes the connection, so the pipeline's audit line is never written. DESIGN.md invariant 6
+closes the connection, so the pipeline's audit line is never written. docs/security.md invariant 6
 says every decision is audited, and a refused smuggling attempt is exactly the decision an
 operator wants to see. aiohttp's public hook on that path is the access logger, which it
 calls for every response, refused ones included; `rejected_request_audit(app)` returns the

@@ -15,6 +15,7 @@ import json
 import math
 import re
 from base64 import urlsafe_b64decode, urlsafe_b64encode
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from nhigate.policy.document import IssuerConfig
-from nhigate.policy.model import Identity, IdentityKind, Reason, ServiceAccountRef
+from nhigate.policy.model import (
+    Identity,
+    Reason,
+    ServiceAccountRef,
+    service_account_subject,
+    token_identity,
+)
 
 MAX_TOKEN_BYTES = 8 * 1024
 """Longest accepted token (the compact serialisation, in bytes)."""
@@ -255,7 +262,6 @@ MAX_AUDIENCES = 64
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-_SA_PREFIX = "system:serviceaccount:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +296,8 @@ def _required_date(claims: dict[str, Any], name: str) -> float:
     return value
 
 
-def _audiences(claims: dict[str, Any]) -> frozenset[str]:
+def audiences(claims: Mapping[str, Any]) -> frozenset[str]:
+    """The token's `aud` as a set; TokenError when missing or not a string or string list."""
     aud = claims.get("aud")
     if aud is None:
         raise TokenError(Reason.AUDIENCE_MISMATCH, "missing aud claim")
@@ -337,7 +344,7 @@ def _service_account(claims: dict[str, Any], subject: str) -> ServiceAccountRef:
     pod_uid = None if pod is None else pod.get("uid")
     if pod_uid is not None and (not isinstance(pod_uid, str) or not pod_uid or len(pod_uid) > 64):
         raise TokenError(Reason.TOKEN_INVALID, "bad kubernetes.io pod uid")
-    if subject != f"{_SA_PREFIX}{namespace}:{name}":
+    if subject != service_account_subject(namespace, name):
         raise TokenError(Reason.TOKEN_INVALID, "sub disagrees with kubernetes.io claim")
     return ServiceAccountRef(namespace=namespace, name=name, uid=uid, pod_uid=pod_uid)
 
@@ -392,33 +399,20 @@ def validate_claims(claims: dict[str, Any], issuer: IssuerConfig, now: float) ->
         raise TokenError(Reason.TOKEN_EXPIRED, "token expired")
     if now < not_before:
         raise TokenError(Reason.TOKEN_NOT_YET_VALID, "token not yet valid (nbf/iat in the future)")
-    if _audiences(claims).isdisjoint(issuer.audiences):
+    if audiences(claims).isdisjoint(issuer.audiences):
         raise TokenError(Reason.AUDIENCE_MISMATCH, "aud does not name this service")
     subject = _optional_str(claims, "sub")
     if subject is None:
         raise TokenError(Reason.TOKEN_INVALID, "missing sub claim")
     token_id = _optional_str(claims, "jti")
     actors = actor_chain(claims)
-    frozen_claims = MappingProxyType(claims)
-    if issuer.kubernetes:
-        identity = Identity(
-            kind=IdentityKind.SERVICE_ACCOUNT,
-            issuer=issuer.name,
-            subject=subject,
-            claims=frozen_claims,
-            service_account=_service_account(claims, subject),
-            token_id=token_id,
-            actors=actors,
-            issued_at=iat,
-        )
-    else:
-        identity = Identity(
-            kind=IdentityKind.JWT,
-            issuer=issuer.name,
-            subject=subject,
-            claims=frozen_claims,
-            token_id=token_id,
-            actors=actors,
-            issued_at=iat,
-        )
+    identity = token_identity(
+        issuer.name,
+        subject,
+        MappingProxyType(claims),
+        service_account=_service_account(claims, subject) if issuer.kubernetes else None,
+        token_id=token_id,
+        actors=actors,
+        issued_at=iat,
+    )
     return ValidatedToken(identity=identity, not_before=not_before, expires_at=expires_at)

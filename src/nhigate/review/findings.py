@@ -5,19 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from nhigate.api.conditions import READY, TRUE
 from nhigate.api.models import IdentityIssuer, ProtectedService, RouteGrant
 from nhigate.policy import ServiceAccountSubject, SpiffeSubject, Subject, TokenSubject
+from nhigate.policy.model import SERVICE_ACCOUNT_SUBJECT_PREFIX, service_account_subject
+from nhigate.policy.times import format_seconds
 from nhigate.review.usage import GrantUsage, IdentityKey
 
 DAY = 86400.0
 DEFAULT_MAX_WINDOW = 90 * DAY
 DEFAULT_MIN_DENIALS = 3
-_SA_PREFIX = "system:serviceaccount:"
 
 
 class Kind(StrEnum):
@@ -70,8 +71,8 @@ def subject_seen(subject: Subject, identity: IdentityKey) -> bool:
     if isinstance(subject, ServiceAccountSubject):
         if kind != "serviceAccount" or name is None:
             return False
-        expected = f"{_SA_PREFIX}{subject.namespace}:{subject.name}"
-        return name == expected or not name.startswith(_SA_PREFIX)
+        expected = service_account_subject(subject.namespace, subject.name)
+        return name == expected or not name.startswith(SERVICE_ACCOUNT_SUBJECT_PREFIX)
     if isinstance(subject, TokenSubject):
         return (
             kind in ("jwt", "serviceAccount")
@@ -91,7 +92,7 @@ def seen_subjects(usage: GrantUsage) -> list[bool]:
 
 
 def _fmt_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_seconds(moment.timestamp())
 
 
 def _days(seconds: float) -> str:

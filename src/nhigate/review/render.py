@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from nhigate.policy.times import format_seconds
 from nhigate.review.proposal import to_yaml
 from nhigate.review.report import GrantReview, Review, describe_identity
 
@@ -18,7 +18,7 @@ def fmt_time(epoch: float | None) -> str:
     """RFC 3339 UTC, to the second; `-` for never."""
     if epoch is None:
         return "-"
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_seconds(epoch)
 
 
 def _rules_used(grant: GrantReview) -> str:
