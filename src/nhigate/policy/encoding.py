@@ -1083,13 +1083,133 @@ def _reject_constant(name: str) -> NoReturn:
     raise PolicyDocumentError(f"{name} is not allowed in a policy document")
 
 
-def decode_document(data: bytes) -> PolicyDocument:
+def decode_document(data: bytes, *, reuse: GrantReuse | None = None) -> PolicyDocument:
     """Parse and strictly validate a policy document; raise `PolicyDocumentError` naming the
     field on unknown apiVersion, missing/unknown/ill-typed fields, invalid patterns, or a
-    `version` that does not match the content."""
+    `version` that does not match the content.
+
+    With `reuse`, grants whose canonical text is byte-identical to one of the document
+    `reuse` last decoded are taken from it instead of being parsed and validated again
+    (what a replica does on every reload); `reuse` then remembers this document.
+    """
     with gc_paused():
-        doc = _decode_canonical(data)
-        return doc if doc is not None else _decode_any(data)
+        doc = None
+        if reuse is not None and reuse.grants:
+            doc = _decode_reusing(data, reuse)
+        canonical = doc is not None
+        if doc is None:
+            doc = _decode_canonical(data)
+            canonical = doc is not None
+        if doc is None:
+            doc = _decode_any(data)
+        if reuse is not None:
+            reuse.remember(data if canonical else None, doc)
+        return doc
+
+
+class GrantReuse:
+    """The grants of the last canonical document decoded, by their exact canonical text.
+
+    Only text `decode_document` has verified is remembered: either the whole document was
+    byte-for-byte the canonical encoding of what was parsed (and the grant texts are its
+    split at grant boundaries, with the count checked), or each grant's text was parsed,
+    validated and re-encoded to the same bytes. So a grant reused by text is exactly the
+    grant a full decode of that text would build.
+    """
+
+    __slots__ = ("grants",)
+
+    def __init__(self) -> None:
+        self.grants: dict[str, Grant] = {}
+        """canonical grant text -> the validated grant it encodes"""
+
+    def remember(self, data: bytes | None, doc: PolicyDocument) -> None:
+        """Keep `doc`'s grants by text (`data`: its canonical bytes; None: not canonical)."""
+        texts = None if data is None else _grant_texts(data)
+        if texts is None or len(texts) != len(doc.grants):
+            self.grants = {}
+            return
+        self.grants = dict(zip(texts, doc.grants, strict=True))
+
+
+_GRANT_START: Final = '{"expiresAt":'
+"""Every canonical grant begins so: `expiresAt` is its first key in sorted order."""
+_GRANTS_HEAD: Final = (
+    '{"apiVersion":' + json.dumps(DOCUMENT_API_VERSION) + ',"grants":[' + _GRANT_START
+)
+_GRANTS_TAIL: Final = '}],"i'
+"""Where a canonical grants array ends: before `identities` or `issuers`."""
+
+
+def _grant_texts(data: bytes) -> list[str] | None:
+    """The canonical document's grant texts, split at grant boundaries; None if it has none.
+
+    A boundary is `,{"expiresAt":`. The caller checks the count against the grants it
+    verified (every real boundary is a split point, so an equal count means no other
+    split happened) or verifies each text on its own.
+    """
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    start = len(_GRANTS_HEAD) - len(_GRANT_START)
+    if not text.startswith(_GRANTS_HEAD):
+        return None
+    end = text.find(_GRANTS_TAIL, start)
+    if end < 0:
+        return None
+    pieces = text[start + len(_GRANT_START) : end + 1].split("," + _GRANT_START)
+    return [_GRANT_START + piece for piece in pieces]
+
+
+def _grant_from_text(text: str) -> Grant | None:
+    """Parse and validate one grant; None unless `text` is exactly its canonical encoding."""
+    value = json.loads(text)
+    grant = _fast_grant(value) or _grant(value, "grants[]")
+    return grant if _canonical_bytes(_grant_json(grant)) == text.encode("ascii") else None
+
+
+def _decode_reusing(data: bytes, reuse: GrantReuse) -> PolicyDocument | None:
+    """`_decode_canonical`, taking unchanged grants from `reuse`; None when in doubt.
+
+    The grants array is split into grant texts; each is either one `reuse` verified
+    before or is verified now (`_grant_from_text`). The rest of the document, with an
+    empty grants array, goes through `_parse_canonical` (validated and re-encoded to the
+    same bytes), and the content hash of the whole `data` must be its `version`.
+    """
+    try:
+        texts = _grant_texts(data)
+        if texts is None:
+            return None
+        known = reuse.grants
+        grants = []
+        for text in texts:
+            grant = known.get(text)
+            if grant is None:
+                grant = _grant_from_text(text)
+                if grant is None:
+                    return None
+            grants.append(grant)
+        grants_end = len(_GRANTS_HEAD) - len(_GRANT_START) + sum(map(len, texts))
+        grants_end += len(texts) - 1  # the commas
+        skeleton = data[: len(_GRANTS_HEAD) - len(_GRANT_START)] + data[grants_end:]
+        rest = _parse_canonical(skeleton)
+        if rest is None:
+            return None
+        # `data` ends as `skeleton` does, which `_parse_canonical` checked.
+        if _version_of_bytes(_without_version(data)) != rest.version:
+            return None
+        _unique((g.name for g in grants), "grants")
+    except Exception:  # the strict path reports it
+        return None
+    return PolicyDocument(
+        service=rest.service,
+        issuers=rest.issuers,
+        grants=tuple(grants),
+        revocations=rest.revocations,
+        version=rest.version,
+        identities=rest.identities,
+    )
 
 
 _TOP_KEYS: Final = ("apiVersion", "version", "service", "issuers", "grants", "revocations")
@@ -1105,6 +1225,23 @@ def _decode_canonical(data: bytes) -> PolicyDocument | None:
     and a canonical encoding has no duplicate keys (nor NaN, nor whitespace). Anything
     else, valid or not, goes through `_decode_any`, which reports the precise error.
     """
+    doc = _parse_canonical(data)
+    if doc is None or _version_of_bytes(_without_version(data)) != doc.version:
+        return None
+    return doc
+
+
+_VERSION_MEMBER_LENGTH: Final = len(',"version":"sha256:0123456789abcdef"')
+
+
+def _without_version(data: bytes) -> bytes:
+    """The content bytes of a canonical document (`_with_version` undone)."""
+    return data[: -_VERSION_MEMBER_LENGTH - 1] + b"}"
+
+
+def _parse_canonical(data: bytes) -> PolicyDocument | None:
+    """`data` parsed and validated if it is byte-for-byte the canonical encoding of the
+    result (its claimed `version` not checked against the content), else None."""
     try:
         obj = json.loads(data)
         if type(obj) is not dict or obj.keys() not in _TOP_KEYSETS:
@@ -1116,9 +1253,7 @@ def _decode_canonical(data: bytes) -> PolicyDocument | None:
         content = _content_bytes(doc)
     except Exception:  # the strict path reports it
         return None
-    if _with_version(content, version) != data or _version_of_bytes(content) != version:
-        return None
-    return doc
+    return doc if _with_version(content, version) == data else None
 
 
 def _decode_any(data: bytes) -> PolicyDocument:
@@ -1161,8 +1296,10 @@ def pack_document(doc: PolicyDocument) -> bytes:
     return gzip.compress(encode_document(doc), compresslevel=_GZIP_LEVEL, mtime=0)
 
 
-def unpack_document(data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES) -> PolicyDocument:
-    """Decompress a `pack_document` payload and `decode_document` it.
+def unpack_document(
+    data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES, reuse: GrantReuse | None = None
+) -> PolicyDocument:
+    """Decompress a `pack_document` payload and `decode_document` it (`reuse`: see there).
 
     Decompression is bounded: output beyond `max_bytes` raises `PolicyDocumentError`
     without ever being held in memory, as do a truncated stream, data after the gzip
@@ -1193,4 +1330,4 @@ def unpack_document(data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES) -> Poli
         raise PolicyDocumentError("document: unexpected data after the gzip stream")
     text = b"".join(chunks)
     del chunks
-    return decode_document(text)
+    return decode_document(text, reuse=reuse)
