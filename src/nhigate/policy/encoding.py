@@ -46,6 +46,7 @@ from nhigate.policy.model import (
 )
 from nhigate.policy.names import is_mcp_endpoint_path, name_pattern_problem
 from nhigate.policy.paths import PathPattern
+from nhigate.policy.strict_json import StrictJsonError, reject_constant, reject_duplicate_keys
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TIME_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{6}))?Z")
@@ -1070,19 +1071,6 @@ def encode_document(doc: PolicyDocument) -> bytes:
         return _with_version(_content_bytes(doc), doc.version)
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise PolicyDocumentError(f"{key}: duplicate key in JSON object")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise PolicyDocumentError(f"{name} is not allowed in a policy document")
-
-
 def decode_document(data: bytes, *, reuse: GrantReuse | None = None) -> PolicyDocument:
     """Parse and strictly validate a policy document; raise `PolicyDocumentError` naming the
     field on unknown apiVersion, missing/unknown/ill-typed fields, invalid patterns, or a
@@ -1259,10 +1247,10 @@ def _parse_canonical(data: bytes) -> PolicyDocument | None:
 def _decode_any(data: bytes) -> PolicyDocument:
     try:
         obj = json.loads(
-            data, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
+            data, object_pairs_hook=reject_duplicate_keys, parse_constant=reject_constant
         )
-    except PolicyDocumentError:
-        raise
+    except StrictJsonError as exc:
+        raise PolicyDocumentError(f"document: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PolicyDocumentError(f"document: not valid JSON: {exc}") from None
     if isinstance(obj, dict) and obj.get("apiVersion") != DOCUMENT_API_VERSION:
