@@ -29,6 +29,7 @@ from nhigate.policy import (
     compile_policy,
     decode_document,
     encode_document,
+    encoding,
     make_document,
     pack_document,
 )
@@ -127,6 +128,30 @@ def test_a_grant_boundary_inside_a_string_does_not_split_a_grant() -> None:
     reuse = _primed(data)
     assert decode_document(data, reuse=reuse) == decode_document(data)
     assert reuse.grants  # escaped quotes: the boundary text never occurs inside a string
+
+
+_JSONISH = st.text(alphabet='{}[],:"\\iexpirsAtn \u00e9', max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_JSONISH, _JSONISH, _JSONISH), min_size=1, max_size=5))
+def test_remembered_texts_are_exactly_the_encodings_of_their_grants(
+    strings: list[tuple[str, str, str]],
+) -> None:
+    base = _grants(len(strings))
+    grants = [
+        dataclasses.replace(
+            g,
+            reason=reason,
+            tenant=tenant or None,
+            subjects=(TokenSubject("idp", None, (("c" + claim, claim),)),),
+        )
+        for g, (reason, tenant, claim) in zip(base, strings, strict=True)
+    ]
+    reuse = _primed(_encoded(grants))
+    assert len(reuse.grants) == len(grants)
+    for text, grant in reuse.grants.items():
+        assert encoding._canonical_bytes(encoding._grant_json(grant)) == text.encode()
 
 
 _MUTATIONS = st.sampled_from(["flip", "insert", "delete", "space", "duplicate"])

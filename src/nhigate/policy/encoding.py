@@ -1084,10 +1084,9 @@ def decode_document(data: bytes, *, reuse: GrantReuse | None = None) -> PolicyDo
         doc = None
         if reuse is not None and reuse.grants:
             doc = _decode_reusing(data, reuse)
-        canonical = doc is not None
         if doc is None:
             doc = _decode_canonical(data)
-            canonical = doc is not None
+        canonical = doc is not None
         if doc is None:
             doc = _decode_any(data)
         if reuse is not None:
@@ -1113,11 +1112,11 @@ class GrantReuse:
 
     def remember(self, data: bytes | None, doc: PolicyDocument) -> None:
         """Keep `doc`'s grants by text (`data`: its canonical bytes; None: not canonical)."""
-        texts = None if data is None else _grant_texts(data)
-        if texts is None or len(texts) != len(doc.grants):
+        split = None if data is None else _split_grants(data)
+        if split is None or len(split[0]) != len(doc.grants):
             self.grants = {}
             return
-        self.grants = dict(zip(texts, doc.grants, strict=True))
+        self.grants = dict(zip(split[0], doc.grants, strict=True))
 
 
 _GRANT_START: Final = '{"expiresAt":'
@@ -1126,28 +1125,32 @@ _GRANTS_HEAD: Final = (
     '{"apiVersion":' + json.dumps(DOCUMENT_API_VERSION) + ',"grants":[' + _GRANT_START
 )
 _GRANTS_TAIL: Final = '}],"i'
-"""Where a canonical grants array ends: before `identities` or `issuers`."""
+"""Where a canonical grants array ends: before `identities` or `issuers`. Never inside a
+canonical grant: in it, only `rules` and `subjects` are arrays of objects, followed by
+`"subjects"` and `"tenant"`, and a string holds no unescaped quote."""
+_GRANTS_ARRAY: Final = len(_GRANTS_HEAD) - len(_GRANT_START)
+"""Offset of the first grant in a canonical document."""
 
 
-def _grant_texts(data: bytes) -> list[str] | None:
-    """The canonical document's grant texts, split at grant boundaries; None if it has none.
+def _split_grants(data: bytes) -> tuple[list[str], bytes] | None:
+    """A canonical document's grant texts, split at grant boundaries (`,{"expiresAt":`), and
+    the document with an empty grants array; None if it has no grants or is not ASCII.
 
-    A boundary is `,{"expiresAt":`. The caller checks the count against the grants it
-    verified (every real boundary is a split point, so an equal count means no other
-    split happened) or verifies each text on its own.
+    Nothing here is verified: the caller either checks the count against the grants it
+    verified as a whole (every real boundary is a split point, so an equal count means no
+    other split happened) or verifies each text and the rest on their own.
     """
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         return None
-    start = len(_GRANTS_HEAD) - len(_GRANT_START)
     if not text.startswith(_GRANTS_HEAD):
         return None
-    end = text.find(_GRANTS_TAIL, start)
-    if end < 0:
+    end = text.find(_GRANTS_TAIL, _GRANTS_ARRAY) + 1  # the grants array's "]"
+    if end <= 0:
         return None
-    pieces = text[start + len(_GRANT_START) : end + 1].split("," + _GRANT_START)
-    return [_GRANT_START + piece for piece in pieces]
+    pieces = text[_GRANTS_ARRAY + len(_GRANT_START) : end].split("," + _GRANT_START)
+    return [_GRANT_START + piece for piece in pieces], data[:_GRANTS_ARRAY] + data[end:]
 
 
 def _grant_from_text(text: str) -> Grant | None:
@@ -1163,12 +1166,14 @@ def _decode_reusing(data: bytes, reuse: GrantReuse) -> PolicyDocument | None:
     The grants array is split into grant texts; each is either one `reuse` verified
     before or is verified now (`_grant_from_text`). The rest of the document, with an
     empty grants array, goes through `_parse_canonical` (validated and re-encoded to the
-    same bytes), and the content hash of the whole `data` must be its `version`.
+    same bytes), and the content hash of the whole `data` must be its `version`. So `data`
+    is the canonical encoding of the document returned, as `_decode_canonical` requires.
     """
     try:
-        texts = _grant_texts(data)
-        if texts is None:
+        split = _split_grants(data)
+        if split is None:
             return None
+        texts, skeleton = split
         known = reuse.grants
         grants = []
         for text in texts:
@@ -1178,9 +1183,6 @@ def _decode_reusing(data: bytes, reuse: GrantReuse) -> PolicyDocument | None:
                 if grant is None:
                     return None
             grants.append(grant)
-        grants_end = len(_GRANTS_HEAD) - len(_GRANT_START) + sum(map(len, texts))
-        grants_end += len(texts) - 1  # the commas
-        skeleton = data[: len(_GRANTS_HEAD) - len(_GRANT_START)] + data[grants_end:]
         rest = _parse_canonical(skeleton)
         if rest is None:
             return None
