@@ -405,10 +405,12 @@ def compile_policy(doc: PolicyDocument, previous: Policy | None = None) -> Polic
     """Index a (validated) policy document for `decide()`.
 
     With `previous` (the policy this one replaces), the trie of every subject bucket whose
-    grants are the same objects at the same positions as in `previous` is shared rather
-    than rebuilt (tries are never mutated once built). Raises ValueError when a grant
-    carries an invalid path pattern; documents from `decode_document`/`make_document` are
-    already validated.
+    grants are the same objects, in the same order, as in `previous` is shared rather than
+    rebuilt (tries are never mutated once built, and hold grants, not their positions);
+    `decode_document(reuse=)` is what makes unchanged grants the same objects.
+
+    Raises ValueError when a grant carries an invalid path pattern; documents from
+    `decode_document`/`make_document` are already validated.
     """
     with gc_paused():
         return _compile(doc, previous)
