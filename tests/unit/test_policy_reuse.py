@@ -104,6 +104,15 @@ def test_a_non_canonical_document_is_decoded_in_full_and_not_remembered() -> Non
     assert reuse.grants == {}  # nothing unverified is ever remembered
 
 
+def test_a_refused_version_leaves_what_was_remembered() -> None:
+    data = _encoded(_grants(5))
+    reuse = _primed(data)
+    remembered = dict(reuse.grants)
+    with pytest.raises(PolicyDocumentError):
+        decode_document(data.replace(b'"GET"', b'"get"', 1), reuse=reuse)
+    assert reuse.grants == remembered
+
+
 def test_a_wrong_version_is_refused_even_when_every_grant_is_reused() -> None:
     data = _encoded(_grants(5))
     version = json.loads(data)["version"]
