@@ -18,6 +18,7 @@ from nhigate.policy.document import (
     UpstreamCredential,
 )
 from nhigate.policy.encoding import (
+    GrantReuse,
     PolicyDocumentError,
     decode_document,
     encode_document,
@@ -53,6 +54,7 @@ __all__ = [
     "Explanation",
     "Facts",
     "Grant",
+    "GrantReuse",
     "GrantVerdict",
     "Identity",
     "IdentityAssertion",

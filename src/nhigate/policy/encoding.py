@@ -46,6 +46,7 @@ from nhigate.policy.model import (
 )
 from nhigate.policy.names import is_mcp_endpoint_path, name_pattern_problem
 from nhigate.policy.paths import PathPattern
+from nhigate.policy.strict_json import StrictJsonError, reject_constant, reject_duplicate_keys
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TIME_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{6}))?Z")
@@ -1070,26 +1071,135 @@ def encode_document(doc: PolicyDocument) -> bytes:
         return _with_version(_content_bytes(doc), doc.version)
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise PolicyDocumentError(f"{key}: duplicate key in JSON object")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise PolicyDocumentError(f"{name} is not allowed in a policy document")
-
-
-def decode_document(data: bytes) -> PolicyDocument:
+def decode_document(data: bytes, *, reuse: GrantReuse | None = None) -> PolicyDocument:
     """Parse and strictly validate a policy document; raise `PolicyDocumentError` naming the
     field on unknown apiVersion, missing/unknown/ill-typed fields, invalid patterns, or a
-    `version` that does not match the content."""
+    `version` that does not match the content.
+
+    With `reuse`, grants whose canonical text is byte-identical to one of the document
+    `reuse` last decoded are taken from it instead of being parsed and validated again
+    (what a replica does on every reload); `reuse` then remembers this document.
+    """
     with gc_paused():
-        doc = _decode_canonical(data)
-        return doc if doc is not None else _decode_any(data)
+        doc = None
+        if reuse is not None and reuse.grants:
+            doc = _decode_reusing(data, reuse)
+        if doc is None:
+            doc = _decode_canonical(data)
+        canonical = doc is not None
+        if doc is None:
+            doc = _decode_any(data)
+        if reuse is not None:
+            reuse.remember(data if canonical else None, doc)
+        return doc
+
+
+class GrantReuse:
+    """The grants of the last canonical document decoded, by their exact canonical text.
+
+    Only text `decode_document` has verified is remembered: either the whole document was
+    byte-for-byte the canonical encoding of what was parsed (and the grant texts are its
+    split at grant boundaries, with the count checked), or each grant's text was parsed,
+    validated and re-encoded to the same bytes. So a grant reused by text is exactly the
+    grant a full decode of that text would build.
+    """
+
+    __slots__ = ("grants",)
+
+    def __init__(self) -> None:
+        self.grants: dict[str, Grant] = {}
+        """canonical grant text -> the validated grant it encodes"""
+
+    def remember(self, data: bytes | None, doc: PolicyDocument) -> None:
+        """Keep `doc`'s grants by text (`data`: its canonical bytes; None: not canonical)."""
+        split = None if data is None else _split_grants(data)
+        if split is None or len(split[0]) != len(doc.grants):
+            self.grants = {}
+            return
+        self.grants = dict(zip(split[0], doc.grants, strict=True))
+
+
+_GRANT_START: Final = '{"expiresAt":'
+"""Every canonical grant begins so: `expiresAt` is its first key in sorted order."""
+_GRANTS_HEAD: Final = (
+    '{"apiVersion":' + json.dumps(DOCUMENT_API_VERSION) + ',"grants":[' + _GRANT_START
+)
+_GRANTS_TAIL: Final = '}],"i'
+"""Where a canonical grants array ends: before `identities` or `issuers`. Never inside a
+canonical grant: in it, only `rules` and `subjects` are arrays of objects, followed by
+`"subjects"` and `"tenant"`, and a string holds no unescaped quote."""
+_GRANTS_ARRAY: Final = len(_GRANTS_HEAD) - len(_GRANT_START)
+"""Offset of the first grant in a canonical document."""
+
+
+def _split_grants(data: bytes) -> tuple[list[str], bytes] | None:
+    """A canonical document's grant texts, split at grant boundaries (`,{"expiresAt":`), and
+    the document with an empty grants array; None if it has no grants or is not ASCII.
+
+    Nothing here is verified: the caller either checks the count against the grants it
+    verified as a whole (every real boundary is a split point, so an equal count means no
+    other split happened) or verifies each text and the rest on their own.
+    """
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not text.startswith(_GRANTS_HEAD):
+        return None
+    end = text.find(_GRANTS_TAIL, _GRANTS_ARRAY) + 1  # the grants array's "]"
+    if end <= 0:
+        return None
+    pieces = text[_GRANTS_ARRAY + len(_GRANT_START) : end].split("," + _GRANT_START)
+    return [_GRANT_START + piece for piece in pieces], data[:_GRANTS_ARRAY] + data[end:]
+
+
+def _grant_from_text(text: str) -> Grant | None:
+    """Parse and validate one grant; None unless `text` is exactly its canonical encoding."""
+    value = json.loads(text)
+    grant = _fast_grant(value) or _grant(value, "grants[]")
+    return grant if _canonical_bytes(_grant_json(grant)) == text.encode("ascii") else None
+
+
+def _decode_reusing(data: bytes, reuse: GrantReuse) -> PolicyDocument | None:
+    """`_decode_canonical`, taking unchanged grants from `reuse`; None when in doubt.
+
+    The grants array is split into grant texts; each is either one `reuse` verified
+    before or is verified now (`_grant_from_text`). The rest of the document, with an
+    empty grants array, goes through `_parse_canonical` (validated and re-encoded to the
+    same bytes), and the content hash of the whole `data` must be its `version`. So `data`
+    is the canonical encoding of the document returned, as `_decode_canonical` requires.
+    """
+    try:
+        split = _split_grants(data)
+        if split is None:
+            return None
+        texts, skeleton = split
+        known = reuse.grants
+        grants = []
+        for text in texts:
+            grant = known.get(text)
+            if grant is None:
+                grant = _grant_from_text(text)
+                if grant is None:
+                    return None
+            grants.append(grant)
+        rest = _parse_canonical(skeleton)
+        if rest is None:
+            return None
+        # `data` ends as `skeleton` does, which `_parse_canonical` checked.
+        if _version_of_bytes(_without_version(data)) != rest.version:
+            return None
+        _unique((g.name for g in grants), "grants")
+    except Exception:  # the strict path reports it
+        return None
+    return PolicyDocument(
+        service=rest.service,
+        issuers=rest.issuers,
+        grants=tuple(grants),
+        revocations=rest.revocations,
+        version=rest.version,
+        identities=rest.identities,
+    )
 
 
 _TOP_KEYS: Final = ("apiVersion", "version", "service", "issuers", "grants", "revocations")
@@ -1105,6 +1215,23 @@ def _decode_canonical(data: bytes) -> PolicyDocument | None:
     and a canonical encoding has no duplicate keys (nor NaN, nor whitespace). Anything
     else, valid or not, goes through `_decode_any`, which reports the precise error.
     """
+    doc = _parse_canonical(data)
+    if doc is None or _version_of_bytes(_without_version(data)) != doc.version:
+        return None
+    return doc
+
+
+_VERSION_MEMBER_LENGTH: Final = len(',"version":"sha256:0123456789abcdef"')
+
+
+def _without_version(data: bytes) -> bytes:
+    """The content bytes of a canonical document (`_with_version` undone)."""
+    return data[: -_VERSION_MEMBER_LENGTH - 1] + b"}"
+
+
+def _parse_canonical(data: bytes) -> PolicyDocument | None:
+    """`data` parsed and validated if it is byte-for-byte the canonical encoding of the
+    result (its claimed `version` not checked against the content), else None."""
     try:
         obj = json.loads(data)
         if type(obj) is not dict or obj.keys() not in _TOP_KEYSETS:
@@ -1116,18 +1243,16 @@ def _decode_canonical(data: bytes) -> PolicyDocument | None:
         content = _content_bytes(doc)
     except Exception:  # the strict path reports it
         return None
-    if _with_version(content, version) != data or _version_of_bytes(content) != version:
-        return None
-    return doc
+    return doc if _with_version(content, version) == data else None
 
 
 def _decode_any(data: bytes) -> PolicyDocument:
     try:
         obj = json.loads(
-            data, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
+            data, object_pairs_hook=reject_duplicate_keys, parse_constant=reject_constant
         )
-    except PolicyDocumentError:
-        raise
+    except StrictJsonError as exc:
+        raise PolicyDocumentError(f"document: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PolicyDocumentError(f"document: not valid JSON: {exc}") from None
     if isinstance(obj, dict) and obj.get("apiVersion") != DOCUMENT_API_VERSION:
@@ -1161,8 +1286,10 @@ def pack_document(doc: PolicyDocument) -> bytes:
     return gzip.compress(encode_document(doc), compresslevel=_GZIP_LEVEL, mtime=0)
 
 
-def unpack_document(data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES) -> PolicyDocument:
-    """Decompress a `pack_document` payload and `decode_document` it.
+def unpack_document(
+    data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES, reuse: GrantReuse | None = None
+) -> PolicyDocument:
+    """Decompress a `pack_document` payload and `decode_document` it (`reuse`: see there).
 
     Decompression is bounded: output beyond `max_bytes` raises `PolicyDocumentError`
     without ever being held in memory, as do a truncated stream, data after the gzip
@@ -1193,4 +1320,4 @@ def unpack_document(data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES) -> Poli
         raise PolicyDocumentError("document: unexpected data after the gzip stream")
     text = b"".join(chunks)
     del chunks
-    return decode_document(text)
+    return decode_document(text, reuse=reuse)

@@ -34,10 +34,11 @@ from nhigate.policy.paths import PathPattern
 from nhigate.policy.retirement import LiveIndex, index_live_identities, retirement
 
 Claims = tuple[tuple[str, str], ...]
-_Entry = tuple[frozenset[str], int, Claims, Delegation | None]
-"""(a rule's methods, position of its grant in `Policy.grants`, claims the identity must
-also carry, the actor chains the subject accepts): one shared tuple per (grant, subject,
-rule), referenced from each of the rule's patterns."""
+_Entry = tuple[frozenset[str], "Grant", Claims, Delegation | None]
+"""(a rule's methods, its grant, claims the identity must also carry, the actor chains the
+subject accepts): one shared tuple per (grant, subject, rule), referenced from each of the
+rule's patterns. The grant, not its position, so that a trie holds no positions and can
+be shared by the next version of the policy when its grants did not change."""
 
 _ANY_METHOD = "*"
 
@@ -226,6 +227,15 @@ _OUTCOME_REASONS = (
 )
 
 
+_BucketKey = tuple[str, ...]
+"""("sa", namespace, name), ("sub", issuer, subject), ("iss", issuer) or ("spiffe", id)."""
+_Member = tuple[Grant, Subject]
+_Signature = tuple[int, ...]
+"""id() of each member's grant, in order: while both policies (so their grants) are alive,
+equal signatures mean the same grants, hence the same trie."""
+_Tries = dict[_BucketKey, tuple[_Signature, _Node]]
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A compiled, immutable policy: the document plus the indexes `decide()` uses.
@@ -255,6 +265,11 @@ class Policy:
     """Some subject sets `delegation.required` (so a token without `act` can be refused)."""
     _live: LiveIndex | None = field(repr=False, default=None)
     """The document's live service accounts and pods, indexed (None: not checked)."""
+    _tries: _Tries = field(repr=False, compare=False, default_factory=dict)
+    """Every bucket's trie with the signature it was built for (`compile_policy(previous=)`)."""
+    _positions: dict[int, int] = field(repr=False, compare=False, default_factory=dict)
+    """id(grant) -> its position in `grants` (the tries' entries hold grants, which `grants`
+    keeps alive, so an id stands for one grant for as long as this policy lives)."""
 
     @property
     def version(self) -> str:
@@ -322,16 +337,17 @@ class Policy:
             return []
         actors = identity.actors
         if len(found) == 1:
-            _, pos, required, delegation = found[0]
+            _, grant, required, delegation = found[0]
             if required and not claims_match(required, identity.claims):
                 return []
             if (delegation is not None or actors) and chain_verdict(delegation, actors):
                 return []
-            return [pos]
+            return [self._positions[id(grant)]]
         claims = identity.claims
+        position = self._positions
         positions = {
-            pos
-            for _, pos, required, delegation in found
+            position[id(grant)]
+            for _, grant, required, delegation in found
             if (not required or claims_match(required, claims))
             and ((delegation is None and not actors) or chain_verdict(delegation, actors) is None)
         }
@@ -385,58 +401,91 @@ class Policy:
         return None
 
 
-def compile_policy(doc: PolicyDocument) -> Policy:
+def compile_policy(doc: PolicyDocument, previous: Policy | None = None) -> Policy:
     """Index a (validated) policy document for `decide()`.
 
-    Raises ValueError when a grant carries an invalid path pattern; documents
-    from `decode_document`/`make_document` are already validated.
+    With `previous` (the policy this one replaces), the trie of every subject bucket whose
+    grants are the same objects, in the same order, as in `previous` is shared rather than
+    rebuilt (tries are never mutated once built, and hold grants, not their positions);
+    `decode_document(reuse=)` is what makes unchanged grants the same objects.
+
+    Raises ValueError when a grant carries an invalid path pattern; documents from
+    `decode_document`/`make_document` are already validated.
     """
     with gc_paused():
-        return _compile(doc)
+        return _compile(doc, previous)
 
 
-def _compile(doc: PolicyDocument) -> Policy:
+def _bucket_key(subject: Subject) -> _BucketKey:
+    if isinstance(subject, ServiceAccountSubject):
+        return ("sa", subject.namespace, subject.name)
+    if isinstance(subject, TokenSubject):
+        if subject.subject is None:
+            return ("iss", subject.issuer)
+        return ("sub", subject.issuer, subject.subject)
+    return ("spiffe", subject.spiffe_id)
+
+
+def _build_trie(members: list[_Member], mcp_endpoints: tuple[str, ...]) -> _Node:
+    node = _Node()
+    compile_pattern = PathPattern.compile  # cached by pattern text
+    for grant, subject in members:
+        delegation = subject_delegation(subject)
+        claims: Claims = subject.claims if isinstance(subject, TokenSubject) else ()
+        for rule in grant.rules:
+            if rule.mcp is not None:
+                # Indexed at each endpoint it covers, under a method no HTTP request has.
+                mcp_entry = (_MCP_METHODS, grant, claims, delegation)
+                for endpoint in rule.mcp.endpoints or mcp_endpoints:
+                    if endpoint in mcp_endpoints:
+                        node.insert(compile_pattern(endpoint), mcp_entry)
+                continue
+            entry = (rule.methods, grant, claims, delegation)
+            for path in rule.paths:
+                node.insert(compile_pattern(path), entry)
+    return node
+
+
+def _compile(doc: PolicyDocument, previous: Policy | None) -> Policy:
+    mcp_endpoints = doc.service.mcp_endpoints
+    known: _Tries = {}
+    if previous is not None and previous.document.service.mcp_endpoints == mcp_endpoints:
+        known = previous._tries
+    buckets: dict[_BucketKey, list[_Member]] = {}
+    positions: dict[int, int] = {}
+    requires_actor = False
+    for pos, grant in enumerate(doc.grants):
+        positions.setdefault(id(grant), pos)
+        for subject in grant.subjects:
+            delegation = subject_delegation(subject)
+            requires_actor = requires_actor or (delegation is not None and delegation.required)
+            key = _bucket_key(subject)
+            members = buckets.get(key)
+            if members is None:
+                buckets[key] = [(grant, subject)]
+            else:
+                members.append((grant, subject))
+    tries: _Tries = {}
     by_sa: dict[tuple[str, str], _Node] = {}
     by_subject: dict[str, dict[str, _Node]] = {}
     by_issuer: dict[str, _Node] = {}
     by_spiffe: dict[str, _Node] = {}
-    compile_pattern = PathPattern.compile  # cached by pattern text
-    mcp_endpoints = doc.service.mcp_endpoints
-    requires_actor = False
-    for pos, grant in enumerate(doc.grants):
-        for subject in grant.subjects:
-            claims: Claims = ()
-            delegation = subject_delegation(subject)
-            requires_actor = requires_actor or (delegation is not None and delegation.required)
-            if isinstance(subject, ServiceAccountSubject):
-                key = (subject.namespace, subject.name)
-                node = by_sa.get(key) or by_sa.setdefault(key, _Node())
-            elif isinstance(subject, TokenSubject):
-                claims = subject.claims
-                if subject.subject is None:
-                    node = by_issuer.get(subject.issuer) or by_issuer.setdefault(
-                        subject.issuer, _Node()
-                    )
-                else:
-                    per_issuer = by_subject.setdefault(subject.issuer, {})
-                    node = per_issuer.get(subject.subject) or per_issuer.setdefault(
-                        subject.subject, _Node()
-                    )
-            else:
-                node = by_spiffe.get(subject.spiffe_id) or by_spiffe.setdefault(
-                    subject.spiffe_id, _Node()
-                )
-            for rule in grant.rules:
-                if rule.mcp is not None:
-                    # Indexed at each endpoint it covers, under a method no HTTP request has.
-                    mcp_entry = (_MCP_METHODS, pos, claims, delegation)
-                    for endpoint in rule.mcp.endpoints or mcp_endpoints:
-                        if endpoint in mcp_endpoints:
-                            node.insert(compile_pattern(endpoint), mcp_entry)
-                    continue
-                entry = (rule.methods, pos, claims, delegation)
-                for path in rule.paths:
-                    node.insert(compile_pattern(path), entry)
+    for key, members in buckets.items():
+        signature = tuple([id(grant) for grant, _ in members])
+        hit = known.get(key)
+        if hit is not None and hit[0] == signature:
+            node = hit[1]
+        else:
+            node = _build_trie(members, mcp_endpoints)
+        tries[key] = (signature, node)
+        if key[0] == "sa":
+            by_sa[(key[1], key[2])] = node
+        elif key[0] == "sub":
+            by_subject.setdefault(key[1], {})[key[2]] = node
+        elif key[0] == "iss":
+            by_issuer[key[1]] = node
+        else:
+            by_spiffe[key[1]] = node
     by_pair: dict[tuple[str, str], _RevocationHit] = {}
     by_token: dict[str, _RevocationHit] = {}
     by_uid: dict[str, _RevocationHit] = {}
@@ -462,6 +511,8 @@ def _compile(doc: PolicyDocument) -> Policy:
         _has_revocations=bool(doc.revocations),
         _requires_actor=requires_actor,
         _live=None if doc.identities is None else index_live_identities(doc.identities),
+        _tries=tries,
+        _positions=positions,
     )
 
 

@@ -11,7 +11,6 @@ caller (never by the token).
 from __future__ import annotations
 
 import binascii
-import json
 import math
 import re
 from base64 import urlsafe_b64decode, urlsafe_b64encode
@@ -34,6 +33,7 @@ from nhigate.policy.model import (
     service_account_subject,
     token_identity,
 )
+from nhigate.policy.strict_json import STRICT_DECODER
 
 MAX_TOKEN_BYTES = 8 * 1024
 """Longest accepted token (the compact serialisation, in bytes)."""
@@ -98,22 +98,6 @@ def b64url_decode(segment: str) -> bytes:
     return raw
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key")
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
-_STRICT_DECODER = json.JSONDecoder(
-    object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-)  # built once: json.loads(**kwargs) would build a decoder per call
-
-
 def _check_depth(value: Any, depth: int = 0) -> None:
     if depth > _MAX_NESTING:
         raise ValueError("nesting too deep")
@@ -132,12 +116,13 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
 
     orjson validates first (UTF-8 without BOM, no lone surrogates, which would
     break audit output, no NaN/Infinity or overflowing numbers, no trailing
-    data); the stdlib decoder then parses the same text with a hook that
-    rejects duplicate keys at any depth. Nesting is capped at 16 levels.
+    data); the policy layer's strict decoder (`nhigate.policy.strict_json`) then
+    parses the same text, refusing duplicate keys at any depth. Nesting is capped
+    at 16 levels.
     """
     try:
         orjson.loads(raw)
-        value = _STRICT_DECODER.decode(raw.decode("utf-8"))
+        value = STRICT_DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError are ValueErrors
         raise ValueError(str(exc)[:80] or type(exc).__name__) from None
     if not isinstance(value, dict):
