@@ -31,13 +31,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import orjson
 from aiohttp import HttpVersion11, web
 
 from nhigate.policy.mcp import McpKind, McpScope
 from nhigate.policy.model import Decision, Identity, Reason
+from nhigate.policy.strict_json import STRICT_DECODER, StrictJsonError
 from nhigate.proxy.headers import filter_response_headers
 
 log = logging.getLogger(__name__)
@@ -148,27 +149,7 @@ class Message:
 # --- strict JSON ------------------------------------------------------------------------------
 
 
-class _StrictJsonError(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _StrictJsonError(f"duplicate key {key!r}")
-            seen.add(key)
-    return result
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise _StrictJsonError(f"{name} is not JSON")
-
-
 _SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
-_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
 
 
 def strict_json(data: bytes) -> Any:
@@ -182,8 +163,8 @@ def strict_json(data: bytes) -> Any:
     if text.startswith("\ufeff"):
         raise ValueError("byte order mark")
     try:
-        value = _DECODER.decode(text)
-    except _StrictJsonError as exc:
+        value = STRICT_DECODER.decode(text)
+    except StrictJsonError as exc:
         raise ValueError(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc.msg} at {exc.pos}") from None
