@@ -80,3 +80,19 @@ async def test_closed_queue_refuses() -> None:
     await queue.close()
     with pytest.raises(RuntimeError, match="closed"):
         await queue.request(KEY, Aspect.ALL)
+
+
+async def test_timers_read_the_clock_the_controller_injects() -> None:
+    """`request_at(when)` is in the controller's clock (issue 15: one clock): with a clock an
+    hour ahead of the wall clock, a timer due 50 ms from that clock's now fires in 50 ms, not
+    in an hour."""
+    fired = asyncio.Event()
+
+    async def sync(key: Key, aspects: Aspect) -> None:
+        fired.set()
+
+    offset = 3600.0
+    queue = WorkQueue(sync, clock=lambda: time.time() + offset)
+    queue.request_at(KEY, Aspect.POLICY, time.time() + offset + 0.05, slot="expiry")
+    await asyncio.wait_for(fired.wait(), timeout=2.0)
+    await queue.close()

@@ -206,12 +206,14 @@ class Controller:
             retry_min=settings.retry_min,
             retry_max=settings.retry_max,
             logger=self.log,
+            clock=clock,
         )
         self.issuer_queue = WorkQueue(
             self._sync_issuer,
             retry_min=settings.retry_min,
             retry_max=settings.retry_max,
             logger=self.log,
+            clock=clock,
         )
         self._services: defaultdict[str, set[str]] = defaultdict(set)
         self._observed: dict[Key, _Observed] = {}

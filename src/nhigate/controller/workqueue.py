@@ -59,10 +59,12 @@ class WorkQueue:
         retry_min: float = 0.5,
         retry_max: float = 30.0,
         logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._sync = sync
         self._retry_min = retry_min
         self._retry_max = retry_max
+        self._clock = clock  # the controller's: `request_at` times are read on it
         self._log = logger or logging.getLogger(__name__)
         self._keys: dict[Key, _KeyState] = {}
         self._closed = False
@@ -83,14 +85,15 @@ class WorkQueue:
         return future
 
     def request_at(self, key: Key, aspects: Aspect, when: float, *, slot: str) -> None:
-        """Request a sync at wall-clock time `when` (epoch seconds); replaces the `slot` timer."""
+        """Request a sync at time `when` of the queue's clock (epoch seconds); replaces the
+        `slot` timer."""
         state = self._keys.setdefault(key, _KeyState())
         old = state.timers.pop(slot, None)
         if old is not None:
             old.cancel()
         if self._closed:
             return
-        delay = max(0.0, when - time.time())
+        delay = max(0.0, when - self._clock())
 
         def fire() -> None:
             state.timers.pop(slot, None)
