@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import gzip
@@ -368,3 +369,31 @@ async def test_usage_reaches_status_at_a_bounded_write_rate_and_idle_grants_turn
         assert grant["status"]["usage"]["requests"] == count  # the last figures were written
     finally:
         await ctl.close()
+
+
+async def test_a_failed_sync_is_retried_by_the_work_queue_alone(api: MemoryApi) -> None:
+    """One retry mechanism (issue 15): `reconcile_service` does not raise for kopf to retry
+    on top of the queue's own backoff; the queue retries the failed sync by itself."""
+    failures = 1
+    apply = api.apply
+
+    async def flaky_apply(obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("API server unavailable")
+        return await apply(obj, **kw)
+
+    api.apply = flaky_apply  # type: ignore[method-assign]
+    settings = ControllerSettings(proxy_image="img", retry_min=0.05, retry_max=0.1)
+    controller = Controller(api, settings, clock=lambda: NOW)  # type: ignore[arg-type]
+    try:
+        await controller.reconcile_service(NS, "api")  # logs the failure, raises nothing
+        for _ in range(100):
+            if ("configmaps", NS, "nhigate-api-policy") in api.objects:
+                break
+            await asyncio.sleep(0.02)
+        assert ("configmaps", NS, "nhigate-api-policy") in api.objects
+        assert failures == 0
+    finally:
+        await controller.close()

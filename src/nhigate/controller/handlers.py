@@ -110,10 +110,8 @@ def build_registry(
     @kopf.on.create(*_selector(PROTECTEDSERVICES), registry=registry)
     @kopf.on.update(*_selector(PROTECTEDSERVICES), registry=registry)
     async def reconcile_service(namespace: str | None, name: str, **_: Any) -> None:
-        try:
-            await ctl().reconcile_service(str(namespace), name)
-        except Exception as exc:
-            raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=5) from exc
+        # Never raises for a failed sync: the work queue retries it (one retry mechanism).
+        await ctl().reconcile_service(str(namespace), name)
 
     # No kopf timers: kopf puts a finalizer on objects with timers, and a finalizer would
     # block deletion while the controller is down. Drift correction and issuer refresh are

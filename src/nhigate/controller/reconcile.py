@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 import uuid
@@ -239,9 +240,12 @@ class Controller:
     # Entry points (called by handlers.py)
 
     async def reconcile_service(self, namespace: str, name: str) -> None:
-        """Full reconcile of one ProtectedService; raises when the sync failed (kopf retries)."""
+        """Full reconcile of one ProtectedService. A failed sync is logged by the work queue,
+        which retries it with its own backoff: the one retry mechanism (kopf is not asked to
+        retry on top of it)."""
         self._services[namespace].add(name)
-        await self.queue.request((namespace, name), Aspect.ALL)
+        with contextlib.suppress(Exception):
+            await self.queue.request((namespace, name), Aspect.ALL)
 
     def service_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """Track which ProtectedServices exist; a deletion re-judges the grants targeting it."""
