@@ -106,7 +106,7 @@ from nhigate.k8s import (
     KubeError,
     ResourceRef,
 )
-from nhigate.policy import Grant, LiveIdentities, pack_document
+from nhigate.policy import Grant, LiveIdentities, PolicyDocument, pack_document
 from nhigate.policy.times import format_seconds, parse_optional
 
 JSON = dict[str, Any]
@@ -454,18 +454,19 @@ class Controller:
         jwks = await self._kubernetes_issuer_keys(ps, issuers)
         moment = datetime.fromtimestamp(now, tz=UTC)
         observed.missing_issuers = missing_issuers(ps, issuers)
-        try:
+
+        def publishable(grants: list[RouteGrant]) -> tuple[PolicyDocument, bytes, JSON]:
+            """The policy document with `grants`, packed, and its ConfigMap (ValueError when
+            it cannot be built or is too large even packed)."""
             document = build_policy_document(
-                ps,
-                issuers,
-                accepted,
-                revocations,
-                now=moment,
-                issuer_jwks=jwks,
+                ps, issuers, grants, revocations, now=moment, issuer_jwks=jwks,
                 identities=identities,
-            )
+            )  # fmt: skip
             data = pack_document(document)
-            manifest = m.build_policy_configmap(ps, data, document.version)
+            return document, data, m.build_policy_configmap(ps, data, document.version)
+
+        try:
+            document, data, manifest = publishable(accepted)
             observed.policy_error = None
         except ValueError as exc:  # e.g. too large even packed
             # Fail closed: keeping the last good policy would keep grants deleted since then
@@ -475,17 +476,7 @@ class Controller:
             )
             self.log.error("%s/%s: %s", namespace, ps.name, observed.policy_error)
             try:
-                document = build_policy_document(
-                    ps,
-                    issuers,
-                    [],
-                    revocations,
-                    now=moment,
-                    issuer_jwks=jwks,
-                    identities=identities,
-                )
-                data = pack_document(document)
-                manifest = m.build_policy_configmap(ps, data, document.version)
+                document, data, manifest = publishable([])
             except ValueError as deny_all_exc:
                 self.log.error(
                     "%s/%s: not even a deny-all policy can be published: %s",
