@@ -397,3 +397,40 @@ async def test_a_failed_sync_is_retried_by_the_work_queue_alone(api: MemoryApi) 
         assert failures == 0
     finally:
         await controller.close()
+
+
+async def test_revocation_status_goes_through_a_queue_and_is_retried(api: MemoryApi) -> None:
+    """Revocation status is judged on a work queue like the other kinds (issue 15): the event
+    handler returns at once, and a failed status write is retried, not lost."""
+    body = api.put(
+        {
+            "apiVersion": "nhigate.io/v1alpha1",
+            "kind": "Revocation",
+            "metadata": {"name": "leaked", "namespace": NS},
+            "spec": {"tokenId": "jti-1", "reason": "leaked in a CI log"},
+        }
+    )
+    failures = 1
+    apply_status = api.apply_status
+
+    async def flaky_apply_status(ref: Any, obj: dict[str, Any], **kw: Any) -> Any:
+        nonlocal failures
+        if ref.plural == "revocations" and failures:
+            failures -= 1
+            raise RuntimeError("API server unavailable")
+        return await apply_status(ref, obj, **kw)
+
+    api.apply_status = flaky_apply_status  # type: ignore[method-assign]
+    settings = ControllerSettings(proxy_image="img", retry_min=0.05, retry_max=0.1)
+    controller = Controller(api, settings, clock=lambda: NOW)  # type: ignore[arg-type]
+    try:
+        await controller.revocation_event("ADDED", body)  # raises nothing
+        stored = api.objects[("revocations", NS, "leaked")]
+        for _ in range(100):
+            if stored.get("status"):
+                break
+            await asyncio.sleep(0.02)
+        assert condition(stored, "Accepted")["status"] == "True"
+        assert failures == 0
+    finally:
+        await controller.close()

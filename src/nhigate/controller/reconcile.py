@@ -216,6 +216,13 @@ class Controller:
             logger=self.log,
             clock=clock,
         )
+        self.revocation_queue = WorkQueue(
+            self._sync_revocation,
+            retry_min=settings.retry_min,
+            retry_max=settings.retry_max,
+            logger=self.log,
+            clock=clock,
+        )
         self._services: defaultdict[str, set[str]] = defaultdict(set)
         self._observed: dict[Key, _Observed] = {}
         self._issuer_keys: dict[tuple[str, str], _IssuerKeys] = {}
@@ -233,6 +240,7 @@ class Controller:
         """Stop every worker and timer; close the JWKS HTTP session."""
         await self.queue.close()
         await self.issuer_queue.close()
+        await self.revocation_queue.close()
         if self._http is not None:
             await self._http.close()
 
@@ -273,7 +281,7 @@ class Controller:
             self._request((namespace, str(affected)), Aspect.POLICY)
 
     async def revocation_event(self, event_type: str, body: Mapping[str, Any]) -> None:
-        """A Revocation changed: recompile what it covers, then judge it."""
+        """A Revocation changed: recompile what it covers, and judge it on its own queue."""
         namespace = str(_meta(body).get("namespace"))
         if event_type != "DELETED" and not self._spec_changed("Revocation", body):
             return
@@ -284,8 +292,11 @@ class Controller:
             self._generations.pop(("Revocation", namespace, str(_meta(body).get("name"))), None)
         for name in names:
             self._request((namespace, name), Aspect.POLICY)
-        if event_type != "DELETED":
-            await self._judge_revocation(body)
+        key = (namespace, str(_meta(body).get("name")))
+        if event_type == "DELETED":
+            self.revocation_queue.forget(key)
+        else:
+            self.revocation_queue.request(key, Aspect.POLICY).add_done_callback(_retrieve)
 
     def issuer_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """An IdentityIssuer changed or went away: recompile the services in its namespace."""
@@ -1020,6 +1031,13 @@ class Controller:
             if usage:  # kept: applying status without it would drop lastUsed
                 extra["usage"] = usage
             await self._write_grant_status(body, desired, extra)
+
+    async def _sync_revocation(self, key: Key, aspects: Aspect) -> None:
+        body = await self.client.get(REVOCATIONS, key[1], key[0])
+        if body is None:
+            self.revocation_queue.forget(key)
+            return
+        await self._judge_revocation(body)
 
     async def _judge_revocation(self, body: Mapping[str, Any]) -> None:
         namespace = str(_meta(body).get("namespace"))
