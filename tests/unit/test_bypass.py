@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from nhigate.controller.bypass import BypassPath, find_bypass_paths
+from nhigate.api.models import BypassPath
+from nhigate.controller.bypass import find_bypass_paths
 from nhigate.controller.netpol import (
     format_selector,
     ip_block_is_subset,
@@ -687,7 +688,7 @@ def test_output_is_sorted_deduplicated_and_deterministic() -> None:
     reversed_inputs["services"].reverse()
     reversed_inputs["backend_pods"].reverse()
     assert first == analyse(**reversed_inputs)
-    assert first == sorted(first)
+    assert first == sorted(first, key=lambda p: (p.kind, p.namespace, p.name, p.reason))
     assert len(first) == len(set(first))
     assert [p.kind for p in first] == ["NetworkPolicy", "Pod", "Pod", "Service", "Service"]
 
@@ -720,8 +721,8 @@ def test_unknown_backend_port_falls_back_to_every_service_port() -> None:
 
 
 def test_status_entry_shape() -> None:
-    path = BypassPath("Service", NS, "web-np", "why")
-    assert path.as_status() == {
+    path = BypassPath(kind="Service", namespace=NS, name="web-np", reason="why")
+    assert path.model_dump() == {
         "kind": "Service",
         "namespace": NS,
         "name": "web-np",

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from nhigate.controller.bypass import BypassPath
+from nhigate.api.models import BypassPath
 from nhigate.controller.status import (
     Problem,
     ReplicaReport,
@@ -179,7 +179,7 @@ def test_proxy_available() -> None:
 
 
 def test_direct_path_blocked() -> None:
-    path = BypassPath("Service", "ns", "direct", "type NodePort")
+    path = BypassPath(kind="Service", namespace="ns", name="direct", reason="type NodePort")
     assert direct_path_blocked("Enforce", [])["status"] == "True"
     cond = direct_path_blocked("Enforce", [path])
     assert (cond["status"], cond["reason"]) == ("False", "BypassFound")

@@ -18,9 +18,9 @@ docs/bypass-detection.md; the short version:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from nhigate.api.models import BypassPath
 from nhigate.controller.netpol import (
     NAMESPACE_NAME_LABEL,
     container_port_number,
@@ -43,26 +43,15 @@ _NODE_SNAT_NOTE = (
 )
 
 
-@dataclass(frozen=True, order=True)
-class BypassPath:
-    """One direct path to the backend pods that does not go through the proxy."""
+def _path(kind: str, namespace: str, name: str, reason: str) -> BypassPath:
+    """One `status.bypassPaths[]` entry: `name` is the object that opens the path (for a
+    missing isolation, the isolation policy nhigate expects); `reason` is stable across pod
+    restarts where possible."""
+    return BypassPath(kind=kind, namespace=namespace, name=name, reason=reason)
 
-    kind: str
-    """Kind of the object that opens the path (NetworkPolicy, Service, Ingress, HTTPRoute, Pod)."""
-    namespace: str
-    name: str
-    """Object name; for a missing isolation it is the isolation policy nhigate expects."""
-    reason: str
-    """Human-readable explanation, stable across pod restarts where possible."""
 
-    def as_status(self) -> dict[str, str]:
-        """The `status.bypassPaths[]` entry for this path."""
-        return {
-            "kind": self.kind,
-            "namespace": self.namespace,
-            "name": self.name,
-            "reason": self.reason,
-        }
+def _order(path: BypassPath) -> tuple[str, str, str, str]:
+    return (path.kind, path.namespace, path.name, path.reason)
 
 
 def _meta(obj: Obj) -> Obj:
@@ -233,7 +222,7 @@ def _network_policy_paths(
     paths: list[BypassPath] = []
     if unisolated:
         paths.append(
-            BypassPath(
+            _path(
                 "NetworkPolicy",
                 ps_namespace,
                 isolation_policy_name,
@@ -246,7 +235,7 @@ def _network_policy_paths(
         port_text = ", ".join(sorted(ports))
         where = f"every port (including {port_text})" if all_ports else f"port {port_text}"
         paths.append(
-            BypassPath(
+            _path(
                 "NetworkPolicy",
                 ps_namespace,
                 policy_name,
@@ -281,7 +270,7 @@ def _service_exposure(service: Obj, is_backend: bool) -> BypassPath | None:
         return None
     subject = f"the backend Service {name}" if is_backend else f"Service {name}"
     verb = "" if is_backend else " and selects the backend pods"
-    return BypassPath(
+    return _path(
         "Service",
         str(_meta(service).get("namespace", "")),
         name,
@@ -334,7 +323,7 @@ def _ingress_paths(
         name = str(_meta(ingress).get("name", ""))
         for svc, where in sorted(hits.items()):
             paths.append(
-                BypassPath(
+                _path(
                     "Ingress",
                     ps_namespace,
                     name,
@@ -381,7 +370,7 @@ def _http_route_paths(
                 else ""
             )
             paths.append(
-                BypassPath(
+                _path(
                     "HTTPRoute",
                     route_ns,
                     name,
@@ -399,7 +388,7 @@ def _pod_paths(ps_namespace: str, pods: Sequence[Obj]) -> list[BypassPath]:
         spec = _spec(pod)
         if spec.get("hostNetwork"):
             paths.append(
-                BypassPath(
+                _path(
                     "Pod",
                     ps_namespace,
                     name,
@@ -412,7 +401,7 @@ def _pod_paths(ps_namespace: str, pods: Sequence[Obj]) -> list[BypassPath]:
             for cp in container.get("ports") or []:
                 if cp.get("hostPort"):
                     paths.append(
-                        BypassPath(
+                        _path(
                             "Pod",
                             ps_namespace,
                             name,
@@ -471,4 +460,4 @@ def find_bypass_paths(
     paths += _ingress_paths(ps_namespace, targets, ingresses)
     paths += _http_route_paths(ps_namespace, targets, http_routes)
     paths += _pod_paths(ps_namespace, pods)
-    return sorted(set(paths))
+    return sorted(set(paths), key=_order)

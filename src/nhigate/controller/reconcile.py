@@ -37,10 +37,10 @@ from nhigate.api.compile import (
 )
 from nhigate.api.durations import parse_duration
 from nhigate.api.governance import judge_grant_policy
-from nhigate.api.models import IdentityIssuer, ProtectedService, Revocation, RouteGrant
+from nhigate.api.models import BypassPath, IdentityIssuer, ProtectedService, Revocation, RouteGrant
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
-from nhigate.controller.bypass import BypassPath, find_bypass_paths
+from nhigate.controller.bypass import find_bypass_paths
 from nhigate.controller.identities import (
     SNAPSHOT_CLOCK_SLACK,
     SNAPSHOT_REFRESH,
@@ -867,7 +867,7 @@ class Controller:
                 now=now,
                 generation=generation,
             ),
-            "bypassPaths": [p.as_status() for p in observed.bypass or ()],
+            "bypassPaths": [p.model_dump() for p in observed.bypass or ()],
             "enforcedReplicas": ratio,
             "endpoint": m.proxy_endpoint(ps),
         }

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nhigate.api import conditions as c
-from nhigate.controller.bypass import BypassPath
+from nhigate.api.models import BypassPath
 from nhigate.policy import Grant
 from nhigate.policy.times import format_seconds, parse_optional
 
