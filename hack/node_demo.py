@@ -99,6 +99,7 @@ def main() -> int:
             "--timeout=180s",
             timeout=200,
         )
+        s.wait_until_routable("client")
         print(api.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide").stdout)
         print(api.kubectl("get", "nhigate", "-n", NAMESPACE).stdout)
         print(

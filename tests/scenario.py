@@ -98,6 +98,18 @@ class Scenario:
         target = (url or self.proxy_url) + path
         return self.client(pod, "get", target, *(["--token", TOKEN_PATH] if token else []))
 
+    def wait_until_routable(self, pod: str, timeout: float = 60.0) -> None:
+        """Wait until ``pod`` gets an HTTP answer (any status) from the proxy Service.
+
+        Ready=True says the proxy pods are available; it cannot say that kube-proxy has
+        programmed the new Service's rules yet. Until it has, the ClusterIP is routed onto the
+        bridge unanswered and a connect fails with "No route to host" (seen once in CI)."""
+        wait_for(
+            f"the proxy Service to answer {pod} (kube-proxy has programmed it)",
+            lambda: self.get(pod, "/", token=False).get("status", 0) != 0,
+            timeout=timeout,
+        )
+
     def connect(self, pod: str, host: str, port: int) -> dict[str, Any]:
         """A bare TCP connect from a client pod (3 s timeout)."""
         return self.client(pod, "connect", host, str(port))

@@ -91,6 +91,7 @@ def scenario(real_cluster: RealCluster) -> Iterator[Scenario]:
     wait_for(
         "ProtectedService Ready, ProxyAvailable and PolicyEnforced", lambda: _ready(s), timeout=180
     )
+    s.wait_until_routable(CLIENT)
     yield s
     s.api.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
