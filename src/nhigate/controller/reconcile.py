@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 from pydantic import ValidationError
 
 from nhigate.api import conditions as c
@@ -55,12 +54,8 @@ from nhigate.controller.identities import (
     same_content,
     subjects_found,
 )
-from nhigate.controller.jwks import (
-    InvalidJwks,
-    assertion_public_jwks,
-    new_assertion_key,
-    validate_jwks,
-)
+from nhigate.controller.issuers import IssuerSync
+from nhigate.controller.jwks import assertion_public_jwks, new_assertion_key
 from nhigate.controller.netpol import selector_matches
 from nhigate.controller.settings import ControllerSettings
 from nhigate.controller.status import (
@@ -107,7 +102,7 @@ from nhigate.k8s import (
     ResourceRef,
 )
 from nhigate.policy import Grant, LiveIdentities, PolicyDocument, pack_document
-from nhigate.policy.times import format_seconds, parse_optional
+from nhigate.policy.times import parse_optional
 
 JSON = dict[str, Any]
 _VERSIONS_KEPT = 32
@@ -180,13 +175,6 @@ class _Observed:
     """The replicas' usage reports, from every Lease of the service (live or stale)."""
 
 
-@dataclass
-class _IssuerKeys:
-    jwks: JSON
-    count: int
-    fetched_at: float
-
-
 class Controller:
     """The state and logic of one controller process."""
 
@@ -209,10 +197,11 @@ class Controller:
             logger=self.log,
             clock=clock,
         )
-        self.issuer_queue = WorkQueue(
-            self._sync_issuer,
-            retry_min=settings.retry_min,
-            retry_max=settings.retry_max,
+        self.issuers = IssuerSync(
+            client,
+            settings,
+            apply_status=self._apply_status,
+            keys_changed=lambda namespace: self._request_namespace(namespace, Aspect.POLICY),
             logger=self.log,
             clock=clock,
         )
@@ -225,13 +214,11 @@ class Controller:
         )
         self._services: defaultdict[str, set[str]] = defaultdict(set)
         self._observed: dict[Key, _Observed] = {}
-        self._issuer_keys: dict[tuple[str, str], _IssuerKeys] = {}
         self._generations: dict[tuple[str, str, str], int] = {}
         self._grant_targets: dict[tuple[str, str], str] = {}
         self._usage_written: dict[str, float] = {}
         """Grant `namespace/name` -> when this process last wrote its `status.usage`."""
         self._httproutes_served: tuple[bool, float] | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._retired = RetiredUids()
         self._account_watchers: defaultdict[Account, set[Key]] = defaultdict(set)
         """Granted service account -> the ProtectedServices whose grants name it."""
@@ -239,10 +226,8 @@ class Controller:
     async def close(self) -> None:
         """Stop every worker and timer; close the JWKS HTTP session."""
         await self.queue.close()
-        await self.issuer_queue.close()
+        await self.issuers.close()
         await self.revocation_queue.close()
-        if self._http is not None:
-            await self._http.close()
 
     # =========================================================================================
     # Entry points (called by handlers.py)
@@ -302,9 +287,8 @@ class Controller:
         """An IdentityIssuer changed or went away: recompile the services in its namespace."""
         namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
         if event_type == "DELETED":
-            self._issuer_keys.pop((namespace, name), None)
+            self.issuers.forget(namespace, name)
             self._generations.pop(("IdentityIssuer", namespace, name), None)
-            self.issuer_queue.forget((namespace, name))
         elif not self._spec_changed("IdentityIssuer", body):
             return
         self._request_namespace(namespace, Aspect.POLICY | Aspect.INFRA)
@@ -365,16 +349,7 @@ class Controller:
 
     async def reconcile_issuer(self, namespace: str, name: str) -> None:
         """Fetch and validate an IdentityIssuer's keys now; write its status; keep refreshing."""
-        await self.issuer_queue.request((namespace, name), Aspect.INFRA)
-
-    async def _sync_issuer(self, key: Key, aspects: Aspect) -> None:
-        body = await self.client.get(IDENTITYISSUERS, key[1], key[0])
-        if body is None:
-            self.issuer_queue.forget(key)
-            return
-        await self._reconcile_issuer(body, force=bool(aspects & Aspect.INFRA))
-        when = self.clock() + self.settings.issuer_check_interval
-        self.issuer_queue.request_at(key, Aspect.POLICY, when, slot="refresh")
+        await self.issuers.reconcile(namespace, name)
 
     # =========================================================================================
     # Requests
@@ -462,7 +437,7 @@ class Controller:
         for view in views:
             if view.grant is not None:
                 view.subjects = subjects_found(view.grant, observed.accounts)
-        jwks = await self._kubernetes_issuer_keys(ps, issuers)
+        jwks = await self.issuers.kubernetes_keys(ps, issuers)
         moment = datetime.fromtimestamp(now, tz=UTC)
         observed.missing_issuers = missing_issuers(ps, issuers)
 
@@ -611,26 +586,6 @@ class Controller:
         return grant, condition(
             c.ACCEPTED, True, c.REASON_ACCEPTED, f"accepted for ProtectedService {ps.name}"
         )
-
-    async def _kubernetes_issuer_keys(
-        self, ps: ProtectedService, issuers: list[IdentityIssuer]
-    ) -> dict[str, JSON]:
-        """Keys of the service's `kubernetes` issuers (fetched now if never fetched)."""
-        keys: dict[str, JSON] = {}
-        for issuer in issuers:
-            if issuer.name not in ps.spec.issuers or issuer.spec.kubernetes is None:
-                continue
-            known = self._issuer_keys.get((issuer.namespace, issuer.name))
-            if known is None:
-                try:
-                    jwks = validate_jwks(await self.client.get_raw("/openid/v1/jwks"))
-                except (KubeError, InvalidJwks) as exc:
-                    self.log.warning("kubernetes issuer %s: %s", issuer.key, exc)
-                    continue
-                known = _IssuerKeys(jwks, len(jwks["keys"]), self.clock())
-                self._issuer_keys[(issuer.namespace, issuer.name)] = known
-            keys[issuer.name] = known.jwks
-        return keys
 
     # -- owned objects ----------------------------------------------------------------------
 
@@ -1094,109 +1049,6 @@ class Controller:
                 return False  # deleted meanwhile
             raise
         return True
-
-    # -- issuers ----------------------------------------------------------------------------
-
-    async def _reconcile_issuer(self, body: Mapping[str, Any], *, force: bool) -> None:
-        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
-        now = self.clock()
-        status = body.get("status") or {}
-        known = self._issuer_keys.get((namespace, name))
-        try:
-            issuer = IdentityIssuer.model_validate(body)
-        except ValidationError as exc:
-            message = "invalid spec: " + "; ".join(describe_validation_error(exc))
-            await self._write_issuer_status(
-                body, False, c.REASON_INVALID_SPEC, message, known, None
-            )
-            return
-        interval = _seconds(issuer.spec.refresh_interval)
-        last = parse_optional(status.get("lastRefreshTime"))
-        generation_seen = status.get("observedGeneration") == issuer.metadata.generation
-        due = (
-            force or known is None or not generation_seen or last is None or now - last >= interval
-        )
-        if not due:
-            return
-        try:
-            jwks = validate_jwks(await self._fetch_jwks(issuer))
-        except InvalidJwks as exc:
-            await self._issuer_failed(body, c.REASON_INVALID_KEYS, str(exc), known)
-            return
-        except (KubeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            await self._issuer_failed(body, c.REASON_FETCH_FAILED, str(exc) or repr(exc), known)
-            return
-        fresh = _IssuerKeys(jwks, len(jwks["keys"]), now)
-        self._issuer_keys[(namespace, name)] = fresh
-        count = fresh.count
-        message = f"{count} key{'s' if count != 1 else ''} loaded"
-        await self._write_issuer_status(body, True, c.REASON_KEYS_LOADED, message, fresh, now)
-        if known is None or known.jwks != jwks:
-            self._request_namespace(namespace, Aspect.POLICY)
-
-    async def _issuer_failed(
-        self, body: Mapping[str, Any], reason: str, message: str, known: _IssuerKeys | None
-    ) -> None:
-        if known is not None:
-            fetched = format_seconds(known.fetched_at)
-            message += f"; still serving the {known.count} keys fetched at {fetched}"
-        await self._write_issuer_status(body, False, reason, message, known, None)
-        self.log.warning(
-            "IdentityIssuer %s/%s: %s",
-            _meta(body).get("namespace"),
-            _meta(body).get("name"),
-            message,
-        )
-
-    async def _fetch_jwks(self, issuer: IdentityIssuer) -> bytes | JSON:
-        spec = issuer.spec
-        if spec.jwks is not None:
-            inline: JSON = spec.jwks.model_dump(mode="json", exclude_none=True)
-            return inline
-        if spec.kubernetes is not None:
-            return await self.client.get_raw("/openid/v1/jwks")
-        if spec.jwks_uri is None:
-            raise ValueError("no key source (jwksUri, jwks or kubernetes)")
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
-        timeout = aiohttp.ClientTimeout(total=self.settings.jwks_fetch_timeout)
-        async with self._http.get(spec.jwks_uri, timeout=timeout, allow_redirects=False) as resp:
-            if resp.status != 200:
-                raise ValueError(f"GET {spec.jwks_uri}: HTTP {resp.status}")
-            data = await resp.content.read(self.settings.jwks_max_bytes + 1)
-            if len(data) > self.settings.jwks_max_bytes:
-                raise ValueError(
-                    f"GET {spec.jwks_uri}: larger than {self.settings.jwks_max_bytes} bytes"
-                )
-            return data
-
-    async def _write_issuer_status(
-        self,
-        body: Mapping[str, Any],
-        ok: bool,
-        reason: str,
-        message: str,
-        keys: _IssuerKeys | None,
-        refreshed_at: float | None,
-    ) -> None:
-        generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"),
-                [condition(c.READY, ok, reason, message)],
-                now=self.clock(),
-                generation=generation,
-            ),
-            "keyCount": keys.count if keys is not None else 0,
-        }
-        if refreshed_at is not None:
-            status["lastRefreshTime"] = format_seconds(refreshed_at)
-        elif previous.get("lastRefreshTime"):
-            status["lastRefreshTime"] = previous["lastRefreshTime"]
-        if generation is not None:
-            status["observedGeneration"] = generation
-        await self._apply_status(IDENTITYISSUERS, body, status)
 
     # -- events -----------------------------------------------------------------------------
 
