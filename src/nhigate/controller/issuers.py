@@ -9,7 +9,7 @@ A failed fetch keeps serving the keys loaded before (the status says so).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +22,13 @@ from nhigate.api.models import IdentityIssuer, ProtectedService
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller.jwks import InvalidJwks, validate_jwks
 from nhigate.controller.settings import ControllerSettings
-from nhigate.controller.status import condition, merge_conditions
+from nhigate.controller.status import condition
+from nhigate.controller.status_writer import StatusWriter
 from nhigate.controller.workqueue import Aspect, Key, WorkQueue
-from nhigate.k8s import IDENTITYISSUERS, KubeClient, KubeError, ResourceRef
+from nhigate.k8s import IDENTITYISSUERS, KubeClient, KubeError
 from nhigate.policy.times import format_seconds, parse_optional
 
 JSON = dict[str, Any]
-ApplyStatus = Callable[[ResourceRef, Mapping[str, Any], JSON], Awaitable[bool]]
-"""Writes a status unless it equals what is there; True when written."""
 
 
 @dataclass
@@ -49,7 +48,7 @@ class IssuerSync:
         client: KubeClient,
         settings: ControllerSettings,
         *,
-        apply_status: ApplyStatus,
+        status: StatusWriter,
         keys_changed: Callable[[str], None],
         logger: logging.Logger,
         clock: Callable[[], float],
@@ -60,7 +59,7 @@ class IssuerSync:
         self.settings = settings
         self.log = logger
         self.clock = clock
-        self._apply_status = apply_status
+        self.status = status
         self._keys_changed = keys_changed
         self.queue = WorkQueue(
             self._sync,
@@ -198,12 +197,7 @@ class IssuerSync:
         generation = (body.get("metadata") or {}).get("generation")
         previous = body.get("status") or {}
         status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"),
-                [condition(c.READY, ok, reason, message)],
-                now=self.clock(),
-                generation=generation,
-            ),
+            "conditions": self.status.conditions(body, [condition(c.READY, ok, reason, message)]),
             "keyCount": keys.count if keys is not None else 0,
         }
         if refreshed_at is not None:
@@ -212,4 +206,4 @@ class IssuerSync:
             status["lastRefreshTime"] = previous["lastRefreshTime"]
         if generation is not None:
             status["observedGeneration"] = generation
-        await self._apply_status(IDENTITYISSUERS, body, status)
+        await self.status.apply(IDENTITYISSUERS, body, status)

@@ -18,7 +18,6 @@ import base64
 import contextlib
 import logging
 import time
-import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,13 +65,13 @@ from nhigate.controller.status import (
     grant_active,
     grant_enforced,
     live_replicas,
-    merge_conditions,
     next_replica_expiry,
     next_transition,
     policy_enforced,
     proxy_available,
     service_ready,
 )
+from nhigate.controller.status_writer import StatusWriter
 from nhigate.controller.usage import (
     Reports,
     grant_unused,
@@ -197,10 +196,13 @@ class Controller:
             logger=self.log,
             clock=clock,
         )
+        self.status = StatusWriter(
+            client, field_manager=settings.field_manager, logger=self.log, clock=clock
+        )
         self.issuers = IssuerSync(
             client,
             settings,
-            apply_status=self._apply_status,
+            status=self.status,
             keys_changed=lambda namespace: self._request_namespace(namespace, Aspect.POLICY),
             logger=self.log,
             clock=clock,
@@ -761,7 +763,7 @@ class Controller:
             return  # the user chose no isolation: report, but do not warn about each path
         for path in paths:
             if path not in before:
-                await self._post_event(
+                await self.status.post_event(
                     _ref_body(ps),
                     "Warning",
                     "BypassFound",
@@ -797,7 +799,6 @@ class Controller:
     async def _write_service_status(
         self, ps: ProtectedService, body: JSON, observed: _Observed
     ) -> None:
-        now = self.clock()
         generation = ps.metadata.generation
         available = proxy_available(observed.deployment)
         enforced, ratio = policy_enforced(observed.replicas, observed.version)
@@ -814,14 +815,8 @@ class Controller:
             )
         else:
             blocked = direct_path_blocked(ps.spec.isolation.mode, observed.bypass)
-        previous = body.get("status") or {}
         status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"),
-                [ready, available, enforced, blocked],
-                now=now,
-                generation=generation,
-            ),
+            "conditions": self.status.conditions(body, [ready, available, enforced, blocked]),
             "bypassPaths": [p.model_dump() for p in observed.bypass or ()],
             "enforcedReplicas": ratio,
             "endpoint": m.proxy_endpoint(ps),
@@ -830,19 +825,13 @@ class Controller:
             status["policyVersion"] = observed.version
         if generation is not None:
             status["observedGeneration"] = generation
-        await self._apply_status(PROTECTEDSERVICES, body, status)
+        await self.status.apply(PROTECTEDSERVICES, body, status)
 
     async def _write_invalid_service(self, body: JSON, exc: ValidationError) -> None:
         message = "; ".join(describe_validation_error(exc))
         ready = condition(c.READY, False, c.REASON_ERROR, f"invalid spec: {message}")
-        generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"), [ready], now=self.clock(), generation=generation
-            )
-        }
-        await self._apply_status(PROTECTEDSERVICES, body, status)
+        status: JSON = {"conditions": self.status.conditions(body, [ready])}
+        await self.status.apply(PROTECTEDSERVICES, body, status)
 
     async def _write_grant_statuses(self, ps: ProtectedService, observed: _Observed) -> None:
         now = self.clock()
@@ -878,7 +867,7 @@ class Controller:
             extra["usage"] = usage
             desired = [view.accepted, active, enforced, subjects, unused]
             async with limit:
-                await self._write_grant_status(view.body, desired, extra)
+                await self.status.write_grant(view.body, desired, extra)
 
         await asyncio.gather(*(write(v) for v in observed.grants))
         if wake:  # a grant turns idle, or held-back usage is due: no event will say so
@@ -918,48 +907,6 @@ class Controller:
         wake.append(written + self.settings.usage_write_interval)
         return dict(previous), unused
 
-    async def _write_grant_status(
-        self, body: JSON, desired: list[JSON], extra: Mapping[str, Any]
-    ) -> None:
-        generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        before = {str(x.get("type")): x for x in previous.get("conditions") or ()}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"), desired, now=self.clock(), generation=generation
-            ),
-            **extra,
-        }
-        expires_at = _spec(body).get("expiresAt")
-        if expires_at:
-            status["expiresAt"] = expires_at
-        if generation is not None:
-            status["observedGeneration"] = generation
-        if not await self._apply_status(ROUTEGRANTS, body, status):
-            return
-        body["status"] = {**previous, **status}  # what we wrote is the new baseline
-        await self._grant_events(body, before, {d["type"]: d for d in desired})
-
-    async def _grant_events(
-        self, body: JSON, before: Mapping[str, Mapping[str, Any]], after: Mapping[str, JSON]
-    ) -> None:
-        """Events for accept/reject/expire transitions only (not on every write)."""
-        old, new = before.get(c.ACCEPTED), after.get(c.ACCEPTED)
-        if new is not None and (
-            old is None or old.get("status") != new["status"] or old.get("reason") != new["reason"]
-        ):
-            if new["status"] == c.TRUE:
-                await self._post_event(body, "Normal", "Accepted", new["message"])
-            else:
-                await self._post_event(body, "Warning", "Rejected", new["message"])
-        old, new = before.get(c.ACTIVE), after.get(c.ACTIVE)
-        if (
-            new is not None
-            and new["reason"] == c.REASON_EXPIRED
-            and (old is None or old.get("reason") != c.REASON_EXPIRED)
-        ):
-            await self._post_event(body, "Normal", "Expired", new["message"])
-
     async def _judge_orphan_grants(self, namespace: str, name: str) -> None:
         """Grants whose target does not exist: Accepted=False TargetNotFound."""
         grants, _ = await self.client.list(ROUTEGRANTS, namespace)
@@ -985,7 +932,7 @@ class Controller:
             usage = (body.get("status") or {}).get("usage")
             if usage:  # kept: applying status without it would drop lastUsed
                 extra["usage"] = usage
-            await self._write_grant_status(body, desired, extra)
+            await self.status.write_grant(body, desired, extra)
 
     async def _sync_revocation(self, key: Key, aspects: Aspect) -> None:
         body = await self.client.get(REVOCATIONS, key[1], key[0])
@@ -1022,70 +969,10 @@ class Controller:
                 )
                 verdict = condition(c.ACCEPTED, True, c.REASON_ACCEPTED, f"revoked for {scope}")
         generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"), [verdict], now=self.clock(), generation=generation
-            )
-        }
+        status: JSON = {"conditions": self.status.conditions(body, [verdict])}
         if generation is not None:
             status["observedGeneration"] = generation
-        await self._apply_status(REVOCATIONS, dict(body), status)
-
-    async def _apply_status(self, ref: ResourceRef, body: Mapping[str, Any], status: JSON) -> bool:
-        """Write `status` unless it equals what is there; True when written."""
-        previous = body.get("status") or {}
-        if all(previous.get(k) == v for k, v in status.items()):
-            return False
-        meta = _meta(body)
-        patch = {
-            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
-            "status": status,
-        }
-        try:
-            await self.client.apply_status(ref, patch, field_manager=self.settings.field_manager)
-        except KubeError as exc:
-            if exc.status == 404:
-                return False  # deleted meanwhile
-            raise
-        return True
-
-    # -- events -----------------------------------------------------------------------------
-
-    async def _post_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
-    ) -> None:
-        """Post a core/v1 Event about `involved`; failures are logged, never raised."""
-        meta = _meta(involved)
-        now = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}",
-                "namespace": meta.get("namespace"),
-            },
-            "involvedObject": {
-                "apiVersion": involved.get("apiVersion"),
-                "kind": involved.get("kind"),
-                "name": meta.get("name"),
-                "namespace": meta.get("namespace"),
-                "uid": meta.get("uid"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "source": {"component": "nhigate-controller"},
-            "reportingComponent": "nhigate.io/controller",
-            "reportingInstance": "nhigate-controller",
-        }
-        try:
-            await self.client.create(event)
-        except KubeError as exc:
-            self.log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+        await self.status.apply(REVOCATIONS, dict(body), status)
 
 
 def _subject_problem(
