@@ -29,16 +29,14 @@ from pydantic import ValidationError
 from nhigate.api import conditions as c
 from nhigate.api.compile import (
     build_policy_document,
-    compile_grant,
     missing_issuers,
-    undeclared_mcp_endpoints,
 )
 from nhigate.api.durations import parse_duration
-from nhigate.api.governance import judge_grant_policy
 from nhigate.api.models import BypassPath, IdentityIssuer, ProtectedService, Revocation, RouteGrant
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
 from nhigate.controller.bypass import find_bypass_paths
+from nhigate.controller.grants import grant_target, judge_grant, orphan_grant_status
 from nhigate.controller.identities import (
     SNAPSHOT_CLOCK_SLACK,
     SNAPSHOT_REFRESH,
@@ -56,6 +54,7 @@ from nhigate.controller.identities import (
 from nhigate.controller.issuers import IssuerSync
 from nhigate.controller.jwks import assertion_public_jwks, new_assertion_key
 from nhigate.controller.netpol import selector_matches
+from nhigate.controller.revocations import parse_revocation, revocation_verdict
 from nhigate.controller.settings import ControllerSettings
 from nhigate.controller.status import (
     Problem,
@@ -67,6 +66,7 @@ from nhigate.controller.status import (
     live_replicas,
     next_replica_expiry,
     next_transition,
+    owned_problems,
     policy_enforced,
     proxy_available,
     service_ready,
@@ -118,11 +118,6 @@ def _meta(obj: Mapping[str, Any]) -> JSON:
 def _spec(obj: Mapping[str, Any]) -> JSON:
     spec: JSON = obj.get("spec") or {}
     return spec
-
-
-def _grant_target(body: Mapping[str, Any]) -> str | None:
-    target = (_spec(body).get("target") or {}).get("protectedService")
-    return str(target) if target else None
 
 
 @dataclass
@@ -254,7 +249,7 @@ class Controller:
     def grant_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """A RouteGrant changed: recompile its target's policy now (and its old target's)."""
         namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
-        target = _grant_target(body)
+        target = grant_target(body)
         previous = self._grant_targets.get((namespace, name))
         if event_type == "DELETED":
             self._grant_targets.pop((namespace, name), None)
@@ -428,10 +423,10 @@ class Controller:
         views: list[_GrantView] = []
         accepted: list[RouteGrant] = []
         for body in grant_bodies:
-            if _grant_target(body) != ps.name:
+            if grant_target(body) != ps.name:
                 continue
             self._grant_targets[(namespace, str(_meta(body).get("name")))] = ps.name
-            grant, verdict = self._judge_grant(body, ps, issuers, now)
+            grant, verdict = judge_grant(body, ps, issuers, now)
             views.append(_GrantView(body=body, accepted=verdict, grant=grant))
             if grant is not None:
                 accepted.append(grant)
@@ -560,65 +555,14 @@ class Controller:
         for account in accounts:
             self._account_watchers[account].add(key)
 
-    def _judge_grant(
-        self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer], now: float
-    ) -> tuple[RouteGrant | None, JSON]:
-        """Validate what CEL cannot: referenced issuers exist, the target can verify them, and
-        the grant keeps the target's grantPolicy."""
-        try:
-            grant = RouteGrant.model_validate(body)
-            compile_grant(grant)
-        except ValidationError as exc:
-            lines = describe_validation_error(exc)
-            return None, condition(c.ACCEPTED, False, c.REASON_INVALID_SPEC, "; ".join(lines))
-        except ValueError as exc:
-            return None, condition(c.ACCEPTED, False, c.REASON_INVALID_SPEC, str(exc))
-        problem = _subject_problem(grant, ps, issuers)
-        if problem is not None:
-            return None, condition(c.ACCEPTED, False, *problem)
-        undeclared = undeclared_mcp_endpoints(grant, ps)
-        if undeclared:
-            message = f"MCP rules name endpoints {ps.name} does not declare in spec.mcp: "
-            return None, condition(
-                c.ACCEPTED, False, c.REASON_INVALID_SPEC, message + ", ".join(undeclared)
-            )
-        breach = judge_grant_policy(grant, ps, issuers, now=datetime.fromtimestamp(now, tz=UTC))
-        if breach is not None:
-            return None, condition(c.ACCEPTED, False, breach.reason, breach.message)
-        return grant, condition(
-            c.ACCEPTED, True, c.REASON_ACCEPTED, f"accepted for ProtectedService {ps.name}"
-        )
-
     # -- owned objects ----------------------------------------------------------------------
 
     async def _apply_owned(self, ps: ProtectedService, observed: _Observed) -> None:
         manager = self.settings.field_manager
-        problems: list[Problem] = []
         backend = await self.client.get(SERVICES, ps.spec.backend.service, ps.namespace)
         observed.backend_found = backend is not None
         backend_port = _service_port(backend, ps.spec.backend.port) if backend else None
-        if backend is None:
-            problems.append(
-                Problem(
-                    c.REASON_BACKEND_NOT_FOUND,
-                    f"spec.backend.service: Service {ps.spec.backend.service} not found",
-                )
-            )
-        elif backend_port is None:
-            problems.append(
-                Problem(
-                    c.REASON_BACKEND_NOT_FOUND,
-                    f"spec.backend.port: Service {ps.spec.backend.service} has no port "
-                    f"{ps.spec.backend.port}",
-                )
-            )
-        if observed.missing_issuers:
-            names = ", ".join(observed.missing_issuers)
-            problems.append(
-                Problem(
-                    c.REASON_ISSUER_NOT_FOUND, f"spec.issuers: IdentityIssuer not found: {names}"
-                )
-            )
+        problems = owned_problems(ps, backend, backend_port, observed.missing_issuers)
         manifests = [
             m.build_service_account(ps),
             m.build_role(ps),
@@ -912,26 +856,9 @@ class Controller:
         grants, _ = await self.client.list(ROUTEGRANTS, namespace)
         now = self.clock()
         for body in grants:
-            if _grant_target(body) != name:
+            if grant_target(body) != name:
                 continue
-            spec = _spec(body)
-            message = (
-                f"spec.target.protectedService: ProtectedService {name} not found "
-                f"in namespace {namespace}"
-            )
-            desired = [
-                condition(c.ACCEPTED, False, c.REASON_TARGET_NOT_FOUND, message),
-                grant_active(
-                    parse_optional(spec.get("notBefore")),
-                    parse_optional(spec.get("expiresAt")),
-                    now,
-                ),
-                condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
-            ]
-            extra: JSON = {"enforcedReplicas": "0/0"}
-            usage = (body.get("status") or {}).get("usage")
-            if usage:  # kept: applying status without it would drop lastUsed
-                extra["usage"] = usage
+            desired, extra = orphan_grant_status(body, namespace, name, now)
             await self.status.write_grant(body, desired, extra)
 
     async def _sync_revocation(self, key: Key, aspects: Aspect) -> None:
@@ -943,72 +870,20 @@ class Controller:
 
     async def _judge_revocation(self, body: Mapping[str, Any]) -> None:
         namespace = str(_meta(body).get("namespace"))
-        try:
-            revocation = Revocation.model_validate(body)
-        except ValidationError as exc:
-            verdict = condition(
-                c.ACCEPTED, False, c.REASON_INVALID_SPEC, "; ".join(describe_validation_error(exc))
+        parsed = parse_revocation(body)
+        if isinstance(parsed, Revocation):
+            target = parsed.spec.target
+            found = target is None or bool(
+                await self.client.get(PROTECTEDSERVICES, target.protected_service, namespace)
             )
+            verdict = revocation_verdict(parsed, target_found=found)
         else:
-            target = revocation.spec.target
-            if target is not None and not await self.client.get(
-                PROTECTEDSERVICES, target.protected_service, namespace
-            ):
-                verdict = condition(
-                    c.ACCEPTED,
-                    False,
-                    c.REASON_TARGET_NOT_FOUND,
-                    f"spec.target.protectedService: ProtectedService {target.protected_service} "
-                    f"not found in namespace {namespace}",
-                )
-            else:
-                scope = (
-                    f"ProtectedService {target.protected_service}"
-                    if target
-                    else "every ProtectedService in the namespace"
-                )
-                verdict = condition(c.ACCEPTED, True, c.REASON_ACCEPTED, f"revoked for {scope}")
+            verdict = parsed
         generation = _meta(body).get("generation")
         status: JSON = {"conditions": self.status.conditions(body, [verdict])}
         if generation is not None:
             status["observedGeneration"] = generation
         await self.status.apply(REVOCATIONS, dict(body), status)
-
-
-def _subject_problem(
-    grant: RouteGrant, ps: ProtectedService, issuers: list[IdentityIssuer]
-) -> tuple[str, str] | None:
-    """(reason, message naming the field) for the first subject the target cannot verify."""
-    by_name = {i.name: i for i in issuers}
-    trusted = set(ps.spec.issuers)
-    kubernetes_trusted = any(
-        by_name[n].spec.kubernetes is not None for n in trusted if n in by_name
-    )
-    target = f"ProtectedService {ps.name}"
-    for index, subject in enumerate(grant.spec.subjects):
-        where = f"spec.subjects[{index}]"
-        if subject.token is not None:
-            issuer = subject.token.issuer
-            if issuer not in by_name:
-                return c.REASON_ISSUER_NOT_FOUND, (
-                    f"{where}.token.issuer: IdentityIssuer {issuer!r} not found "
-                    f"in namespace {grant.namespace}"
-                )
-            if issuer not in trusted:
-                return c.REASON_ISSUER_NOT_FOUND, (
-                    f"{where}.token.issuer: {issuer!r} is not in {target}'s spec.issuers"
-                )
-        elif subject.service_account is not None and not kubernetes_trusted:
-            return c.REASON_ISSUER_NOT_FOUND, (
-                f"{where}.serviceAccount: {target} trusts no IdentityIssuer with kubernetes: {{}}"
-            )
-        elif subject.spiffe_id is not None and (
-            ps.spec.proxy.tls is None or ps.spec.proxy.tls.client_ca_secret_name is None
-        ):
-            return c.REASON_INVALID_SPEC, (
-                f"{where}.spiffeId: {target} has no spec.proxy.tls.clientCASecretName (mTLS)"
-            )
-    return None
 
 
 def _parse_all(model: Any, bodies: Iterable[JSON]) -> list[Any]:

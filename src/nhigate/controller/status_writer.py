@@ -86,22 +86,8 @@ class StatusWriter:
     async def _grant_events(
         self, body: JSON, before: Mapping[str, Mapping[str, Any]], after: Mapping[str, JSON]
     ) -> None:
-        """Events for accept/reject/expire transitions only (not on every write)."""
-        old, new = before.get(c.ACCEPTED), after.get(c.ACCEPTED)
-        if new is not None and (
-            old is None or old.get("status") != new["status"] or old.get("reason") != new["reason"]
-        ):
-            if new["status"] == c.TRUE:
-                await self.post_event(body, "Normal", "Accepted", new["message"])
-            else:
-                await self.post_event(body, "Warning", "Rejected", new["message"])
-        old, new = before.get(c.ACTIVE), after.get(c.ACTIVE)
-        if (
-            new is not None
-            and new["reason"] == c.REASON_EXPIRED
-            and (old is None or old.get("reason") != c.REASON_EXPIRED)
-        ):
-            await self.post_event(body, "Normal", "Expired", new["message"])
+        for type_, reason, message in grant_transitions(before, after):
+            await self.post_event(body, type_, reason, message)
 
     async def post_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str
@@ -137,3 +123,28 @@ class StatusWriter:
             await self.client.create(event)
         except KubeError as exc:
             self.log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
+
+
+def grant_transitions(
+    before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events a RouteGrant's conditions going from `before`
+    to `after` (by condition type) deserve: accept/reject/expire transitions only, not every
+    write."""
+    events: list[tuple[str, str, str]] = []
+    old, new = before.get(c.ACCEPTED), after.get(c.ACCEPTED)
+    if new is not None and (
+        old is None or old.get("status") != new["status"] or old.get("reason") != new["reason"]
+    ):
+        if new["status"] == c.TRUE:
+            events.append(("Normal", "Accepted", new["message"]))
+        else:
+            events.append(("Warning", "Rejected", new["message"]))
+    old, new = before.get(c.ACTIVE), after.get(c.ACTIVE)
+    if (
+        new is not None
+        and new["reason"] == c.REASON_EXPIRED
+        and (old is None or old.get("reason") != c.REASON_EXPIRED)
+    ):
+        events.append(("Normal", "Expired", new["message"]))
+    return events
