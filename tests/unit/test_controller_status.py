@@ -189,6 +189,8 @@ def test_direct_path_blocked() -> None:
     assert direct_path_blocked("Audit", [path])["reason"] == "BypassFound"
     assert direct_path_blocked("Off", [])["reason"] == "IsolationOff"
     assert direct_path_blocked("Off", [])["status"] == "False"
+    unknown = direct_path_blocked("Enforce", None)  # no backend Service: nothing analysed
+    assert (unknown["status"], unknown["reason"]) == ("Unknown", "BackendNotFound")
 
 
 def test_service_ready() -> None:

@@ -750,15 +750,7 @@ class Controller:
         if observed.policy_error:
             problems.append(Problem(c.REASON_ERROR, observed.policy_error))
         ready = service_ready(problems, available)
-        if observed.bypass is None:
-            blocked = condition(
-                c.DIRECT_PATH_BLOCKED,
-                c.UNKNOWN,
-                c.REASON_BACKEND_NOT_FOUND,
-                "the backend Service does not exist: nothing to analyse",
-            )
-        else:
-            blocked = direct_path_blocked(ps.spec.isolation.mode, observed.bypass)
+        blocked = direct_path_blocked(ps.spec.isolation.mode, observed.bypass)
         status: JSON = {
             "conditions": self.status.conditions(body, [ready, available, enforced, blocked]),
             "bypassPaths": [p.model_dump() for p in observed.bypass or ()],

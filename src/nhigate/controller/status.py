@@ -206,8 +206,16 @@ def proxy_available(deployment: Mapping[str, Any] | None) -> JSON:
     )
 
 
-def direct_path_blocked(mode: str, paths: Sequence[BypassPath]) -> JSON:
-    """`DirectPathBlocked` from the isolation mode and the bypass analysis."""
+def direct_path_blocked(mode: str, paths: Sequence[BypassPath] | None) -> JSON:
+    """`DirectPathBlocked` from the isolation mode and the bypass analysis (`paths` None:
+    not analysed, the backend Service does not exist)."""
+    if paths is None:
+        return condition(
+            c.DIRECT_PATH_BLOCKED,
+            c.UNKNOWN,
+            c.REASON_BACKEND_NOT_FOUND,
+            "the backend Service does not exist: nothing to analyse",
+        )
     found = "; ".join(f"{p.kind} {p.namespace}/{p.name}: {p.reason}" for p in paths[:5])
     more = f" (and {len(paths) - 5} more)" if len(paths) > 5 else ""
     if mode == "Off":
