@@ -24,7 +24,7 @@ from nhigate.controller.jwks import InvalidJwks, validate_jwks
 from nhigate.controller.settings import ControllerSettings
 from nhigate.controller.status import condition
 from nhigate.controller.status_writer import StatusWriter
-from nhigate.controller.workqueue import Aspect, Key, WorkQueue
+from nhigate.controller.workqueue import Aspect, Key, SyncFn, WorkQueue
 from nhigate.k8s import IDENTITYISSUERS, KubeClient, KubeError
 from nhigate.policy.times import format_seconds, parse_optional
 
@@ -49,25 +49,21 @@ class IssuerSync:
         settings: ControllerSettings,
         *,
         status: StatusWriter,
+        work_queue: Callable[[SyncFn], WorkQueue],
         keys_changed: Callable[[str], None],
         logger: logging.Logger,
         clock: Callable[[], float],
     ) -> None:
-        """`keys_changed(namespace)` is called when an issuer's keys change (its services
-        must recompile)."""
+        """`work_queue(sync)` makes the issuers' queue (the controller's backoff and clock);
+        `keys_changed(namespace)` is called when an issuer's keys change (its services must
+        recompile)."""
         self.client = client
         self.settings = settings
         self.log = logger
         self.clock = clock
         self.status = status
         self._keys_changed = keys_changed
-        self.queue = WorkQueue(
-            self._sync,
-            retry_min=settings.retry_min,
-            retry_max=settings.retry_max,
-            logger=logger,
-            clock=clock,
-        )
+        self.queue = work_queue(self._sync)
         self._keys: dict[tuple[str, str], IssuerKeys] = {}
         self._http: aiohttp.ClientSession | None = None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict, defaultdict
@@ -184,13 +185,14 @@ class Controller:
         self.settings = settings
         self.log = logger or logging.getLogger("nhigate.controller")
         self.clock = clock
-        self.queue = WorkQueue(
-            self._sync,
+        work_queue = functools.partial(
+            WorkQueue,
             retry_min=settings.retry_min,
             retry_max=settings.retry_max,
             logger=self.log,
             clock=clock,
-        )
+        )  # every queue retries with the same backoff and reads the one clock
+        self.queue = work_queue(self._sync)
         self.status = StatusWriter(
             client, field_manager=settings.field_manager, logger=self.log, clock=clock
         )
@@ -198,17 +200,12 @@ class Controller:
             client,
             settings,
             status=self.status,
+            work_queue=work_queue,
             keys_changed=lambda namespace: self._request_namespace(namespace, Aspect.POLICY),
             logger=self.log,
             clock=clock,
         )
-        self.revocation_queue = WorkQueue(
-            self._sync_revocation,
-            retry_min=settings.retry_min,
-            retry_max=settings.retry_max,
-            logger=self.log,
-            clock=clock,
-        )
+        self.revocation_queue = work_queue(self._sync_revocation)
         self._services: defaultdict[str, set[str]] = defaultdict(set)
         self._observed: dict[Key, _Observed] = {}
         self._generations: dict[tuple[str, str, str], int] = {}
