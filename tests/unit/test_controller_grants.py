@@ -6,7 +6,12 @@ from typing import Any
 
 from controller_harness import issuer, protected_service, route_grant
 from nhigate.api.models import IdentityIssuer, ProtectedService, Revocation
-from nhigate.controller.grants import grant_target, judge_grant, orphan_grant_status
+from nhigate.controller.grants import (
+    grant_target,
+    grant_window,
+    judge_grant,
+    orphan_grant_status,
+)
 from nhigate.controller.revocations import parse_revocation, revocation_verdict
 
 NS = "team"
@@ -28,6 +33,12 @@ def test_grant_target_reads_the_protected_service_name_or_none() -> None:
     assert grant_target(route_grant(NS, "g", target="api")) == "api"
     assert grant_target({"spec": {}}) is None
     assert grant_target({}) is None
+
+
+def test_grant_window_reads_not_before_and_expires_at_as_seconds() -> None:
+    body = route_grant(NS, "g", notBefore="2030-01-01T00:00:00Z", expiresAt="2030-01-02T00:00:00Z")
+    assert grant_window(body) == (1_893_456_000.0, 1_893_542_400.0)
+    assert grant_window(route_grant(NS, "open")) == (None, None)
 
 
 def test_a_valid_grant_naming_a_trusted_issuer_is_accepted() -> None:

@@ -31,6 +31,12 @@ def grant_target(body: Mapping[str, Any]) -> str | None:
     return str(target) if target else None
 
 
+def grant_window(body: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """A RouteGrant body's (`notBefore`, `expiresAt`) as epoch seconds (None: unset)."""
+    spec = body.get("spec") or {}
+    return parse_optional(spec.get("notBefore")), parse_optional(spec.get("expiresAt"))
+
+
 def judge_grant(
     body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer], now: float
 ) -> tuple[RouteGrant | None, JSON]:
@@ -66,15 +72,12 @@ def orphan_grant_status(
 ) -> tuple[list[JSON], JSON]:
     """(desired conditions, other status fields) of a grant whose target, ProtectedService
     `name` in `namespace`, does not exist: not accepted, not enforced, usage kept."""
-    spec = body.get("spec") or {}
     message = (
         f"spec.target.protectedService: ProtectedService {name} not found in namespace {namespace}"
     )
     desired = [
         condition(c.ACCEPTED, False, c.REASON_TARGET_NOT_FOUND, message),
-        grant_active(
-            parse_optional(spec.get("notBefore")), parse_optional(spec.get("expiresAt")), now
-        ),
+        grant_active(*grant_window(body), now),
         condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
     ]
     extra: JSON = {"enforcedReplicas": "0/0"}

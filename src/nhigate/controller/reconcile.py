@@ -37,7 +37,12 @@ from nhigate.api.models import BypassPath, IdentityIssuer, ProtectedService, Rev
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
 from nhigate.controller.bypass import find_bypass_paths
-from nhigate.controller.grants import grant_target, judge_grant, orphan_grant_status
+from nhigate.controller.grants import (
+    grant_target,
+    grant_window,
+    judge_grant,
+    orphan_grant_status,
+)
 from nhigate.controller.identities import (
     SNAPSHOT_CLOCK_SLACK,
     SNAPSHOT_REFRESH,
@@ -477,11 +482,7 @@ class Controller:
         in_policy = observed.contents[document.version]
         transitions: list[float] = []
         for view in views:
-            spec = _spec(view.body)
-            not_before, expires_at = (
-                parse_optional(spec.get("notBefore")),
-                parse_optional(spec.get("expiresAt")),
-            )
+            not_before, expires_at = grant_window(view.body)
             view.active = grant_active(not_before, expires_at, now)
             view.compiled = in_policy.get(view.key)
             upcoming = next_transition(not_before, expires_at, now)
@@ -786,10 +787,7 @@ class Controller:
                 replicas=observed.replicas,
                 contents=observed.contents,
             )
-            spec = _spec(view.body)
-            active = view.active or grant_active(
-                parse_optional(spec.get("notBefore")), parse_optional(spec.get("expiresAt")), now
-            )
+            active = view.active or grant_active(*grant_window(view.body), now)
             extra: JSON = {"enforcedReplicas": ratio}
             if view.compiled is not None and observed.version:
                 extra["policyVersion"] = observed.version
