@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from nhigate.api.models import BypassPath
+from nhigate.api.models import BypassPath, ProtectedService
 from nhigate.controller.status import (
     Problem,
     ReplicaReport,
@@ -17,6 +17,7 @@ from nhigate.controller.status import (
     merge_conditions,
     next_replica_expiry,
     next_transition,
+    owned_problems,
     policy_enforced,
     proxy_available,
     service_ready,
@@ -188,6 +189,8 @@ def test_direct_path_blocked() -> None:
     assert direct_path_blocked("Audit", [path])["reason"] == "BypassFound"
     assert direct_path_blocked("Off", [])["reason"] == "IsolationOff"
     assert direct_path_blocked("Off", [])["status"] == "False"
+    unknown = direct_path_blocked("Enforce", None)  # no backend Service: nothing analysed
+    assert (unknown["status"], unknown["reason"]) == ("Unknown", "BackendNotFound")
 
 
 def test_service_ready() -> None:
@@ -200,3 +203,27 @@ def test_service_ready() -> None:
     cond = service_ready(problems, available)
     assert (cond["status"], cond["reason"]) == ("False", "BackendNotFound")
     assert "no b" in cond["message"]
+
+
+def _ps() -> ProtectedService:
+    return ProtectedService.model_validate(
+        {
+            "apiVersion": "nhigate.io/v1alpha1",
+            "kind": "ProtectedService",
+            "metadata": {"name": "api", "namespace": "team"},
+            "spec": {"backend": {"service": "backend", "port": 80}, "issuers": ["ci"]},
+        }
+    )
+
+
+def test_owned_problems_name_the_missing_backend_port_and_issuers() -> None:
+    service = {"spec": {"ports": [{"port": 81}]}}
+    port = {"port": 80}
+    assert owned_problems(_ps(), service, port, []) == []
+    assert owned_problems(_ps(), None, None, []) == [
+        Problem("BackendNotFound", "spec.backend.service: Service backend not found")
+    ]
+    assert owned_problems(_ps(), service, None, ["ci", "other"]) == [
+        Problem("BackendNotFound", "spec.backend.port: Service backend has no port 80"),
+        Problem("IssuerNotFound", "spec.issuers: IdentityIssuer not found: ci, other"),
+    ]

@@ -16,31 +16,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
-import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 from pydantic import ValidationError
 
 from nhigate.api import conditions as c
 from nhigate.api.compile import (
     build_policy_document,
-    compile_grant,
     missing_issuers,
-    undeclared_mcp_endpoints,
 )
 from nhigate.api.durations import parse_duration
-from nhigate.api.governance import judge_grant_policy
 from nhigate.api.models import BypassPath, IdentityIssuer, ProtectedService, Revocation, RouteGrant
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
 from nhigate.controller.bypass import find_bypass_paths
+from nhigate.controller.grants import (
+    grant_target,
+    grant_window,
+    judge_grant,
+    orphan_grant_status,
+)
 from nhigate.controller.identities import (
     SNAPSHOT_CLOCK_SLACK,
     SNAPSHOT_REFRESH,
@@ -55,13 +57,10 @@ from nhigate.controller.identities import (
     same_content,
     subjects_found,
 )
-from nhigate.controller.jwks import (
-    InvalidJwks,
-    assertion_public_jwks,
-    new_assertion_key,
-    validate_jwks,
-)
+from nhigate.controller.issuers import IssuerSync
+from nhigate.controller.jwks import assertion_public_jwks, new_assertion_key
 from nhigate.controller.netpol import selector_matches
+from nhigate.controller.revocations import parse_revocation, revocation_verdict
 from nhigate.controller.settings import ControllerSettings
 from nhigate.controller.status import (
     Problem,
@@ -71,13 +70,14 @@ from nhigate.controller.status import (
     grant_active,
     grant_enforced,
     live_replicas,
-    merge_conditions,
     next_replica_expiry,
     next_transition,
+    owned_problems,
     policy_enforced,
     proxy_available,
     service_ready,
 )
+from nhigate.controller.status_writer import StatusWriter
 from nhigate.controller.usage import (
     Reports,
     grant_unused,
@@ -107,7 +107,7 @@ from nhigate.k8s import (
     ResourceRef,
 )
 from nhigate.policy import Grant, LiveIdentities, PolicyDocument, pack_document
-from nhigate.policy.times import format_seconds, parse_optional
+from nhigate.policy.times import parse_optional
 
 JSON = dict[str, Any]
 _VERSIONS_KEPT = 32
@@ -124,11 +124,6 @@ def _meta(obj: Mapping[str, Any]) -> JSON:
 def _spec(obj: Mapping[str, Any]) -> JSON:
     spec: JSON = obj.get("spec") or {}
     return spec
-
-
-def _grant_target(body: Mapping[str, Any]) -> str | None:
-    target = (_spec(body).get("target") or {}).get("protectedService")
-    return str(target) if target else None
 
 
 @dataclass
@@ -180,13 +175,6 @@ class _Observed:
     """The replicas' usage reports, from every Lease of the service (live or stale)."""
 
 
-@dataclass
-class _IssuerKeys:
-    jwks: JSON
-    count: int
-    fetched_at: float
-
-
 class Controller:
     """The state and logic of one controller process."""
 
@@ -202,36 +190,34 @@ class Controller:
         self.settings = settings
         self.log = logger or logging.getLogger("nhigate.controller")
         self.clock = clock
-        self.queue = WorkQueue(
-            self._sync,
+        work_queue = functools.partial(
+            WorkQueue,
             retry_min=settings.retry_min,
             retry_max=settings.retry_max,
             logger=self.log,
             clock=clock,
+        )  # every queue retries with the same backoff and reads the one clock
+        self.queue = work_queue(self._sync)
+        self.status = StatusWriter(
+            client, field_manager=settings.field_manager, logger=self.log, clock=clock
         )
-        self.issuer_queue = WorkQueue(
-            self._sync_issuer,
-            retry_min=settings.retry_min,
-            retry_max=settings.retry_max,
+        self.issuers = IssuerSync(
+            client,
+            settings,
+            status=self.status,
+            work_queue=work_queue,
+            keys_changed=lambda namespace: self._request_namespace(namespace, Aspect.POLICY),
             logger=self.log,
             clock=clock,
         )
-        self.revocation_queue = WorkQueue(
-            self._sync_revocation,
-            retry_min=settings.retry_min,
-            retry_max=settings.retry_max,
-            logger=self.log,
-            clock=clock,
-        )
+        self.revocation_queue = work_queue(self._sync_revocation)
         self._services: defaultdict[str, set[str]] = defaultdict(set)
         self._observed: dict[Key, _Observed] = {}
-        self._issuer_keys: dict[tuple[str, str], _IssuerKeys] = {}
         self._generations: dict[tuple[str, str, str], int] = {}
         self._grant_targets: dict[tuple[str, str], str] = {}
         self._usage_written: dict[str, float] = {}
         """Grant `namespace/name` -> when this process last wrote its `status.usage`."""
         self._httproutes_served: tuple[bool, float] | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._retired = RetiredUids()
         self._account_watchers: defaultdict[Account, set[Key]] = defaultdict(set)
         """Granted service account -> the ProtectedServices whose grants name it."""
@@ -239,10 +225,8 @@ class Controller:
     async def close(self) -> None:
         """Stop every worker and timer; close the JWKS HTTP session."""
         await self.queue.close()
-        await self.issuer_queue.close()
+        await self.issuers.close()
         await self.revocation_queue.close()
-        if self._http is not None:
-            await self._http.close()
 
     # =========================================================================================
     # Entry points (called by handlers.py)
@@ -267,7 +251,7 @@ class Controller:
     def grant_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """A RouteGrant changed: recompile its target's policy now (and its old target's)."""
         namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
-        target = _grant_target(body)
+        target = grant_target(body)
         previous = self._grant_targets.get((namespace, name))
         if event_type == "DELETED":
             self._grant_targets.pop((namespace, name), None)
@@ -302,9 +286,8 @@ class Controller:
         """An IdentityIssuer changed or went away: recompile the services in its namespace."""
         namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
         if event_type == "DELETED":
-            self._issuer_keys.pop((namespace, name), None)
+            self.issuers.forget(namespace, name)
             self._generations.pop(("IdentityIssuer", namespace, name), None)
-            self.issuer_queue.forget((namespace, name))
         elif not self._spec_changed("IdentityIssuer", body):
             return
         self._request_namespace(namespace, Aspect.POLICY | Aspect.INFRA)
@@ -365,16 +348,7 @@ class Controller:
 
     async def reconcile_issuer(self, namespace: str, name: str) -> None:
         """Fetch and validate an IdentityIssuer's keys now; write its status; keep refreshing."""
-        await self.issuer_queue.request((namespace, name), Aspect.INFRA)
-
-    async def _sync_issuer(self, key: Key, aspects: Aspect) -> None:
-        body = await self.client.get(IDENTITYISSUERS, key[1], key[0])
-        if body is None:
-            self.issuer_queue.forget(key)
-            return
-        await self._reconcile_issuer(body, force=bool(aspects & Aspect.INFRA))
-        when = self.clock() + self.settings.issuer_check_interval
-        self.issuer_queue.request_at(key, Aspect.POLICY, when, slot="refresh")
+        await self.issuers.reconcile(namespace, name)
 
     # =========================================================================================
     # Requests
@@ -451,10 +425,10 @@ class Controller:
         views: list[_GrantView] = []
         accepted: list[RouteGrant] = []
         for body in grant_bodies:
-            if _grant_target(body) != ps.name:
+            if grant_target(body) != ps.name:
                 continue
             self._grant_targets[(namespace, str(_meta(body).get("name")))] = ps.name
-            grant, verdict = self._judge_grant(body, ps, issuers, now)
+            grant, verdict = judge_grant(body, ps, issuers, now)
             views.append(_GrantView(body=body, accepted=verdict, grant=grant))
             if grant is not None:
                 accepted.append(grant)
@@ -462,7 +436,7 @@ class Controller:
         for view in views:
             if view.grant is not None:
                 view.subjects = subjects_found(view.grant, observed.accounts)
-        jwks = await self._kubernetes_issuer_keys(ps, issuers)
+        jwks = await self.issuers.kubernetes_keys(ps, issuers)
         moment = datetime.fromtimestamp(now, tz=UTC)
         observed.missing_issuers = missing_issuers(ps, issuers)
 
@@ -508,11 +482,7 @@ class Controller:
         in_policy = observed.contents[document.version]
         transitions: list[float] = []
         for view in views:
-            spec = _spec(view.body)
-            not_before, expires_at = (
-                parse_optional(spec.get("notBefore")),
-                parse_optional(spec.get("expiresAt")),
-            )
+            not_before, expires_at = grant_window(view.body)
             view.active = grant_active(not_before, expires_at, now)
             view.compiled = in_policy.get(view.key)
             upcoming = next_transition(not_before, expires_at, now)
@@ -583,85 +553,14 @@ class Controller:
         for account in accounts:
             self._account_watchers[account].add(key)
 
-    def _judge_grant(
-        self, body: JSON, ps: ProtectedService, issuers: list[IdentityIssuer], now: float
-    ) -> tuple[RouteGrant | None, JSON]:
-        """Validate what CEL cannot: referenced issuers exist, the target can verify them, and
-        the grant keeps the target's grantPolicy."""
-        try:
-            grant = RouteGrant.model_validate(body)
-            compile_grant(grant)
-        except ValidationError as exc:
-            lines = describe_validation_error(exc)
-            return None, condition(c.ACCEPTED, False, c.REASON_INVALID_SPEC, "; ".join(lines))
-        except ValueError as exc:
-            return None, condition(c.ACCEPTED, False, c.REASON_INVALID_SPEC, str(exc))
-        problem = _subject_problem(grant, ps, issuers)
-        if problem is not None:
-            return None, condition(c.ACCEPTED, False, *problem)
-        undeclared = undeclared_mcp_endpoints(grant, ps)
-        if undeclared:
-            message = f"MCP rules name endpoints {ps.name} does not declare in spec.mcp: "
-            return None, condition(
-                c.ACCEPTED, False, c.REASON_INVALID_SPEC, message + ", ".join(undeclared)
-            )
-        breach = judge_grant_policy(grant, ps, issuers, now=datetime.fromtimestamp(now, tz=UTC))
-        if breach is not None:
-            return None, condition(c.ACCEPTED, False, breach.reason, breach.message)
-        return grant, condition(
-            c.ACCEPTED, True, c.REASON_ACCEPTED, f"accepted for ProtectedService {ps.name}"
-        )
-
-    async def _kubernetes_issuer_keys(
-        self, ps: ProtectedService, issuers: list[IdentityIssuer]
-    ) -> dict[str, JSON]:
-        """Keys of the service's `kubernetes` issuers (fetched now if never fetched)."""
-        keys: dict[str, JSON] = {}
-        for issuer in issuers:
-            if issuer.name not in ps.spec.issuers or issuer.spec.kubernetes is None:
-                continue
-            known = self._issuer_keys.get((issuer.namespace, issuer.name))
-            if known is None:
-                try:
-                    jwks = validate_jwks(await self.client.get_raw("/openid/v1/jwks"))
-                except (KubeError, InvalidJwks) as exc:
-                    self.log.warning("kubernetes issuer %s: %s", issuer.key, exc)
-                    continue
-                known = _IssuerKeys(jwks, len(jwks["keys"]), self.clock())
-                self._issuer_keys[(issuer.namespace, issuer.name)] = known
-            keys[issuer.name] = known.jwks
-        return keys
-
     # -- owned objects ----------------------------------------------------------------------
 
     async def _apply_owned(self, ps: ProtectedService, observed: _Observed) -> None:
         manager = self.settings.field_manager
-        problems: list[Problem] = []
         backend = await self.client.get(SERVICES, ps.spec.backend.service, ps.namespace)
         observed.backend_found = backend is not None
         backend_port = _service_port(backend, ps.spec.backend.port) if backend else None
-        if backend is None:
-            problems.append(
-                Problem(
-                    c.REASON_BACKEND_NOT_FOUND,
-                    f"spec.backend.service: Service {ps.spec.backend.service} not found",
-                )
-            )
-        elif backend_port is None:
-            problems.append(
-                Problem(
-                    c.REASON_BACKEND_NOT_FOUND,
-                    f"spec.backend.port: Service {ps.spec.backend.service} has no port "
-                    f"{ps.spec.backend.port}",
-                )
-            )
-        if observed.missing_issuers:
-            names = ", ".join(observed.missing_issuers)
-            problems.append(
-                Problem(
-                    c.REASON_ISSUER_NOT_FOUND, f"spec.issuers: IdentityIssuer not found: {names}"
-                )
-            )
+        problems = owned_problems(ps, backend, backend_port, observed.missing_issuers)
         manifests = [
             m.build_service_account(ps),
             m.build_role(ps),
@@ -806,7 +705,7 @@ class Controller:
             return  # the user chose no isolation: report, but do not warn about each path
         for path in paths:
             if path not in before:
-                await self._post_event(
+                await self.status.post_event(
                     _ref_body(ps),
                     "Warning",
                     "BypassFound",
@@ -842,7 +741,6 @@ class Controller:
     async def _write_service_status(
         self, ps: ProtectedService, body: JSON, observed: _Observed
     ) -> None:
-        now = self.clock()
         generation = ps.metadata.generation
         available = proxy_available(observed.deployment)
         enforced, ratio = policy_enforced(observed.replicas, observed.version)
@@ -850,23 +748,9 @@ class Controller:
         if observed.policy_error:
             problems.append(Problem(c.REASON_ERROR, observed.policy_error))
         ready = service_ready(problems, available)
-        if observed.bypass is None:
-            blocked = condition(
-                c.DIRECT_PATH_BLOCKED,
-                c.UNKNOWN,
-                c.REASON_BACKEND_NOT_FOUND,
-                "the backend Service does not exist: nothing to analyse",
-            )
-        else:
-            blocked = direct_path_blocked(ps.spec.isolation.mode, observed.bypass)
-        previous = body.get("status") or {}
+        blocked = direct_path_blocked(ps.spec.isolation.mode, observed.bypass)
         status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"),
-                [ready, available, enforced, blocked],
-                now=now,
-                generation=generation,
-            ),
+            "conditions": self.status.conditions(body, [ready, available, enforced, blocked]),
             "bypassPaths": [p.model_dump() for p in observed.bypass or ()],
             "enforcedReplicas": ratio,
             "endpoint": m.proxy_endpoint(ps),
@@ -875,19 +759,13 @@ class Controller:
             status["policyVersion"] = observed.version
         if generation is not None:
             status["observedGeneration"] = generation
-        await self._apply_status(PROTECTEDSERVICES, body, status)
+        await self.status.apply(PROTECTEDSERVICES, body, status)
 
     async def _write_invalid_service(self, body: JSON, exc: ValidationError) -> None:
         message = "; ".join(describe_validation_error(exc))
         ready = condition(c.READY, False, c.REASON_ERROR, f"invalid spec: {message}")
-        generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"), [ready], now=self.clock(), generation=generation
-            )
-        }
-        await self._apply_status(PROTECTEDSERVICES, body, status)
+        status: JSON = {"conditions": self.status.conditions(body, [ready])}
+        await self.status.apply(PROTECTEDSERVICES, body, status)
 
     async def _write_grant_statuses(self, ps: ProtectedService, observed: _Observed) -> None:
         now = self.clock()
@@ -909,10 +787,7 @@ class Controller:
                 replicas=observed.replicas,
                 contents=observed.contents,
             )
-            spec = _spec(view.body)
-            active = view.active or grant_active(
-                parse_optional(spec.get("notBefore")), parse_optional(spec.get("expiresAt")), now
-            )
+            active = view.active or grant_active(*grant_window(view.body), now)
             extra: JSON = {"enforcedReplicas": ratio}
             if view.compiled is not None and observed.version:
                 extra["policyVersion"] = observed.version
@@ -923,7 +798,7 @@ class Controller:
             extra["usage"] = usage
             desired = [view.accepted, active, enforced, subjects, unused]
             async with limit:
-                await self._write_grant_status(view.body, desired, extra)
+                await self.status.write_grant(view.body, desired, extra)
 
         await asyncio.gather(*(write(v) for v in observed.grants))
         if wake:  # a grant turns idle, or held-back usage is due: no event will say so
@@ -963,74 +838,15 @@ class Controller:
         wake.append(written + self.settings.usage_write_interval)
         return dict(previous), unused
 
-    async def _write_grant_status(
-        self, body: JSON, desired: list[JSON], extra: Mapping[str, Any]
-    ) -> None:
-        generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        before = {str(x.get("type")): x for x in previous.get("conditions") or ()}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"), desired, now=self.clock(), generation=generation
-            ),
-            **extra,
-        }
-        expires_at = _spec(body).get("expiresAt")
-        if expires_at:
-            status["expiresAt"] = expires_at
-        if generation is not None:
-            status["observedGeneration"] = generation
-        if not await self._apply_status(ROUTEGRANTS, body, status):
-            return
-        body["status"] = {**previous, **status}  # what we wrote is the new baseline
-        await self._grant_events(body, before, {d["type"]: d for d in desired})
-
-    async def _grant_events(
-        self, body: JSON, before: Mapping[str, Mapping[str, Any]], after: Mapping[str, JSON]
-    ) -> None:
-        """Events for accept/reject/expire transitions only (not on every write)."""
-        old, new = before.get(c.ACCEPTED), after.get(c.ACCEPTED)
-        if new is not None and (
-            old is None or old.get("status") != new["status"] or old.get("reason") != new["reason"]
-        ):
-            if new["status"] == c.TRUE:
-                await self._post_event(body, "Normal", "Accepted", new["message"])
-            else:
-                await self._post_event(body, "Warning", "Rejected", new["message"])
-        old, new = before.get(c.ACTIVE), after.get(c.ACTIVE)
-        if (
-            new is not None
-            and new["reason"] == c.REASON_EXPIRED
-            and (old is None or old.get("reason") != c.REASON_EXPIRED)
-        ):
-            await self._post_event(body, "Normal", "Expired", new["message"])
-
     async def _judge_orphan_grants(self, namespace: str, name: str) -> None:
         """Grants whose target does not exist: Accepted=False TargetNotFound."""
         grants, _ = await self.client.list(ROUTEGRANTS, namespace)
         now = self.clock()
         for body in grants:
-            if _grant_target(body) != name:
+            if grant_target(body) != name:
                 continue
-            spec = _spec(body)
-            message = (
-                f"spec.target.protectedService: ProtectedService {name} not found "
-                f"in namespace {namespace}"
-            )
-            desired = [
-                condition(c.ACCEPTED, False, c.REASON_TARGET_NOT_FOUND, message),
-                grant_active(
-                    parse_optional(spec.get("notBefore")),
-                    parse_optional(spec.get("expiresAt")),
-                    now,
-                ),
-                condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
-            ]
-            extra: JSON = {"enforcedReplicas": "0/0"}
-            usage = (body.get("status") or {}).get("usage")
-            if usage:  # kept: applying status without it would drop lastUsed
-                extra["usage"] = usage
-            await self._write_grant_status(body, desired, extra)
+            desired, extra = orphan_grant_status(body, namespace, name, now)
+            await self.status.write_grant(body, desired, extra)
 
     async def _sync_revocation(self, key: Key, aspects: Aspect) -> None:
         body = await self.client.get(REVOCATIONS, key[1], key[0])
@@ -1041,235 +857,20 @@ class Controller:
 
     async def _judge_revocation(self, body: Mapping[str, Any]) -> None:
         namespace = str(_meta(body).get("namespace"))
-        try:
-            revocation = Revocation.model_validate(body)
-        except ValidationError as exc:
-            verdict = condition(
-                c.ACCEPTED, False, c.REASON_INVALID_SPEC, "; ".join(describe_validation_error(exc))
+        parsed = parse_revocation(body)
+        if isinstance(parsed, Revocation):
+            target = parsed.spec.target
+            found = target is None or bool(
+                await self.client.get(PROTECTEDSERVICES, target.protected_service, namespace)
             )
+            verdict = revocation_verdict(parsed, target_found=found)
         else:
-            target = revocation.spec.target
-            if target is not None and not await self.client.get(
-                PROTECTEDSERVICES, target.protected_service, namespace
-            ):
-                verdict = condition(
-                    c.ACCEPTED,
-                    False,
-                    c.REASON_TARGET_NOT_FOUND,
-                    f"spec.target.protectedService: ProtectedService {target.protected_service} "
-                    f"not found in namespace {namespace}",
-                )
-            else:
-                scope = (
-                    f"ProtectedService {target.protected_service}"
-                    if target
-                    else "every ProtectedService in the namespace"
-                )
-                verdict = condition(c.ACCEPTED, True, c.REASON_ACCEPTED, f"revoked for {scope}")
+            verdict = parsed
         generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"), [verdict], now=self.clock(), generation=generation
-            )
-        }
+        status: JSON = {"conditions": self.status.conditions(body, [verdict])}
         if generation is not None:
             status["observedGeneration"] = generation
-        await self._apply_status(REVOCATIONS, dict(body), status)
-
-    async def _apply_status(self, ref: ResourceRef, body: Mapping[str, Any], status: JSON) -> bool:
-        """Write `status` unless it equals what is there; True when written."""
-        previous = body.get("status") or {}
-        if all(previous.get(k) == v for k, v in status.items()):
-            return False
-        meta = _meta(body)
-        patch = {
-            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
-            "status": status,
-        }
-        try:
-            await self.client.apply_status(ref, patch, field_manager=self.settings.field_manager)
-        except KubeError as exc:
-            if exc.status == 404:
-                return False  # deleted meanwhile
-            raise
-        return True
-
-    # -- issuers ----------------------------------------------------------------------------
-
-    async def _reconcile_issuer(self, body: Mapping[str, Any], *, force: bool) -> None:
-        namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
-        now = self.clock()
-        status = body.get("status") or {}
-        known = self._issuer_keys.get((namespace, name))
-        try:
-            issuer = IdentityIssuer.model_validate(body)
-        except ValidationError as exc:
-            message = "invalid spec: " + "; ".join(describe_validation_error(exc))
-            await self._write_issuer_status(
-                body, False, c.REASON_INVALID_SPEC, message, known, None
-            )
-            return
-        interval = _seconds(issuer.spec.refresh_interval)
-        last = parse_optional(status.get("lastRefreshTime"))
-        generation_seen = status.get("observedGeneration") == issuer.metadata.generation
-        due = (
-            force or known is None or not generation_seen or last is None or now - last >= interval
-        )
-        if not due:
-            return
-        try:
-            jwks = validate_jwks(await self._fetch_jwks(issuer))
-        except InvalidJwks as exc:
-            await self._issuer_failed(body, c.REASON_INVALID_KEYS, str(exc), known)
-            return
-        except (KubeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            await self._issuer_failed(body, c.REASON_FETCH_FAILED, str(exc) or repr(exc), known)
-            return
-        fresh = _IssuerKeys(jwks, len(jwks["keys"]), now)
-        self._issuer_keys[(namespace, name)] = fresh
-        count = fresh.count
-        message = f"{count} key{'s' if count != 1 else ''} loaded"
-        await self._write_issuer_status(body, True, c.REASON_KEYS_LOADED, message, fresh, now)
-        if known is None or known.jwks != jwks:
-            self._request_namespace(namespace, Aspect.POLICY)
-
-    async def _issuer_failed(
-        self, body: Mapping[str, Any], reason: str, message: str, known: _IssuerKeys | None
-    ) -> None:
-        if known is not None:
-            fetched = format_seconds(known.fetched_at)
-            message += f"; still serving the {known.count} keys fetched at {fetched}"
-        await self._write_issuer_status(body, False, reason, message, known, None)
-        self.log.warning(
-            "IdentityIssuer %s/%s: %s",
-            _meta(body).get("namespace"),
-            _meta(body).get("name"),
-            message,
-        )
-
-    async def _fetch_jwks(self, issuer: IdentityIssuer) -> bytes | JSON:
-        spec = issuer.spec
-        if spec.jwks is not None:
-            inline: JSON = spec.jwks.model_dump(mode="json", exclude_none=True)
-            return inline
-        if spec.kubernetes is not None:
-            return await self.client.get_raw("/openid/v1/jwks")
-        if spec.jwks_uri is None:
-            raise ValueError("no key source (jwksUri, jwks or kubernetes)")
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
-        timeout = aiohttp.ClientTimeout(total=self.settings.jwks_fetch_timeout)
-        async with self._http.get(spec.jwks_uri, timeout=timeout, allow_redirects=False) as resp:
-            if resp.status != 200:
-                raise ValueError(f"GET {spec.jwks_uri}: HTTP {resp.status}")
-            data = await resp.content.read(self.settings.jwks_max_bytes + 1)
-            if len(data) > self.settings.jwks_max_bytes:
-                raise ValueError(
-                    f"GET {spec.jwks_uri}: larger than {self.settings.jwks_max_bytes} bytes"
-                )
-            return data
-
-    async def _write_issuer_status(
-        self,
-        body: Mapping[str, Any],
-        ok: bool,
-        reason: str,
-        message: str,
-        keys: _IssuerKeys | None,
-        refreshed_at: float | None,
-    ) -> None:
-        generation = _meta(body).get("generation")
-        previous = body.get("status") or {}
-        status: JSON = {
-            "conditions": merge_conditions(
-                previous.get("conditions"),
-                [condition(c.READY, ok, reason, message)],
-                now=self.clock(),
-                generation=generation,
-            ),
-            "keyCount": keys.count if keys is not None else 0,
-        }
-        if refreshed_at is not None:
-            status["lastRefreshTime"] = format_seconds(refreshed_at)
-        elif previous.get("lastRefreshTime"):
-            status["lastRefreshTime"] = previous["lastRefreshTime"]
-        if generation is not None:
-            status["observedGeneration"] = generation
-        await self._apply_status(IDENTITYISSUERS, body, status)
-
-    # -- events -----------------------------------------------------------------------------
-
-    async def _post_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
-    ) -> None:
-        """Post a core/v1 Event about `involved`; failures are logged, never raised."""
-        meta = _meta(involved)
-        now = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}",
-                "namespace": meta.get("namespace"),
-            },
-            "involvedObject": {
-                "apiVersion": involved.get("apiVersion"),
-                "kind": involved.get("kind"),
-                "name": meta.get("name"),
-                "namespace": meta.get("namespace"),
-                "uid": meta.get("uid"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "source": {"component": "nhigate-controller"},
-            "reportingComponent": "nhigate.io/controller",
-            "reportingInstance": "nhigate-controller",
-        }
-        try:
-            await self.client.create(event)
-        except KubeError as exc:
-            self.log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
-
-
-def _subject_problem(
-    grant: RouteGrant, ps: ProtectedService, issuers: list[IdentityIssuer]
-) -> tuple[str, str] | None:
-    """(reason, message naming the field) for the first subject the target cannot verify."""
-    by_name = {i.name: i for i in issuers}
-    trusted = set(ps.spec.issuers)
-    kubernetes_trusted = any(
-        by_name[n].spec.kubernetes is not None for n in trusted if n in by_name
-    )
-    target = f"ProtectedService {ps.name}"
-    for index, subject in enumerate(grant.spec.subjects):
-        where = f"spec.subjects[{index}]"
-        if subject.token is not None:
-            issuer = subject.token.issuer
-            if issuer not in by_name:
-                return c.REASON_ISSUER_NOT_FOUND, (
-                    f"{where}.token.issuer: IdentityIssuer {issuer!r} not found "
-                    f"in namespace {grant.namespace}"
-                )
-            if issuer not in trusted:
-                return c.REASON_ISSUER_NOT_FOUND, (
-                    f"{where}.token.issuer: {issuer!r} is not in {target}'s spec.issuers"
-                )
-        elif subject.service_account is not None and not kubernetes_trusted:
-            return c.REASON_ISSUER_NOT_FOUND, (
-                f"{where}.serviceAccount: {target} trusts no IdentityIssuer with kubernetes: {{}}"
-            )
-        elif subject.spiffe_id is not None and (
-            ps.spec.proxy.tls is None or ps.spec.proxy.tls.client_ca_secret_name is None
-        ):
-            return c.REASON_INVALID_SPEC, (
-                f"{where}.spiffeId: {target} has no spec.proxy.tls.clientCASecretName (mTLS)"
-            )
-    return None
+        await self.status.apply(REVOCATIONS, dict(body), status)
 
 
 def _parse_all(model: Any, bodies: Iterable[JSON]) -> list[Any]:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nhigate.api import conditions as c
-from nhigate.api.models import BypassPath
+from nhigate.api.models import BypassPath, ProtectedService
 from nhigate.policy import Grant
 from nhigate.policy.times import format_seconds, parse_optional
 
@@ -206,8 +206,16 @@ def proxy_available(deployment: Mapping[str, Any] | None) -> JSON:
     )
 
 
-def direct_path_blocked(mode: str, paths: Sequence[BypassPath]) -> JSON:
-    """`DirectPathBlocked` from the isolation mode and the bypass analysis."""
+def direct_path_blocked(mode: str, paths: Sequence[BypassPath] | None) -> JSON:
+    """`DirectPathBlocked` from the isolation mode and the bypass analysis (`paths` None:
+    not analysed, the backend Service does not exist)."""
+    if paths is None:
+        return condition(
+            c.DIRECT_PATH_BLOCKED,
+            c.UNKNOWN,
+            c.REASON_BACKEND_NOT_FOUND,
+            "the backend Service does not exist: nothing to analyse",
+        )
     found = "; ".join(f"{p.kind} {p.namespace}/{p.name}: {p.reason}" for p in paths[:5])
     more = f" (and {len(paths) - 5} more)" if len(paths) > 5 else ""
     if mode == "Off":
@@ -255,3 +263,36 @@ def service_ready(problems: Sequence[Problem], available: JSON) -> JSON:
     if available["status"] != c.TRUE:
         return condition(c.READY, False, c.REASON_RECONCILING, available["message"])
     return condition(c.READY, True, c.REASON_READY, "the proxy is deployed and available")
+
+
+def owned_problems(
+    ps: ProtectedService,
+    backend: Mapping[str, Any] | None,
+    backend_port: Mapping[str, Any] | None,
+    missing_issuers: Sequence[str],
+) -> list[Problem]:
+    """What keeps `ps` from being Ready, found while applying its owned objects: its backend
+    Service (`backend`, None when absent) or port (`backend_port`) missing, issuers it names
+    that do not exist."""
+    problems: list[Problem] = []
+    backend_ref = ps.spec.backend
+    if backend is None:
+        problems.append(
+            Problem(
+                c.REASON_BACKEND_NOT_FOUND,
+                f"spec.backend.service: Service {backend_ref.service} not found",
+            )
+        )
+    elif backend_port is None:
+        problems.append(
+            Problem(
+                c.REASON_BACKEND_NOT_FOUND,
+                f"spec.backend.port: Service {backend_ref.service} has no port {backend_ref.port}",
+            )
+        )
+    if missing_issuers:
+        names = ", ".join(missing_issuers)
+        problems.append(
+            Problem(c.REASON_ISSUER_NOT_FOUND, f"spec.issuers: IdentityIssuer not found: {names}")
+        )
+    return problems
