@@ -211,9 +211,14 @@ async def start_proxy(
     key: TestKey,
     policy_grants: tuple[Grant, ...] | None = DEFAULT_GRANTS,
     upstream: RecordingUpstream | None = None,
+    routed: bool = False,
     **settings_kw: Any,
 ) -> tuple[ProxyHarness, web.AppRunner]:
-    """A real proxy app on 127.0.0.1 with an in-memory audit sink."""
+    """A real proxy app on 127.0.0.1 with an in-memory audit sink.
+
+    `routed`: served by a plain `web.AppRunner` (through aiohttp's router and the
+    pipeline's middleware) instead of `ProxyRunner`.
+    """
     from urllib.parse import urlsplit
 
     parts = urlsplit(upstream_url)
@@ -229,7 +234,8 @@ async def start_proxy(
     sink = io.BytesIO()
     audit = AuditLog(sink)
     app = create_app(settings, holder=holder, metrics=metrics, audit=audit, clock=clock)
-    runner = ProxyRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
+    runner_class = web.AppRunner if routed else ProxyRunner
+    runner = runner_class(app, shutdown_timeout=2.0, **rejected_request_audit(app))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -265,6 +265,8 @@ class _Exchange:
     """The MCP messages of the request (method and tool/resource/prompt), for the audit."""
     override: tuple[str | None, str | None] | None = None
     """The (method, path) an authorised override named, as forwarded; None: no override."""
+    answers_expect: bool = True
+    """Send `100 Continue` ourselves (False behind aiohttp's router, which already does)."""
 
 
 @dataclass
@@ -332,10 +334,8 @@ def _denial(policy: Policy, identity: Identity, decision: Decision) -> DenyError
 class ProxyHandler:
     """The catch-all request handler: the pipeline described in the module docstring."""
 
-    def __init__(self, state: ProxyState, *, answers_expect: bool = True) -> None:
+    def __init__(self, state: ProxyState) -> None:
         self.state = state
-        self._answers_expect = answers_expect
-        """Send `100 Continue` ourselves (False behind aiohttp's router, which already does)."""
         settings = state.settings
         self._upstream = settings.upstream
         self._upstream_url = settings.upstream.url
@@ -349,9 +349,13 @@ class ProxyHandler:
         self._last_identity_headers: tuple[
             Identity | None, Decision | None, list[tuple[str, str]]
         ] = (None, None, [])
-        self._mcp = McpGate(self._max_body, state.mcp_sessions, answers_expect=answers_expect)
+        self._mcp = McpGate(self._max_body, state.mcp_sessions)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(
+        self, request: web.Request, *, answers_expect: bool = True
+    ) -> web.StreamResponse:
+        """Proxy `request`; `answers_expect=False` when aiohttp's router has already
+        answered its `Expect: 100-continue` (`setup_pipeline`)."""
         state = self.state
         state.inflight += 1
         ex = _Exchange(
@@ -360,6 +364,7 @@ class ProxyHandler:
             now=state.clock(),
             method=request.method,
             path="",
+            answers_expect=answers_expect,
         )
         try:
             return await self._pipeline(request, ex)
@@ -417,7 +422,7 @@ class ProxyHandler:
         authorization = headers.getall("Authorization", ())
         if len(authorization) > 1:
             raise DenyError(Reason.REQUEST_REJECTED, "more than one Authorization header")
-        if self._answers_expect and "Expect" in headers and request.version >= HttpVersion11:
+        if ex.answers_expect and "Expect" in headers and request.version >= HttpVersion11:
             expect = headers.getall("Expect")
             if len(expect) != 1 or expect[0].lower() != "100-continue":
                 raise DenyError(Reason.REQUEST_REJECTED, "unsupported Expect header")
@@ -512,7 +517,9 @@ class ProxyHandler:
         """An MCP endpoint request: `nhigate.proxy.mcp` reads and decides the body."""
         scope = mcp_scope(policy, identity, endpoint, ex.now, ex.tenant)
         try:
-            authorised = await self._mcp.authorise(request, ex.request_id, scope, identity, query)
+            authorised = await self._mcp.authorise(
+                request, ex.request_id, scope, identity, query, answers_expect=ex.answers_expect
+            )
         except McpDeniedError as denied:
             ex.decision, ex.mcp = denied.decision, denied.audit
             raise DenyError(denied.reason, denied.detail, body=denied.body) from None
@@ -630,7 +637,7 @@ class ProxyHandler:
             if body:
                 headers.append(("Content-Length", str(len(body))))
         elif (
-            self._answers_expect
+            ex.answers_expect
             and request.body_exists
             and "Expect" in request.headers
             and request.version >= HttpVersion11
@@ -1123,12 +1130,13 @@ def create_app(
     )
     app = web.Application(client_max_size=max(settings.max_body_bytes, BUFFERED_BODY_LIMIT))
     app[STATE] = state
-    app[PIPELINE] = ProxyHandler(state)
+    pipeline = ProxyHandler(state)
+    app[PIPELINE] = pipeline
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
     app.cleanup_ctx.append(_websocket_ctx)
-    setup_pipeline(app, ProxyHandler(state, answers_expect=False))
+    setup_pipeline(app, pipeline)
     return app
 
 
@@ -1230,7 +1238,7 @@ def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],  # the router's: unused
     ) -> web.StreamResponse:
-        return await pipeline.handle(request)
+        return await pipeline.handle(request, answers_expect=False)
 
     app.middlewares.append(nhigate_pipeline)
 
