@@ -322,6 +322,13 @@ def _www_authenticate(reason: Reason) -> dict[str, str]:
     return {"WWW-Authenticate": value}
 
 
+def _authenticated(result: Identity | AuthnResult) -> Identity:
+    """The identity, or the authentication failure as a 401 with its challenge."""
+    if isinstance(result, Identity):
+        return result
+    raise DenyError(result.reason, result.detail, extra_headers=_www_authenticate(result.reason))
+
+
 def _denial(policy: Policy, identity: Identity, decision: Decision) -> DenyError:
     """The refusal for a denying decision; a retired identity's token is no longer a valid
     credential (401, like the API server's own answer), with the reason in the audit detail."""
@@ -379,10 +386,11 @@ class ProxyHandler:
     async def _pipeline(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
         path, query, authorization = self._target(request, ex)
         policy = self._policy(ex)
-        identity = self._authenticate(request, authorization)
-        if identity is None:  # not in the verified-token cache: check the signature
-            identity = await self._verify(request, authorization)
-        ex.identity = identity
+        authenticator, spiffe_id = self._credentials(request, authorization)
+        result = authenticator.authenticate_now(authorization, spiffe_id)
+        if result is None:  # not in the verified-token cache: check the signature
+            result = await authenticator.authenticate(authorization, spiffe_id)
+        ex.identity = identity = _authenticated(result)
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = self._tenant(request, service, identity)
@@ -441,29 +449,16 @@ class ProxyHandler:
         ex.policy = policy
         return policy
 
-    def _authenticate(self, request: web.Request, authorization: str | None) -> Identity | None:
-        """The identity when the authenticator can answer at once (e.g. from its
-        verified-token cache), None when the token's signature must be checked."""
+    def _credentials(
+        self, request: web.Request, authorization: str | None
+    ) -> tuple[Authenticating, str | None]:
+        """The authenticator and, on an mTLS listener when no `Authorization` header was
+        sent, the SPIFFE ID of the client certificate (a present header decides alone)."""
         authenticator = self.state.authenticator
         if authenticator is None:
             raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
         spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
-        result = authenticator.authenticate_now(authorization, spiffe_id)
-        if result is None or isinstance(result, Identity):
-            return result
-        challenge = _www_authenticate(result.reason)
-        raise DenyError(result.reason, result.detail, extra_headers=challenge)
-
-    async def _verify(self, request: web.Request, authorization: str | None) -> Identity:
-        authenticator = self.state.authenticator
-        if authenticator is None:
-            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
-        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
-        result = await authenticator.authenticate(authorization, spiffe_id)
-        if isinstance(result, Identity):
-            return result
-        challenge = _www_authenticate(result.reason)
-        raise DenyError(result.reason, result.detail, extra_headers=challenge)
+        return authenticator, spiffe_id
 
     def _spiffe_id(self, request: web.Request) -> str | None:
         from nhigate.proxy.spiffe import spiffe_id_from_peer_cert
