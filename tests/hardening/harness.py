@@ -47,6 +47,7 @@ from nhigate.policy import (
     compile_policy,
     make_document,
 )
+from nhigate.proxy.aiohttp_seam import bound_port
 from nhigate.proxy.app import STATE, ProxyRunner, ProxyState, create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
@@ -479,7 +480,7 @@ class ProxyThread:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = bound_port(site)
         if self.grants is not None:
             self.holder.swap(build_policy(self.key, self.grants))
         self._ready.set()

@@ -33,6 +33,7 @@ from nhigate.policy import (
     compile_policy,
     make_document,
 )
+from nhigate.proxy.aiohttp_seam import bound_port
 from nhigate.proxy.app import ProxyRunner, create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
@@ -201,7 +202,7 @@ async def start_upstream(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    upstream.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    upstream.port = bound_port(site)
     return upstream, runner
 
 
@@ -239,7 +240,7 @@ async def start_proxy(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = bound_port(site)
     if policy_grants is not None:
         holder.swap(build_policy(key, policy_grants))
     session = aiohttp.ClientSession()

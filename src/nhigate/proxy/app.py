@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from aiohttp import HttpVersion11, web, web_protocol
+from aiohttp import HttpVersion11, web
 
 from nhigate.policy import (
     Decision,
@@ -53,6 +53,12 @@ from nhigate.policy import (
 from nhigate.policy.decide import decide_request
 from nhigate.policy.document import ServiceConfig, UpstreamCredential
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
+from nhigate.proxy.aiohttp_seam import (
+    PARSER_ERROR_MESSAGE,
+    AdaptingRunner,
+    RefusalAudit,
+    refusal_auditing_factory,
+)
 from nhigate.proxy.audit import AuditLog, audit_line
 from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits, GuardedServer
 from nhigate.proxy.forward import (
@@ -1135,16 +1141,7 @@ def create_app(
     return app
 
 
-RefusalAudit = Callable[[web.BaseRequest, web.StreamResponse, float], None]
-"""Writes the audit record of a request aiohttp's HTTP parser refused (`rejects.py`)."""
-
-_PARSER_ERROR_MESSAGE = getattr(web_protocol, "ERROR", None)
-"""The placeholder message aiohttp builds a request from when its parser refused the bytes."""
-
-_REFUSED_AT: web.RequestKey[float] = web.RequestKey("nhigate_refused_at", float)
-
-
-class ProxyRunner(web.AppRunner):
+class ProxyRunner(AdaptingRunner):
     """Runs a `create_app()` application with the pipeline as the HTTP server's handler.
 
     The application's router and middleware chain are skipped: with no routes, aiohttp
@@ -1159,19 +1156,22 @@ class ProxyRunner(web.AppRunner):
     would call for every request.
     """
 
-    async def _make_server(self) -> web.Server:
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
         refusal_audit: RefusalAudit | None = getattr(
-            self._kwargs.get("access_log_class"), "audit_refusal", None
+            kwargs.get("access_log_class"), "audit_refusal", None
         )
-        if refusal_audit is not None and _PARSER_ERROR_MESSAGE is not None:
-            self._kwargs["access_log"] = None  # the request factory below audits refusals
+        if refusal_audit is not None and PARSER_ERROR_MESSAGE is not None:
+            kwargs["access_log"] = None  # the request factory below audits refusals
         else:
             refusal_audit = None
-        server = await super()._make_server()
+        self._refusal_audit = refusal_audit
+        super().__init__(app, **kwargs)
+
+    def adapt(self, server: web.Server) -> web.Server:
         # The application's request factory still builds every request: a `web.Request`.
         server.request_handler = self.app[PIPELINE].handle  # type: ignore[assignment]
-        if refusal_audit is not None:
-            server.request_factory = _refusal_auditing_factory(self.app, refusal_audit)
+        if self._refusal_audit is not None:
+            server.request_factory = refusal_auditing_factory(self.app, self._refusal_audit)
         return _guarded(server, self.app[STATE])
 
 
@@ -1187,37 +1187,6 @@ def _guarded(server: web.Server, state: ProxyState) -> GuardedServer:
         state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
     )
     return GuardedServer(server, limits, audit)
-
-
-def _refusal_auditing_factory(
-    app: web.Application, audit: RefusalAudit
-) -> Callable[..., web.BaseRequest]:
-    """The application's request factory, building parser refusals as `RefusedRequest`s."""
-    make_request = app._make_request
-    error_message: Any = _PARSER_ERROR_MESSAGE
-    loop_time = asyncio.get_running_loop().time
-
-    class RefusedRequest(web.Request):
-        """A request the HTTP parser refused: preparing its (400) response audits it."""
-
-        async def _prepare_hook(self, response: web.StreamResponse) -> None:
-            await super()._prepare_hook(response)
-            audit(self, response, loop_time() - self.get(_REFUSED_AT, loop_time()))
-
-    def request_factory(
-        message: Any,
-        payload: Any,
-        protocol: Any,
-        writer: Any,
-        task: Any,
-    ) -> web.BaseRequest:
-        if message is error_message:
-            request = make_request(message, payload, protocol, writer, task, _cls=RefusedRequest)
-            request[_REFUSED_AT] = loop_time()
-            return request
-        return make_request(message, payload, protocol, writer, task)
-
-    return request_factory
 
 
 def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:
