@@ -53,14 +53,7 @@ from nhigate.policy import (
 from nhigate.policy.decide import decide_request
 from nhigate.policy.document import ServiceConfig, UpstreamCredential
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
-from nhigate.proxy.aiohttp_seam import (
-    PARSER_ERROR_MESSAGE,
-    AdaptingRunner,
-    RefusalAudit,
-    refusal_auditing_factory,
-)
 from nhigate.proxy.audit import AuditLog, audit_line
-from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits, GuardedServer
 from nhigate.proxy.forward import (
     IDEMPOTENT_METHODS,
     RequestBody,
@@ -1139,54 +1132,6 @@ def create_app(
     app.cleanup_ctx.append(_websocket_ctx)
     setup_pipeline(app, pipeline)
     return app
-
-
-class ProxyRunner(AdaptingRunner):
-    """Runs a `create_app()` application with the pipeline as the HTTP server's handler.
-
-    The application's router and middleware chain are skipped: with no routes, aiohttp
-    builds a not-found match (an `HTTPNotFound`) and re-wraps the middleware for every
-    request, about a sixth of the proxy's CPU per request. The pipeline already handles
-    every method and target itself (and answers `Expect: 100-continue` only once the
-    request is authorised). Startup/cleanup contexts, runner options and graceful
-    shutdown are aiohttp's own. A plain `web.AppRunner` still works, through the router.
-
-    Given `rejects.rejected_request_audit(app)`'s options, requests the HTTP parser refused
-    are audited from their own request class instead of by an access logger, which aiohttp
-    would call for every request.
-    """
-
-    def __init__(self, app: web.Application, **kwargs: Any) -> None:
-        refusal_audit: RefusalAudit | None = getattr(
-            kwargs.get("access_log_class"), "audit_refusal", None
-        )
-        if refusal_audit is not None and PARSER_ERROR_MESSAGE is not None:
-            kwargs["access_log"] = None  # the request factory below audits refusals
-        else:
-            refusal_audit = None
-        self._refusal_audit = refusal_audit
-        super().__init__(app, **kwargs)
-
-    def adapt(self, server: web.Server) -> web.Server:
-        # The application's request factory still builds every request: a `web.Request`.
-        server.request_handler = self.app[PIPELINE].handle  # type: ignore[assignment]
-        if self._refusal_audit is not None:
-            server.request_factory = refusal_auditing_factory(self.app, self._refusal_audit)
-        return _guarded(server, self.app[STATE])
-
-
-def _guarded(server: web.Server, state: ProxyState) -> GuardedServer:
-    """`server` with the client-connection limits of `state.settings` (connections.py)."""
-    settings = state.settings
-    limits = ConnectionLimits(
-        request_head_timeout=settings.request_head_timeout,
-        idle_timeout=settings.idle_timeout,
-        max_connections=settings.max_connections,
-    )
-    audit = ConnectionAudit(
-        state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
-    )
-    return GuardedServer(server, limits, audit)
 
 
 def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:

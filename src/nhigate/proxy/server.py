@@ -22,7 +22,7 @@ from aiohttp import web
 
 from nhigate.proxy.admin import create_admin_app
 from nhigate.proxy.aiohttp_seam import bound_port
-from nhigate.proxy.app import STATE, ProxyRunner, ProxyState, create_app
+from nhigate.proxy.app import STATE, ProxyState, create_app
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import (
     ClusterSource,
@@ -31,6 +31,7 @@ from nhigate.proxy.policy_source import (
     StandaloneSource,
 )
 from nhigate.proxy.rejects import rejected_request_audit
+from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings
 from nhigate.proxy.usage import UsageRecorder
 
