@@ -48,13 +48,14 @@ from nhigate.policy import (
     make_document,
 )
 from nhigate.proxy.aiohttp_seam import bound_port
-from nhigate.proxy.app import STATE, ProxyState, create_app
+from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.rejects import rejected_request_audit
 from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings, Upstream
+from nhigate.proxy.state import STATE, ProxyState
 
 T = TypeVar("T")
 

@@ -30,7 +30,7 @@ from prometheus_client import generate_latest
 
 from nhigate.policy import Revocation, ServiceConfig
 from nhigate.proxy.aiohttp_seam import bound_port
-from nhigate.proxy.app import STATE
+from nhigate.proxy.state import STATE
 
 LARGE = 4 * 1024 * 1024 + 17
 FLOOD_MESSAGES = 400

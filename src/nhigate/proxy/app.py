@@ -27,15 +27,13 @@ import asyncio
 import ipaddress
 import itertools
 import logging
-import os
 import re
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -44,7 +42,6 @@ from aiohttp import HttpVersion11, web
 from nhigate.policy import (
     Decision,
     Identity,
-    IssuerConfig,
     PathRejected,
     Policy,
     Reason,
@@ -79,7 +76,6 @@ from nhigate.proxy.mcp import (
     McpDeniedError,
     McpGate,
     McpUpstreamError,
-    SessionBindings,
 )
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.overrides import (
@@ -94,16 +90,23 @@ from nhigate.proxy.overrides import (
     form_kind,
 )
 from nhigate.proxy.policy_source import PolicyHolder
-from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
+from nhigate.proxy.ratelimit import retry_after_header
 from nhigate.proxy.settings import ProxySettings
-from nhigate.proxy.usage import UsageRecorder
+from nhigate.proxy.state import (
+    STATE,
+    AssertionSigning,
+    Authenticating,
+    AuthnResult,
+    Clock,
+    ProxyState,
+    UpstreamCredentialFile,
+)
 from nhigate.proxy.websocket import (
     RECHECK_INTERVAL,
     Backend,
     BackendAnswer,
     ClientSide,
     Tunnel,
-    Tunnels,
     UpgradeRefusedError,
     connect_backend,
     declared_path,
@@ -114,7 +117,6 @@ from nhigate.proxy.websocket import (
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 BUFFERED_BODY_LIMIT = 64 * 1024
 """Request bodies up to this size (with a Content-Length) are read whole, so a stale pooled
@@ -161,69 +163,6 @@ STATUS_FOR: dict[Reason, int] = {
 }
 
 
-class AuthnResult(Protocol):
-    """What `Authenticator.authenticate` returns on failure."""
-
-    @property
-    def reason(self) -> Reason: ...
-
-    @property
-    def detail(self) -> str: ...
-
-
-class Authenticating(Protocol):
-    """The authenticator interface the pipeline uses (`nhigate.proxy.authn.Authenticator`)."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def update_issuers(self, issuers: Sequence[IssuerConfig]) -> None: ...
-
-    async def authenticate(
-        self, authorization: str | None, spiffe_id: str | None = None
-    ) -> Identity | AuthnResult: ...
-
-    def authenticate_now(
-        self, authorization: str | None, spiffe_id: str | None = None
-    ) -> Identity | AuthnResult | None:
-        """The answer when no signature must be checked (e.g. a cached token), else None."""
-
-
-class AssertionSigning(Protocol):
-    """The identity-assertion signer interface (`nhigate.proxy.assertion.AssertionSigner`)."""
-
-    def sign(
-        self, identity: Identity, grant: str | None, audience: str, ttl: float, now: float
-    ) -> str: ...
-
-    def public_jwks(self) -> dict[str, object]: ...
-
-
-class UpstreamCredentialFile:
-    """The injected upstream credential, re-read when its file changes (checked once a second)."""
-
-    def __init__(self, spec: UpstreamCredential, loop_time: Clock) -> None:
-        self.spec = spec
-        self._loop_time = loop_time
-        self._checked = -1.0
-        self._stamp: tuple[int, int] | None = None
-        self._value: str | None = None
-
-    def header_value(self) -> str:
-        """`prefix + file content` (trailing newline stripped); raises OSError if unreadable."""
-        now = self._loop_time()
-        if now - self._checked >= 1.0 or self._value is None:
-            self._checked = now
-            st = os.stat(self.spec.value_file)
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp != self._stamp or self._value is None:
-                raw = Path(self.spec.value_file).read_text(encoding="utf-8").strip()
-                self._value = safe_header_value(self.spec.prefix + raw)
-                self._stamp = stamp
-        return self._value
-
-
 class DenyError(Exception):
     """A pipeline stage refused the request."""
 
@@ -266,39 +205,6 @@ class _Exchange:
     """The (method, path) an authorised override named, as forwarded; None: no override."""
     answers_expect: bool = True
     """Send `100 Continue` ourselves (False behind aiohttp's router, which already does)."""
-
-
-@dataclass
-class ProxyState:
-    """Everything the data plane shares across requests (one per process)."""
-
-    settings: ProxySettings
-    holder: PolicyHolder
-    metrics: ProxyMetrics
-    audit: AuditLog
-    clock: Clock
-    limiter: RateLimiter = field(default_factory=RateLimiter)
-    authenticator: Authenticating | None = None
-    signer: AssertionSigning | None = None
-    pool: UpstreamPool | None = None
-    draining: bool = False
-    inflight: int = 0
-    background: list[asyncio.Task[None]] = field(default_factory=list)
-    credential: UpstreamCredentialFile | None = None
-    mcp_sessions: SessionBindings = field(default_factory=SessionBindings)
-    usage: UsageRecorder = field(default_factory=UsageRecorder)
-    """Allowed requests per grant and rule, reported on this replica's Lease."""
-    tunnels: Tunnels = field(default_factory=Tunnels)
-    """Open WebSocket connections, re-checked on every policy swap and timer tick."""
-    upstream_ssl: ssl.SSLContext | None = None
-
-    @property
-    def ready(self) -> bool:
-        """Serving: a valid policy is loaded and shutdown has not begun."""
-        return self.holder.current is not None and not self.draining
-
-
-STATE: web.AppKey[ProxyState] = web.AppKey("nhigate_proxy_state", ProxyState)
 
 
 def _json_error(

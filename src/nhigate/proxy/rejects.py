@@ -27,8 +27,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 from nhigate.policy import Reason
 from nhigate.proxy.aiohttp_seam import PARSER_ERROR_MESSAGE, refused_by_parser
-from nhigate.proxy.app import STATE, ProxyState
 from nhigate.proxy.audit import AuditEvent
+from nhigate.proxy.state import STATE, ProxyState
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from nhigate.proxy.aiohttp_seam import (
     RefusalAudit,
     refusal_auditing_factory,
 )
-from nhigate.proxy.app import PIPELINE, STATE, ProxyState
+from nhigate.proxy.app import PIPELINE
 from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits, GuardedServer
+from nhigate.proxy.state import STATE, ProxyState
 
 
 class ProxyRunner(AdaptingRunner):

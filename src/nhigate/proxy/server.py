@@ -22,7 +22,7 @@ from aiohttp import web
 
 from nhigate.proxy.admin import create_admin_app
 from nhigate.proxy.aiohttp_seam import bound_port
-from nhigate.proxy.app import STATE, ProxyState, create_app
+from nhigate.proxy.app import create_app
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import (
     ClusterSource,
@@ -33,6 +33,7 @@ from nhigate.proxy.policy_source import (
 from nhigate.proxy.rejects import rejected_request_audit
 from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings
+from nhigate.proxy.state import STATE, ProxyState
 from nhigate.proxy.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
