@@ -227,11 +227,11 @@ def _www_authenticate(reason: Reason) -> dict[str, str]:
     return {"WWW-Authenticate": value}
 
 
-def _authenticated(result: Identity | AuthnResult) -> Identity:
-    """The identity, or the authentication failure as a 401 with its challenge."""
-    if isinstance(result, Identity):
-        return result
-    raise DenyError(result.reason, result.detail, extra_headers=_www_authenticate(result.reason))
+def _authn_denial(failure: AuthnResult) -> DenyError:
+    """An authentication failure as a 401 with its `WWW-Authenticate` challenge."""
+    return DenyError(
+        failure.reason, failure.detail, extra_headers=_www_authenticate(failure.reason)
+    )
 
 
 def _denial(policy: Policy, identity: Identity, decision: Decision) -> DenyError:
@@ -291,11 +291,18 @@ class ProxyHandler:
     async def _pipeline(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
         path, query, authorization = self._target(request, ex)
         policy = self._policy(ex)
-        authenticator, spiffe_id = self._credentials(request, authorization)
+        # One lookup: the cached answer, else the signature check. A present Authorization
+        # header decides alone; without one, an mTLS client certificate's SPIFFE ID.
+        authenticator = self.state.authenticator
+        if authenticator is None:
+            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
+        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
         result = authenticator.authenticate_now(authorization, spiffe_id)
         if result is None:  # not in the verified-token cache: check the signature
             result = await authenticator.authenticate(authorization, spiffe_id)
-        ex.identity = identity = _authenticated(result)
+        if not isinstance(result, Identity):
+            raise _authn_denial(result)
+        ex.identity = identity = result
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = self._tenant(request, service, identity)
@@ -353,17 +360,6 @@ class ProxyHandler:
             raise DenyError(Reason.NO_POLICY, "no valid policy loaded")
         ex.policy = policy
         return policy
-
-    def _credentials(
-        self, request: web.Request, authorization: str | None
-    ) -> tuple[Authenticating, str | None]:
-        """The authenticator and, on an mTLS listener when no `Authorization` header was
-        sent, the SPIFFE ID of the client certificate (a present header decides alone)."""
-        authenticator = self.state.authenticator
-        if authenticator is None:
-            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
-        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
-        return authenticator, spiffe_id
 
     def _spiffe_id(self, request: web.Request) -> str | None:
         from nhigate.proxy.spiffe import spiffe_id_from_peer_cert
