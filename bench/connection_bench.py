@@ -31,10 +31,11 @@ from typing import Any
 
 from aiohttp import web
 
-from nhigate.proxy.app import ProxyRunner, create_app
+from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.rejects import rejected_request_audit
+from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings, Upstream
 
 

@@ -47,12 +47,15 @@ from nhigate.policy import (
     compile_policy,
     make_document,
 )
-from nhigate.proxy.app import STATE, ProxyRunner, ProxyState, create_app
+from nhigate.proxy.aiohttp_seam import bound_port
+from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.rejects import rejected_request_audit
+from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings, Upstream
+from nhigate.proxy.state import STATE, ProxyState
 
 T = TypeVar("T")
 
@@ -479,7 +482,7 @@ class ProxyThread:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = bound_port(site)
         if self.grants is not None:
             self.holder.swap(build_policy(self.key, self.grants))
         self._ready.set()

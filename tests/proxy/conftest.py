@@ -33,11 +33,13 @@ from nhigate.policy import (
     compile_policy,
     make_document,
 )
-from nhigate.proxy.app import ProxyRunner, create_app
+from nhigate.proxy.aiohttp_seam import bound_port
+from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.rejects import rejected_request_audit
+from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings, Upstream
 
 ISSUER = "https://issuer.test"
@@ -201,7 +203,7 @@ async def start_upstream(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    upstream.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    upstream.port = bound_port(site)
     return upstream, runner
 
 
@@ -211,9 +213,14 @@ async def start_proxy(
     key: TestKey,
     policy_grants: tuple[Grant, ...] | None = DEFAULT_GRANTS,
     upstream: RecordingUpstream | None = None,
+    routed: bool = False,
     **settings_kw: Any,
 ) -> tuple[ProxyHarness, web.AppRunner]:
-    """A real proxy app on 127.0.0.1 with an in-memory audit sink."""
+    """A real proxy app on 127.0.0.1 with an in-memory audit sink.
+
+    `routed`: served by a plain `web.AppRunner` (through aiohttp's router and the
+    pipeline's middleware) instead of `ProxyRunner`.
+    """
     from urllib.parse import urlsplit
 
     parts = urlsplit(upstream_url)
@@ -229,11 +236,12 @@ async def start_proxy(
     sink = io.BytesIO()
     audit = AuditLog(sink)
     app = create_app(settings, holder=holder, metrics=metrics, audit=audit, clock=clock)
-    runner = ProxyRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
+    runner_class = web.AppRunner if routed else ProxyRunner
+    runner = runner_class(app, shutdown_timeout=2.0, **rejected_request_audit(app))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = bound_port(site)
     if policy_grants is not None:
         holder.swap(build_policy(key, policy_grants))
     session = aiohttp.ClientSession()

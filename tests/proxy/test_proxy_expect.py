@@ -7,6 +7,8 @@ import contextlib
 from typing import Any
 from urllib.parse import urlsplit
 
+from nhigate.proxy import app as proxy_app
+
 
 async def _exchange(url: str, head: str, body: bytes | None) -> tuple[bytes, bytes]:
     """Send `head`, read what arrives within 0.5 s, then send `body` and read the rest."""
@@ -64,3 +66,53 @@ async def test_unsupported_expectation_is_refused_and_audited(proxy: Any) -> Non
     assert [(r["reason"], r["detail"]) for r in records] == [
         ("request_rejected", "unsupported Expect header")
     ]
+
+
+async def test_behind_the_router_continue_is_sent_once(
+    kit: Any, upstream: Any, signing_key: Any
+) -> None:
+    # A plain `web.AppRunner`: aiohttp's router answers the expectation before the pipeline
+    # runs, so the pipeline must not send a second `100 Continue`.
+    harness, runner = await kit.start_proxy(
+        upstream.url, key=signing_key, upstream=upstream, routed=True
+    )
+    try:
+        first, rest = await _exchange(
+            harness.url, _head("/v1/items/1", harness.token(), "100-continue", 5), b"hello"
+        )
+        response = first + rest
+        assert response.count(b"100 Continue") == 1
+        assert response[len(b"HTTP/1.1 100 Continue\r\n\r\n") :].startswith(b"HTTP/1.1 200")
+        assert upstream.requests[-1].body == b"hello"
+    finally:
+        await harness.session.close()
+        await runner.cleanup()
+
+
+async def test_one_pipeline_serves_both_entry_points(
+    kit: Any, upstream: Any, signing_key: Any, monkeypatch: Any
+) -> None:
+    # One `ProxyHandler` per app: its request ids, header caches and MCP gate are the same
+    # whether `ProxyRunner` or the router's middleware calls it.
+    built: list[proxy_app.ProxyHandler] = []
+
+    class Counted(proxy_app.ProxyHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(proxy_app, "ProxyHandler", Counted)
+    for routed in (False, True):
+        built.clear()
+        harness, runner = await kit.start_proxy(
+            upstream.url, key=signing_key, upstream=upstream, routed=routed
+        )
+        try:
+            response = await harness.session.get(
+                f"{harness.url}/v1/items/1", headers=harness.auth()
+            )
+            assert response.status == 200
+            assert built == [harness.app[proxy_app.PIPELINE]]
+        finally:
+            await harness.session.close()
+            await runner.cleanup()

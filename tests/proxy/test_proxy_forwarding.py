@@ -166,7 +166,7 @@ async def test_keep_alive_connections_are_reused(proxy: Any) -> None:
     for _ in range(20):
         async with proxy.session.get(f"{proxy.url}/v1/items/1", headers=proxy.auth()) as resp:
             assert resp.status == 200
-    from nhigate.proxy.app import STATE
+    from nhigate.proxy.state import STATE
 
     pool = proxy.app[STATE].pool
     assert pool.connections_opened <= 2

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from nhigate.policy import RateLimit
+from nhigate.proxy.aiohttp_seam import bound_port
 
 
 async def test_body_over_the_limit_is_413(kit: Any, signing_key: Any, upstream: Any) -> None:
@@ -160,7 +161,7 @@ async def test_admin_endpoints(kit: Any, signing_key: Any, upstream: Any) -> Non
     await admin_runner.setup()
     site = web.TCPSite(admin_runner, "127.0.0.1", 0)
     await site.start()
-    admin = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    admin = f"http://127.0.0.1:{bound_port(site)}"
     try:
         async with harness.session.get(f"{admin}/healthz") as resp:
             assert resp.status == 200

@@ -25,8 +25,8 @@ from nhigate.policy.usage import (
     encode_report,
     rule_key,
 )
-from nhigate.proxy.app import STATE
 from nhigate.proxy.policy_source import LeaseReporter, PolicyHolder
+from nhigate.proxy.state import STATE
 from nhigate.proxy.usage import UsageRecorder
 
 NOW = 1_900_000_000.0

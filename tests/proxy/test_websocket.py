@@ -29,7 +29,8 @@ from cryptography.x509.oid import NameOID
 from prometheus_client import generate_latest
 
 from nhigate.policy import Revocation, ServiceConfig
-from nhigate.proxy.app import STATE
+from nhigate.proxy.aiohttp_seam import bound_port
+from nhigate.proxy.state import STATE
 
 LARGE = 4 * 1024 * 1024 + 17
 FLOOD_MESSAGES = 400
@@ -275,7 +276,7 @@ async def test_wss_through_the_proxys_tls_listener(
         server_ssl.load_cert_chain(str(cert), str(key))
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = bound_port(site)
         client_ssl = ssl.create_default_context(cafile=str(cert))
         ws = await proxy.session.ws_connect(
             f"wss://127.0.0.1:{port}/ws", headers=proxy.auth(), ssl=client_ssl, max_msg_size=0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nhigate.proxy.app import STATE, ProxyState
+from nhigate.proxy.state import STATE, ProxyState
 
 ADMIN_STATE: web.AppKey[ProxyState] = web.AppKey("nhigate_admin_state", ProxyState)
 

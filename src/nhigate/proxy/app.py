@@ -27,24 +27,21 @@ import asyncio
 import ipaddress
 import itertools
 import logging
-import os
 import re
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import HttpVersion11, web, web_protocol
+from aiohttp import HttpVersion11, web
 
 from nhigate.policy import (
     Decision,
     Identity,
-    IssuerConfig,
     PathRejected,
     Policy,
     Reason,
@@ -54,7 +51,6 @@ from nhigate.policy.decide import decide_request
 from nhigate.policy.document import ServiceConfig, UpstreamCredential
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
 from nhigate.proxy.audit import AuditLog, audit_line
-from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits, GuardedServer
 from nhigate.proxy.forward import (
     IDEMPOTENT_METHODS,
     RequestBody,
@@ -80,7 +76,6 @@ from nhigate.proxy.mcp import (
     McpDeniedError,
     McpGate,
     McpUpstreamError,
-    SessionBindings,
 )
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.overrides import (
@@ -95,16 +90,23 @@ from nhigate.proxy.overrides import (
     form_kind,
 )
 from nhigate.proxy.policy_source import PolicyHolder
-from nhigate.proxy.ratelimit import RateLimiter, retry_after_header
+from nhigate.proxy.ratelimit import retry_after_header
 from nhigate.proxy.settings import ProxySettings
-from nhigate.proxy.usage import UsageRecorder
+from nhigate.proxy.state import (
+    STATE,
+    AssertionSigning,
+    Authenticating,
+    AuthnResult,
+    Clock,
+    ProxyState,
+    UpstreamCredentialFile,
+)
 from nhigate.proxy.websocket import (
     RECHECK_INTERVAL,
     Backend,
     BackendAnswer,
     ClientSide,
     Tunnel,
-    Tunnels,
     UpgradeRefusedError,
     connect_backend,
     declared_path,
@@ -115,7 +117,6 @@ from nhigate.proxy.websocket import (
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 BUFFERED_BODY_LIMIT = 64 * 1024
 """Request bodies up to this size (with a Content-Length) are read whole, so a stale pooled
@@ -162,69 +163,6 @@ STATUS_FOR: dict[Reason, int] = {
 }
 
 
-class AuthnResult(Protocol):
-    """What `Authenticator.authenticate` returns on failure."""
-
-    @property
-    def reason(self) -> Reason: ...
-
-    @property
-    def detail(self) -> str: ...
-
-
-class Authenticating(Protocol):
-    """The authenticator interface the pipeline uses (`nhigate.proxy.authn.Authenticator`)."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def update_issuers(self, issuers: Sequence[IssuerConfig]) -> None: ...
-
-    async def authenticate(
-        self, authorization: str | None, spiffe_id: str | None = None
-    ) -> Identity | AuthnResult: ...
-
-    def authenticate_now(
-        self, authorization: str | None, spiffe_id: str | None = None
-    ) -> Identity | AuthnResult | None:
-        """The answer when no signature must be checked (e.g. a cached token), else None."""
-
-
-class AssertionSigning(Protocol):
-    """The identity-assertion signer interface (`nhigate.proxy.assertion.AssertionSigner`)."""
-
-    def sign(
-        self, identity: Identity, grant: str | None, audience: str, ttl: float, now: float
-    ) -> str: ...
-
-    def public_jwks(self) -> dict[str, object]: ...
-
-
-class UpstreamCredentialFile:
-    """The injected upstream credential, re-read when its file changes (checked once a second)."""
-
-    def __init__(self, spec: UpstreamCredential, loop_time: Clock) -> None:
-        self.spec = spec
-        self._loop_time = loop_time
-        self._checked = -1.0
-        self._stamp: tuple[int, int] | None = None
-        self._value: str | None = None
-
-    def header_value(self) -> str:
-        """`prefix + file content` (trailing newline stripped); raises OSError if unreadable."""
-        now = self._loop_time()
-        if now - self._checked >= 1.0 or self._value is None:
-            self._checked = now
-            st = os.stat(self.spec.value_file)
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp != self._stamp or self._value is None:
-                raw = Path(self.spec.value_file).read_text(encoding="utf-8").strip()
-                self._value = safe_header_value(self.spec.prefix + raw)
-                self._stamp = stamp
-        return self._value
-
-
 class DenyError(Exception):
     """A pipeline stage refused the request."""
 
@@ -265,39 +203,8 @@ class _Exchange:
     """The MCP messages of the request (method and tool/resource/prompt), for the audit."""
     override: tuple[str | None, str | None] | None = None
     """The (method, path) an authorised override named, as forwarded; None: no override."""
-
-
-@dataclass
-class ProxyState:
-    """Everything the data plane shares across requests (one per process)."""
-
-    settings: ProxySettings
-    holder: PolicyHolder
-    metrics: ProxyMetrics
-    audit: AuditLog
-    clock: Clock
-    limiter: RateLimiter = field(default_factory=RateLimiter)
-    authenticator: Authenticating | None = None
-    signer: AssertionSigning | None = None
-    pool: UpstreamPool | None = None
-    draining: bool = False
-    inflight: int = 0
-    background: list[asyncio.Task[None]] = field(default_factory=list)
-    credential: UpstreamCredentialFile | None = None
-    mcp_sessions: SessionBindings = field(default_factory=SessionBindings)
-    usage: UsageRecorder = field(default_factory=UsageRecorder)
-    """Allowed requests per grant and rule, reported on this replica's Lease."""
-    tunnels: Tunnels = field(default_factory=Tunnels)
-    """Open WebSocket connections, re-checked on every policy swap and timer tick."""
-    upstream_ssl: ssl.SSLContext | None = None
-
-    @property
-    def ready(self) -> bool:
-        """Serving: a valid policy is loaded and shutdown has not begun."""
-        return self.holder.current is not None and not self.draining
-
-
-STATE: web.AppKey[ProxyState] = web.AppKey("nhigate_proxy_state", ProxyState)
+    answers_expect: bool = True
+    """Send `100 Continue` ourselves (False behind aiohttp's router, which already does)."""
 
 
 def _json_error(
@@ -320,6 +227,13 @@ def _www_authenticate(reason: Reason) -> dict[str, str]:
     return {"WWW-Authenticate": value}
 
 
+def _authn_denial(failure: AuthnResult) -> DenyError:
+    """An authentication failure as a 401 with its `WWW-Authenticate` challenge."""
+    return DenyError(
+        failure.reason, failure.detail, extra_headers=_www_authenticate(failure.reason)
+    )
+
+
 def _denial(policy: Policy, identity: Identity, decision: Decision) -> DenyError:
     """The refusal for a denying decision; a retired identity's token is no longer a valid
     credential (401, like the API server's own answer), with the reason in the audit detail."""
@@ -332,10 +246,8 @@ def _denial(policy: Policy, identity: Identity, decision: Decision) -> DenyError
 class ProxyHandler:
     """The catch-all request handler: the pipeline described in the module docstring."""
 
-    def __init__(self, state: ProxyState, *, answers_expect: bool = True) -> None:
+    def __init__(self, state: ProxyState) -> None:
         self.state = state
-        self._answers_expect = answers_expect
-        """Send `100 Continue` ourselves (False behind aiohttp's router, which already does)."""
         settings = state.settings
         self._upstream = settings.upstream
         self._upstream_url = settings.upstream.url
@@ -349,9 +261,13 @@ class ProxyHandler:
         self._last_identity_headers: tuple[
             Identity | None, Decision | None, list[tuple[str, str]]
         ] = (None, None, [])
-        self._mcp = McpGate(self._max_body, state.mcp_sessions, answers_expect=answers_expect)
+        self._mcp = McpGate(self._max_body, state.mcp_sessions)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(
+        self, request: web.Request, *, answers_expect: bool = True
+    ) -> web.StreamResponse:
+        """Proxy `request`; `answers_expect=False` when aiohttp's router has already
+        answered its `Expect: 100-continue` (`setup_pipeline`)."""
         state = self.state
         state.inflight += 1
         ex = _Exchange(
@@ -360,6 +276,7 @@ class ProxyHandler:
             now=state.clock(),
             method=request.method,
             path="",
+            answers_expect=answers_expect,
         )
         try:
             return await self._pipeline(request, ex)
@@ -374,10 +291,18 @@ class ProxyHandler:
     async def _pipeline(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
         path, query, authorization = self._target(request, ex)
         policy = self._policy(ex)
-        identity = self._authenticate(request, authorization)
-        if identity is None:  # not in the verified-token cache: check the signature
-            identity = await self._verify(request, authorization)
-        ex.identity = identity
+        # One lookup: the cached answer, else the signature check. A present Authorization
+        # header decides alone; without one, an mTLS client certificate's SPIFFE ID.
+        authenticator = self.state.authenticator
+        if authenticator is None:
+            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
+        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
+        result = authenticator.authenticate_now(authorization, spiffe_id)
+        if result is None:  # not in the verified-token cache: check the signature
+            result = await authenticator.authenticate(authorization, spiffe_id)
+        if not isinstance(result, Identity):
+            raise _authn_denial(result)
+        ex.identity = identity = result
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = self._tenant(request, service, identity)
@@ -417,7 +342,7 @@ class ProxyHandler:
         authorization = headers.getall("Authorization", ())
         if len(authorization) > 1:
             raise DenyError(Reason.REQUEST_REJECTED, "more than one Authorization header")
-        if self._answers_expect and "Expect" in headers and request.version >= HttpVersion11:
+        if ex.answers_expect and "Expect" in headers and request.version >= HttpVersion11:
             expect = headers.getall("Expect")
             if len(expect) != 1 or expect[0].lower() != "100-continue":
                 raise DenyError(Reason.REQUEST_REJECTED, "unsupported Expect header")
@@ -435,30 +360,6 @@ class ProxyHandler:
             raise DenyError(Reason.NO_POLICY, "no valid policy loaded")
         ex.policy = policy
         return policy
-
-    def _authenticate(self, request: web.Request, authorization: str | None) -> Identity | None:
-        """The identity when the authenticator can answer at once (e.g. from its
-        verified-token cache), None when the token's signature must be checked."""
-        authenticator = self.state.authenticator
-        if authenticator is None:
-            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
-        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
-        result = authenticator.authenticate_now(authorization, spiffe_id)
-        if result is None or isinstance(result, Identity):
-            return result
-        challenge = _www_authenticate(result.reason)
-        raise DenyError(result.reason, result.detail, extra_headers=challenge)
-
-    async def _verify(self, request: web.Request, authorization: str | None) -> Identity:
-        authenticator = self.state.authenticator
-        if authenticator is None:
-            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
-        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
-        result = await authenticator.authenticate(authorization, spiffe_id)
-        if isinstance(result, Identity):
-            return result
-        challenge = _www_authenticate(result.reason)
-        raise DenyError(result.reason, result.detail, extra_headers=challenge)
 
     def _spiffe_id(self, request: web.Request) -> str | None:
         from nhigate.proxy.spiffe import spiffe_id_from_peer_cert
@@ -512,7 +413,9 @@ class ProxyHandler:
         """An MCP endpoint request: `nhigate.proxy.mcp` reads and decides the body."""
         scope = mcp_scope(policy, identity, endpoint, ex.now, ex.tenant)
         try:
-            authorised = await self._mcp.authorise(request, ex.request_id, scope, identity, query)
+            authorised = await self._mcp.authorise(
+                request, ex.request_id, scope, identity, query, answers_expect=ex.answers_expect
+            )
         except McpDeniedError as denied:
             ex.decision, ex.mcp = denied.decision, denied.audit
             raise DenyError(denied.reason, denied.detail, body=denied.body) from None
@@ -630,7 +533,7 @@ class ProxyHandler:
             if body:
                 headers.append(("Content-Length", str(len(body))))
         elif (
-            self._answers_expect
+            ex.answers_expect
             and request.body_exists
             and "Expect" in request.headers
             and request.version >= HttpVersion11
@@ -1123,98 +1026,14 @@ def create_app(
     )
     app = web.Application(client_max_size=max(settings.max_body_bytes, BUFFERED_BODY_LIMIT))
     app[STATE] = state
-    app[PIPELINE] = ProxyHandler(state)
+    pipeline = ProxyHandler(state)
+    app[PIPELINE] = pipeline
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
     app.cleanup_ctx.append(_websocket_ctx)
-    setup_pipeline(app, ProxyHandler(state, answers_expect=False))
+    setup_pipeline(app, pipeline)
     return app
-
-
-RefusalAudit = Callable[[web.BaseRequest, web.StreamResponse, float], None]
-"""Writes the audit record of a request aiohttp's HTTP parser refused (`rejects.py`)."""
-
-_PARSER_ERROR_MESSAGE = getattr(web_protocol, "ERROR", None)
-"""The placeholder message aiohttp builds a request from when its parser refused the bytes."""
-
-_REFUSED_AT: web.RequestKey[float] = web.RequestKey("nhigate_refused_at", float)
-
-
-class ProxyRunner(web.AppRunner):
-    """Runs a `create_app()` application with the pipeline as the HTTP server's handler.
-
-    The application's router and middleware chain are skipped: with no routes, aiohttp
-    builds a not-found match (an `HTTPNotFound`) and re-wraps the middleware for every
-    request, about a sixth of the proxy's CPU per request. The pipeline already handles
-    every method and target itself (and answers `Expect: 100-continue` only once the
-    request is authorised). Startup/cleanup contexts, runner options and graceful
-    shutdown are aiohttp's own. A plain `web.AppRunner` still works, through the router.
-
-    Given `rejects.rejected_request_audit(app)`'s options, requests the HTTP parser refused
-    are audited from their own request class instead of by an access logger, which aiohttp
-    would call for every request.
-    """
-
-    async def _make_server(self) -> web.Server:
-        refusal_audit: RefusalAudit | None = getattr(
-            self._kwargs.get("access_log_class"), "audit_refusal", None
-        )
-        if refusal_audit is not None and _PARSER_ERROR_MESSAGE is not None:
-            self._kwargs["access_log"] = None  # the request factory below audits refusals
-        else:
-            refusal_audit = None
-        server = await super()._make_server()
-        # The application's request factory still builds every request: a `web.Request`.
-        server.request_handler = self.app[PIPELINE].handle  # type: ignore[assignment]
-        if refusal_audit is not None:
-            server.request_factory = _refusal_auditing_factory(self.app, refusal_audit)
-        return _guarded(server, self.app[STATE])
-
-
-def _guarded(server: web.Server, state: ProxyState) -> GuardedServer:
-    """`server` with the client-connection limits of `state.settings` (connections.py)."""
-    settings = state.settings
-    limits = ConnectionLimits(
-        request_head_timeout=settings.request_head_timeout,
-        idle_timeout=settings.idle_timeout,
-        max_connections=settings.max_connections,
-    )
-    audit = ConnectionAudit(
-        state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
-    )
-    return GuardedServer(server, limits, audit)
-
-
-def _refusal_auditing_factory(
-    app: web.Application, audit: RefusalAudit
-) -> Callable[..., web.BaseRequest]:
-    """The application's request factory, building parser refusals as `RefusedRequest`s."""
-    make_request = app._make_request
-    error_message: Any = _PARSER_ERROR_MESSAGE
-    loop_time = asyncio.get_running_loop().time
-
-    class RefusedRequest(web.Request):
-        """A request the HTTP parser refused: preparing its (400) response audits it."""
-
-        async def _prepare_hook(self, response: web.StreamResponse) -> None:
-            await super()._prepare_hook(response)
-            audit(self, response, loop_time() - self.get(_REFUSED_AT, loop_time()))
-
-    def request_factory(
-        message: Any,
-        payload: Any,
-        protocol: Any,
-        writer: Any,
-        task: Any,
-    ) -> web.BaseRequest:
-        if message is error_message:
-            request = make_request(message, payload, protocol, writer, task, _cls=RefusedRequest)
-            request[_REFUSED_AT] = loop_time()
-            return request
-        return make_request(message, payload, protocol, writer, task)
-
-    return request_factory
 
 
 def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:
@@ -1230,7 +1049,7 @@ def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],  # the router's: unused
     ) -> web.StreamResponse:
-        return await pipeline.handle(request)
+        return await pipeline.handle(request, answers_expect=False)
 
     app.middlewares.append(nhigate_pipeline)
 

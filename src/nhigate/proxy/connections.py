@@ -35,9 +35,9 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from nhigate.policy import Reason
+from nhigate.proxy.aiohttp_seam import HeadDeadlineConnection, RebuiltServer
 from nhigate.proxy.audit import AuditEvent, AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
@@ -142,79 +142,33 @@ class ConnectionLimits:
     max_connections: int
 
 
-class GuardedConnection(RequestHandler):
-    """aiohttp's HTTP/1.1 connection with the request-head deadline on its keep-alive timer."""
+class GuardedConnection(HeadDeadlineConnection):
+    """aiohttp's HTTP/1.1 connection with the request-head deadline, audited."""
 
-    __slots__ = ("_audit", "_head_started", "_head_timeout", "_waiting_since")
+    __slots__ = ("_audit",)
 
     def __init__(
         self, manager: web.Server, *, head_timeout: float, audit: ConnectionAudit, **kw: Any
     ) -> None:
-        super().__init__(manager, **kw)
-        self._head_timeout = head_timeout
+        super().__init__(manager, head_timeout=head_timeout, **kw)
         self._audit = audit
-        self._head_started = False
-        """Bytes of a head that is not complete yet have arrived."""
-        self._waiting_since = 0.0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # arms the keep-alive timer at the idle timeout
-        now = self._loop.time()
-        self._waiting_since = now
-        self._move_deadline(now + self._head_timeout)
-
-    def data_received(self, data: bytes) -> None:
-        # Between requests (start() waits for a message) or before the first one, these
-        # bytes belong to a request head; otherwise they are a body (or pipelined).
-        between = self._waiter is not None or self._request_count == 0
-        super().data_received(data)
-        if self._messages:  # a head is complete: its request is the pipeline's now
-            self._head_started = False
-        elif between and data and not self._head_started:
-            self._head_started = True
-            if self._request_count:  # a later request: the head timeout runs from here
-                now = self._loop.time()
-                self._waiting_since = now
-                self._move_deadline(now + self._head_timeout)
-
-    def _move_deadline(self, when: float) -> None:
-        """Close at `when` unless a head completes first (reschedules only to go earlier)."""
-        self._next_keepalive_close_time = when
-        # Always a timer handle (from `call_at`), in asyncio and uvloop alike.
-        handle = cast(asyncio.TimerHandle | None, self._keepalive_handle)
-        if handle is not None and handle.when() <= when:
-            return  # fires early, sees the later deadline and re-arms itself
-        if handle is not None:
-            handle.cancel()
-        self._keepalive_handle = self._loop.call_at(when, self._process_keepalive)
-
-    def _process_keepalive(self) -> None:
-        self._keepalive_handle = None
-        if self._force_close or not self._keepalive or self.transport is None:
-            return
-        now = self._loop.time()
-        when = self._next_keepalive_close_time
-        if now < when:
-            self._keepalive_handle = self._loop.call_at(when, self._process_keepalive)
-            return
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # a request is being handled; after it the deadline is set again
-        if self._head_started or self._request_count == 0:
+    def deadline_passed(self, *, partial: bool, first: bool, waited: float) -> None:
+        transport = self.transport
+        assert transport is not None  # the seam checks before calling
+        if partial or first:
             request_id = secrets.token_hex(8)
-            partial = self._head_started
             if partial:
-                self.transport.write(canned_response(408, Reason.REQUEST_TIMEOUT, request_id))
+                transport.write(canned_response(408, Reason.REQUEST_TIMEOUT, request_id))
             self._audit.head_timeout(
                 request_id,
-                _peer_host(self.transport),
+                _peer_host(transport),
                 partial=partial,
                 timeout=self._head_timeout,
-                waited=now - self._waiting_since,
+                waited=waited,
             )
         else:
             self._audit.idle_timeout()
-        self.force_close()
 
 
 class RefusedConnection(asyncio.Protocol):
@@ -235,31 +189,24 @@ class RefusedConnection(asyncio.Protocol):
         self._audit.refused(request_id, peer, self._bound)
 
 
-class GuardedServer(web.Server):
+class GuardedServer(RebuiltServer):
     """aiohttp's low-level server building `GuardedConnection`s, refusing over the bound."""
 
     def __init__(self, server: web.Server, limits: ConnectionLimits, audit: ConnectionAudit):
-        kwargs = {**server._kwargs, "keepalive_timeout": limits.idle_timeout}
-        super().__init__(
-            server.request_handler,
-            request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation,
-            loop=server._loop,
-            **kwargs,
-        )
+        super().__init__(server, keepalive_timeout=limits.idle_timeout)
         self._limits = limits
         self._audit = audit
-        audit.metrics.connections_open.set_function(lambda: len(self._connections))
+        audit.metrics.connections_open.set_function(self.connection_count)
 
     def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
         # The asyncio protocol factory. Over the bound it builds a `RefusedConnection`, which
-        # is deliberately not a RequestHandler (no parser, no task, nothing registered).
-        if len(self._connections) >= self._limits.max_connections:
+        # is deliberately no HTTP connection (no parser, no task, nothing registered).
+        if self.connection_count() >= self._limits.max_connections:
             return RefusedConnection(self._audit, self._limits.max_connections)
         return GuardedConnection(
             self,
-            loop=self._loop,
+            loop=self.event_loop(),
             head_timeout=self._limits.request_head_timeout,
             audit=self._audit,
-            **self._kwargs,
+            **self.connection_options(),
         )

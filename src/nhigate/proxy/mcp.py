@@ -743,9 +743,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 class McpGate:
     """Authorises requests to one replica's MCP endpoints (one per process)."""
 
-    def __init__(self, max_body: int, sessions: SessionBindings, *, answers_expect: bool) -> None:
+    def __init__(self, max_body: int, sessions: SessionBindings) -> None:
         self.max_body = max_body
-        self.answers_expect = answers_expect
         self.sessions = sessions
 
     async def authorise(
@@ -755,8 +754,14 @@ class McpGate:
         scope: McpScope,
         identity: Identity,
         query: str,
+        *,
+        answers_expect: bool,
     ) -> McpAuthorised:
-        """Read, parse and decide the request; raise `McpDeniedError` with the JSON-RPC answer."""
+        """Read, parse and decide the request; raise `McpDeniedError` with the JSON-RPC answer.
+
+        `answers_expect`: send `100 Continue` once authorised (False when aiohttp's router
+        already has).
+        """
         owner = identity_key(identity)
         session = scope.session()
         method = request.method
@@ -824,7 +829,7 @@ class McpGate:
                 error_body(None, False, INVALID_REQUEST, "body too large", {}),
                 audit=audit,
             )
-        if self.answers_expect and "Expect" in request.headers and request.version >= HttpVersion11:
+        if answers_expect and "Expect" in request.headers and request.version >= HttpVersion11:
             # Only now: the caller holds an MCP grant here, so it may send the body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0

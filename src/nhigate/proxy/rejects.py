@@ -22,17 +22,15 @@ import logging
 import secrets
 from typing import Any
 
-from aiohttp import web, web_protocol
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from nhigate.policy import Reason
-from nhigate.proxy.app import STATE, ProxyState
+from nhigate.proxy.aiohttp_seam import PARSER_ERROR_MESSAGE, refused_by_parser
 from nhigate.proxy.audit import AuditEvent
+from nhigate.proxy.state import STATE, ProxyState
 
 log = logging.getLogger(__name__)
-
-_PARSER_ERROR_MESSAGE = getattr(web_protocol, "ERROR", None)
-"""The placeholder message aiohttp builds a request from when its parser refused the bytes."""
 
 
 def _first_line(response: web.StreamResponse) -> str:
@@ -81,7 +79,7 @@ def _logger_class(state: ProxyState) -> type[AbstractAccessLogger]:
             audit_refusal(state, request, response, seconds)
 
         def log(self, request: Any, response: web.StreamResponse, time: float) -> None:
-            if getattr(request, "_message", None) is not _PARSER_ERROR_MESSAGE:
+            if not refused_by_parser(request):
                 return  # the pipeline handled (and audited) this request
             audit_refusal(state, request, response, time)
 
@@ -93,7 +91,7 @@ def rejected_request_audit(app: web.Application) -> dict[str, Any]:
 
     Use instead of `access_log=None`: `web.AppRunner(app, **rejected_request_audit(app))`.
     """
-    if _PARSER_ERROR_MESSAGE is None:  # pragma: no cover - guards an aiohttp upgrade
+    if PARSER_ERROR_MESSAGE is None:  # pragma: no cover - guards an aiohttp upgrade
         log.error("aiohttp has no parser-error placeholder: parser refusals are not audited")
         return {"access_log": None}
     return {"access_log_class": _logger_class(app[STATE]), "access_log": log}

@@ -21,7 +21,8 @@ import uvloop
 from aiohttp import web
 
 from nhigate.proxy.admin import create_admin_app
-from nhigate.proxy.app import STATE, ProxyRunner, ProxyState, create_app
+from nhigate.proxy.aiohttp_seam import bound_port
+from nhigate.proxy.app import create_app
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import (
     ClusterSource,
@@ -30,7 +31,9 @@ from nhigate.proxy.policy_source import (
     StandaloneSource,
 )
 from nhigate.proxy.rejects import rejected_request_audit
+from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings
+from nhigate.proxy.state import STATE, ProxyState
 from nhigate.proxy.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -157,7 +160,7 @@ async def serve(
         await site.start()
         await admin_site.start()
         if on_started is not None:
-            on_started(_bound_port(site), _bound_port(admin_site))
+            on_started(bound_port(site), bound_port(admin_site))
         log.info(
             "nhigate proxy on %s:%d -> %s (admin %s:%d)",
             settings.listen_host,
@@ -181,14 +184,6 @@ async def serve(
         await runner.cleanup()  # stops accepting, drains in-flight (bounded), runs cleanup_ctx
         await admin_runner.cleanup()
         await close_client()
-
-
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server  # aiohttp keeps the asyncio server here
-    sockets = getattr(server, "sockets", None) or ()
-    for sock in sockets:
-        return int(sock.getsockname()[1])
-    return 0
 
 
 async def _main(settings: ProxySettings, holder: PolicyHolder | None = None) -> None:
