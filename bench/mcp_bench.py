@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from processes import spawn, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "proxy"))
@@ -152,29 +153,6 @@ def serve_nhigate(upstream_port: int, port: int, tools: int) -> None:
     server.run(settings, holder=holder)
 
 
-def spawn(args: list[str], cpu: str | None) -> subprocess.Popen[str]:
-    prefix = ["taskset", "-c", cpu] if cpu is not None and shutil.which("taskset") else []
-    return subprocess.Popen(
-        [*prefix, sys.executable, __file__, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-async def wait_port(port: int, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 # --- load ----------------------------------------------------------------------------------------
 
 
@@ -221,8 +199,8 @@ def percentile(values: list[float], q: float) -> float:
 
 async def proxy_cases(args: argparse.Namespace) -> dict[str, Any]:
     up_port, port = free_port(), free_port()
-    upstream = spawn(["--serve-upstream", str(up_port), str(args.tools)], "1")
-    proxy = spawn(["--serve-nhigate", str(up_port), str(port), str(args.tools)], "0")
+    upstream = spawn(__file__, ["--serve-upstream", str(up_port), str(args.tools)], "1")
+    proxy = spawn(__file__, ["--serve-nhigate", str(up_port), str(port), str(args.tools)], "0")
     try:
         assert proxy.stdout is not None
         token = str(json.loads(proxy.stdout.readline())["token"])

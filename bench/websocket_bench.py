@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from processes import spawn, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "proxy"))
@@ -167,29 +168,6 @@ def serve_relay(backend_port: int, port: int) -> None:
     uvloop.run(main())
 
 
-def spawn(args: list[str], cpu: str | None) -> subprocess.Popen[str]:
-    prefix = ["taskset", "-c", cpu] if cpu is not None and shutil.which("taskset") else []
-    return subprocess.Popen(
-        [*prefix, sys.executable, __file__, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-async def wait_port(port: int, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 async def load(
     url: str, token: str, size: int, connections: int, duration: float
 ) -> tuple[int, list[float]]:
@@ -262,10 +240,10 @@ def percentile(values: list[float], q: float) -> float:
 
 async def cases(args: argparse.Namespace) -> dict[str, Any]:
     backend_port, port = free_port(), free_port()
-    backend = spawn(["--serve-backend", str(backend_port)], "1")
-    proxy = spawn(["--serve-nhigate", str(backend_port), str(port)], "0")
+    backend = spawn(__file__, ["--serve-backend", str(backend_port)], "1")
+    proxy = spawn(__file__, ["--serve-nhigate", str(backend_port), str(port)], "0")
     relay_port = free_port()
-    relay = spawn(["--serve-relay", str(backend_port), str(relay_port)], "0")
+    relay = spawn(__file__, ["--serve-relay", str(backend_port), str(relay_port)], "0")
     try:
         assert proxy.stdout is not None
         token = str(json.loads(proxy.stdout.readline())["token"])
