@@ -208,12 +208,7 @@ def explain(policy: Policy, facts: Facts) -> Explanation:
     actors = identity.actors
     for pos in policy.subject_grants(identity):
         grant = policy.grants[pos]
-        matching = [s for s in grant.subjects if subject_matches(s, identity)]
-        subject = next(
-            (s for s in matching if chain_verdict(subject_delegation(s), actors) is None),
-            matching[0],
-        )
-        chain = chain_verdict(subject_delegation(subject), actors)
+        subject, chain = explained_subject(grant, identity)
         if canonical:
             rule_ok, problems = _rule_problems(
                 grant, policy.patterns[pos], facts.method, facts.path
@@ -231,21 +226,41 @@ def explain(policy: Policy, facts: Facts) -> Explanation:
                 if rule_ok
                 else Reason.NO_MATCHING_GRANT
             )
-        matched = outcome is Reason.ALLOWED
-        if matched and revocation is not None:
-            problems.append(f"credential revoked by {revocation}")
-        if matched and retired is not None:
-            problems.append(f"identity retired: {retired}")
-        verdicts.append(
-            GrantVerdict(
-                grant=grant.name,
-                matched=matched,
-                outcome=outcome,
-                why_not=tuple(problems),
-                subject=subject,
-            )
-        )
+        verdicts.append(grant_verdict(grant, subject, outcome, problems, revocation, retired))
     return Explanation(decision=decision, verdicts=tuple(verdicts), revocation=revocation)
+
+
+def explained_subject(grant: Grant, identity: Identity) -> tuple[Subject, Reason | None]:
+    """The subject of `grant` that explain judges for `identity` (the first matching one whose
+    delegation accepts the caller's actor chain, else the first matching one) and that
+    chain's verdict (None: accepted)."""
+    matching = [s for s in grant.subjects if subject_matches(s, identity)]
+    subject = next(
+        (s for s in matching if chain_verdict(subject_delegation(s), identity.actors) is None),
+        matching[0],
+    )
+    return subject, chain_verdict(subject_delegation(subject), identity.actors)
+
+
+def grant_verdict(
+    grant: Grant,
+    subject: Subject,
+    outcome: Reason,
+    problems: list[str],
+    revocation: str | None,
+    retired: str | None,
+) -> GrantVerdict:
+    """One grant's verdict; a grant that would allow still names a revocation or a retired
+    identity that denies the request anyway."""
+    matched = outcome is Reason.ALLOWED
+    if matched and revocation is not None:
+        problems.append(f"credential revoked by {revocation}")
+    if matched and retired is not None:
+        problems.append(f"identity retired: {retired}")
+    return GrantVerdict(
+        grant=grant.name, matched=matched, outcome=outcome, why_not=tuple(problems),
+        subject=subject,
+    )  # fmt: skip
 
 
 def who_can(policy: Policy, method: str, path: str, now: float) -> list[tuple[Grant, Subject]]:

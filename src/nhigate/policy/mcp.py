@@ -18,7 +18,9 @@ from nhigate.policy.decide import (
     Explanation,
     GrantVerdict,
     chain_problem,
+    explained_subject,
     grant_status,
+    grant_verdict,
     time_tenant_problems,
 )
 from nhigate.policy.document import ServiceConfig
@@ -29,9 +31,7 @@ from nhigate.policy.index import (
     NOT_YET_VALID,
     TENANT_MISMATCH,
     Policy,
-    chain_verdict,
     subject_delegation,
-    subject_matches,
 )
 from nhigate.policy.model import Decision, Grant, Identity, McpRule, Reason, Subject
 from nhigate.policy.names import any_name_matches, is_plain_name
@@ -201,13 +201,8 @@ def explain_mcp(
     verdicts: list[GrantVerdict] = []
     for pos in policy.subject_grants(identity):
         grant = policy.grants[pos]
-        matching = [s for s in grant.subjects if subject_matches(s, identity)]
-        subject = next(
-            (s for s in matching if chain_verdict(subject_delegation(s), identity.actors) is None),
-            matching[0],
-        )
+        subject, chain = explained_subject(grant, identity)
         problems: list[str] = []
-        chain = chain_verdict(subject_delegation(subject), identity.actors)
         if chain is not None:
             problems.append(chain_problem(chain, subject_delegation(subject), identity.actors))
         declared = endpoint in policy.document.service.mcp_endpoints
@@ -226,20 +221,7 @@ def explain_mcp(
             outcome = chain if chain is not None else Reason.NO_MATCHING_GRANT
         else:
             outcome = grant_status(grant, now, tenant)
-        matched = outcome is Reason.ALLOWED
-        if matched and revocation is not None:
-            problems.append(f"credential revoked by {revocation}")
-        if matched and retired is not None:
-            problems.append(f"identity retired: {retired}")
-        verdicts.append(
-            GrantVerdict(
-                grant=grant.name,
-                matched=matched,
-                outcome=outcome,
-                why_not=tuple(problems),
-                subject=subject,
-            )
-        )
+        verdicts.append(grant_verdict(grant, subject, outcome, problems, revocation, retired))
     return Explanation(decision=decision, verdicts=tuple(verdicts), revocation=revocation)
 
 
