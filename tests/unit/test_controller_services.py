@@ -7,7 +7,7 @@ import logging
 from typing import Any, cast
 
 from nhigate.api.models import BypassPath, ProtectedService
-from nhigate.controller.services import plan_isolation
+from nhigate.controller.owned import plan_isolation
 from nhigate.controller.status import (
     Problem,
     ReplicaReport,

@@ -14,8 +14,8 @@ from typing import Any
 import kopf
 
 from nhigate.controller import manifests as m
+from nhigate.controller.bypass_observer import BYPASS_INPUTS
 from nhigate.controller.reconcile import Controller
-from nhigate.controller.services import BYPASS_INPUTS
 from nhigate.controller.settings import ControllerSettings
 from nhigate.k8s import (
     CONFIGMAPS,

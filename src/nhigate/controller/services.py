@@ -12,7 +12,6 @@ functions (`status.py`, `grants.py`, `usage.py`); this module does the I/O aroun
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -35,7 +34,7 @@ from nhigate.api.models import (
 )
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller import manifests as m
-from nhigate.controller.bypass import find_bypass_paths
+from nhigate.controller.bypass_observer import BypassObserver
 from nhigate.controller.grants import grant_target, grant_window, judge_grant, orphan_grant_status
 from nhigate.controller.identities import (
     SNAPSHOT_CLOCK_SLACK,
@@ -52,8 +51,7 @@ from nhigate.controller.identities import (
     subjects_found,
 )
 from nhigate.controller.issuers import IssuerSync
-from nhigate.controller.jwks import assertion_public_jwks, new_assertion_key
-from nhigate.controller.netpol import selector_matches
+from nhigate.controller.owned import OwnedObjects
 from nhigate.controller.settings import ControllerSettings
 from nhigate.controller.status import (
     Problem,
@@ -65,7 +63,6 @@ from nhigate.controller.status import (
     live_replicas,
     next_replica_expiry,
     next_transition,
-    owned_problems,
     service_status,
 )
 from nhigate.controller.status_writer import StatusWriter
@@ -79,39 +76,25 @@ from nhigate.controller.usage import (
 from nhigate.controller.workqueue import Aspect, Key, SyncFn, WorkQueue
 from nhigate.k8s import (
     DEPLOYMENTS,
-    HPAS,
-    HTTPROUTES,
     IDENTITYISSUERS,
-    INGRESSES,
     LEASES,
-    NAMESPACES,
-    NETWORKPOLICIES,
     PODS,
     PROTECTEDSERVICES,
     REVOCATIONS,
     ROUTEGRANTS,
-    SECRETS,
     SERVICEACCOUNTS,
-    SERVICES,
     KubeClient,
     KubeError,
-    ResourceRef,
 )
 from nhigate.policy import Grant, LiveIdentities, PolicyDocument, pack_document
 from nhigate.policy.times import parse_optional
 
 JSON = dict[str, Any]
 
-BYPASS_INPUTS: tuple[ResourceRef, ...] = (NETWORKPOLICIES, SERVICES, INGRESSES, HTTPROUTES, PODS)
-"""The namespaced kinds the bypass analysis reads; a change to any re-runs it (with
-Namespaces, whose labels namespaceSelectors match). The one list: handlers.py watches these."""
-
 _VERSIONS_KEPT = 32
 """Policy versions remembered per service (replicas lagging further count as not enforcing)."""
 _STATUS_WRITE_CONCURRENCY = 16
 _LEASE_EXPIRY_SLACK = 0.05
-_HTTPROUTES_RECHECK = 60.0
-"""Seconds between checks whether the API server serves HTTPRoutes at all."""
 
 
 def _meta(obj: Mapping[str, Any]) -> JSON:
@@ -157,10 +140,8 @@ class _Observed:
     missing_issuers: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     deployment: JSON | None = None
-    deployment_version: str | None = None
     replicas: list[ReplicaReport] = field(default_factory=list)
     bypass: list[BypassPath] | None = None
-    backend_found: bool = True
     contents: OrderedDict[str, dict[str, Grant]] = field(default_factory=OrderedDict)
     """Policy version -> the grants (by `namespace/name`) it contains, newest last."""
     identities: LiveIdentities | None = None
@@ -171,38 +152,6 @@ class _Observed:
     """Live pod UID -> the granted service account it runs as, as last listed."""
     usage: Reports = field(default_factory=lambda: Reports((), True))
     """The replicas' usage reports, from every Lease of the service (live or stale)."""
-
-
-@dataclass(frozen=True)
-class IsolationPlan:
-    """What to do about a service's isolation NetworkPolicy (`plan_isolation`)."""
-
-    delete: bool = False
-    """Isolation is not enforced: delete the policy."""
-    manifest: JSON | None = None
-    """The policy to apply (None with `delete` False: keep whatever exists)."""
-    problem: Problem | None = None
-    """Why no policy can be built (the existing one is kept)."""
-
-
-def plan_isolation(
-    ps: ProtectedService, backend: Mapping[str, Any] | None, backend_port: Mapping[str, Any] | None
-) -> IsolationPlan:
-    """The isolation NetworkPolicy of `ps` given its backend Service and port as read (None:
-    not found). Fails closed: an unread or unusable backend keeps the policy that exists."""
-    if ps.spec.isolation.mode != "Enforce":
-        return IsolationPlan(delete=True)
-    if backend is None or backend_port is None:
-        return IsolationPlan()  # never open a path because a read failed
-    selector = _spec(backend).get("selector") or {}
-    target_port: int | str = backend_port.get("targetPort") or ps.spec.backend.port
-    try:
-        policy = m.build_isolation_network_policy(
-            ps, selector, target_port, protocol=str(backend_port.get("protocol", "TCP"))
-        )
-    except ValueError as exc:
-        return IsolationPlan(problem=Problem(c.REASON_ERROR, str(exc)))
-    return IsolationPlan(manifest=policy)
 
 
 class ServiceSync:
@@ -228,6 +177,8 @@ class ServiceSync:
         self.log = logger
         self.clock = clock
         self.queue = work_queue(self._sync)
+        self.owned = OwnedObjects(client, settings)
+        self.bypass = BypassObserver(client, status=status, logger=logger, clock=clock)
         self.names: defaultdict[str, set[str]] = defaultdict(set)
         """Namespace -> the ProtectedServices known to exist in it."""
         self.grant_targets: dict[tuple[str, str], str] = {}
@@ -235,7 +186,6 @@ class ServiceSync:
         self._observed: dict[Key, _Observed] = {}
         self._usage_written: dict[str, float] = {}
         """Grant `namespace/name` -> when this process last wrote its `status.usage`."""
-        self._httproutes_served: tuple[bool, float] | None = None
         self._retired = RetiredUids()
         self._account_watchers: defaultdict[Account, set[Key]] = defaultdict(set)
         """Granted service account -> the ProtectedServices whose grants name it."""
@@ -297,15 +247,24 @@ class ServiceSync:
         if aspects & Aspect.POLICY:
             await self._compile_policy(ps, observed)
         if aspects & Aspect.INFRA:
-            await self._apply_owned(ps, observed)
+            published = None
+            if observed.document is not None and observed.version is not None:
+                published = (observed.document, observed.version)
+            observed.deployment, observed.problems = await self.owned.apply(
+                ps,
+                policy=published,
+                policy_version=observed.version,
+                missing_issuers=observed.missing_issuers,
+            )
         elif observed.version != previous_version and observed.deployment is not None:
-            await self._apply_deployment(ps, observed)  # keeps its policy-version annotation true
+            # keeps the Deployment's policy-version annotation true
+            observed.deployment = await self.owned.apply_deployment(ps, observed.version)
         if aspects & (Aspect.ENFORCEMENT | Aspect.POLICY | Aspect.INFRA):
             await self._observe_replicas(
                 ps, observed, deployment_known=bool(aspects & Aspect.INFRA)
             )
         if aspects & (Aspect.BYPASS | Aspect.INFRA):
-            await self._observe_bypass(ps, observed)
+            observed.bypass = await self.bypass.observe(ps, observed.bypass)
         await self._write_service_status(ps, body, observed)
         await self._write_grant_statuses(ps, observed)
         if aspects & Aspect.INFRA:  # level-based drift correction, without a kopf timer
@@ -489,72 +448,6 @@ class ServiceSync:
         for account in accounts:
             self._account_watchers[account].add(key)
 
-    # -- owned objects ------------------------------------------------------------------------
-
-    async def _apply_owned(self, ps: ProtectedService, observed: _Observed) -> None:
-        manager = self.settings.field_manager
-        backend = await self.client.get(SERVICES, ps.spec.backend.service, ps.namespace)
-        observed.backend_found = backend is not None
-        backend_port = _service_port(backend, ps.spec.backend.port) if backend else None
-        problems = owned_problems(ps, backend, backend_port, observed.missing_issuers)
-        manifests = [
-            m.build_service_account(ps),
-            m.build_role(ps),
-            m.build_role_binding(ps),
-            m.build_proxy_service(ps),
-            m.build_pod_disruption_budget(ps),
-        ]
-        if observed.document is not None and observed.version is not None:
-            manifests.append(m.build_policy_configmap(ps, observed.document, observed.version))
-        if m.assertion_enabled(ps):
-            manifests += await self._assertion_manifests(ps)
-        await asyncio.gather(*(self.client.apply(x, field_manager=manager) for x in manifests))
-        hpa = m.build_hpa(ps)
-        if hpa is not None:
-            await self.client.apply(hpa, field_manager=manager)
-        else:
-            await self.client.delete(HPAS, m.resource_name(ps), ps.namespace)
-        isolation = plan_isolation(ps, backend, backend_port)
-        if isolation.delete:
-            await self.client.delete(NETWORKPOLICIES, m.isolation_policy_name(ps), ps.namespace)
-        elif isolation.manifest is not None:
-            await self.client.apply(isolation.manifest, field_manager=manager)
-        if isolation.problem is not None:
-            problems.append(isolation.problem)
-        await self._apply_deployment(ps, observed)
-        observed.problems = problems
-
-    async def _apply_deployment(self, ps: ProtectedService, observed: _Observed) -> None:
-        deployment = m.build_proxy_deployment(
-            ps,
-            image=self.settings.proxy_image,
-            image_pull_policy=self.settings.proxy_image_pull_policy,
-            policy_version=observed.version or "",
-        )
-        observed.deployment = await self.client.apply(
-            deployment, field_manager=self.settings.field_manager
-        )
-        observed.deployment_version = observed.version
-
-    async def _assertion_manifests(self, ps: ProtectedService) -> list[JSON]:
-        """The assertion key Secret (generated once, then kept) and its public JWKS ConfigMap."""
-        secret = await self.client.get(SECRETS, m.assertion_key_secret_name(ps), ps.namespace)
-        pem: bytes | None = None
-        encoded = ((secret or {}).get("data") or {}).get(m.ASSERTION_KEY_FILE)
-        if encoded:
-            pem = base64.b64decode(encoded)
-            try:
-                public = assertion_public_jwks(pem)
-            except ValueError:
-                pem = None  # unusable: replace it
-        if pem is None:
-            pem = new_assertion_key()
-            public = assertion_public_jwks(pem)
-        return [
-            m.build_assertion_key_secret(ps, pem),
-            m.build_assertion_jwks_configmap(ps, public),
-        ]
-
     # -- replicas -----------------------------------------------------------------------------
 
     async def _observe_replicas(
@@ -575,91 +468,6 @@ class ServiceSync:
             self.queue.request_at(
                 key, Aspect.ENFORCEMENT, expiry + _LEASE_EXPIRY_SLACK, slot="leases"
             )
-
-    # -- bypass -------------------------------------------------------------------------------
-
-    async def _observe_bypass(self, ps: ProtectedService, observed: _Observed) -> None:
-        namespace = ps.namespace
-        backend = await self.client.get(SERVICES, ps.spec.backend.service, namespace)
-        observed.backend_found = backend is not None
-        if backend is None:
-            observed.bypass = None
-            return
-        listed = await self._bypass_inputs(namespace)
-        selector = _spec(backend).get("selector") or {}
-        backend_pods = [
-            p
-            for p in listed[PODS]
-            if selector
-            and selector_matches({"matchLabels": selector}, _meta(p).get("labels") or {})
-        ]
-        paths = find_bypass_paths(
-            ps_namespace=namespace,
-            backend_service=backend,
-            backend_pods=backend_pods,
-            proxy_pod_labels=m.proxy_labels(ps),
-            isolation_policy_name=m.isolation_policy_name(ps),
-            allow_from=m.allow_from_peers(ps),
-            network_policies=listed[NETWORKPOLICIES],
-            services=listed[SERVICES],
-            ingresses=listed[INGRESSES],
-            http_routes=listed[HTTPROUTES],
-            namespaces=listed[NAMESPACES],
-            backend_port=ps.spec.backend.port,
-        )
-        before = set(observed.bypass or ())
-        observed.bypass = paths
-        if ps.spec.isolation.mode == "Off":
-            return  # the user chose no isolation: report, but do not warn about each path
-        for path in paths:
-            if path not in before:
-                await self.status.post_event(
-                    _ref_body(ps),
-                    "Warning",
-                    "BypassFound",
-                    f"direct path to the backend: {path.kind} {path.namespace}/{path.name}: "
-                    f"{path.reason}",
-                )
-
-    async def _bypass_inputs(self, namespace: str) -> dict[ResourceRef, list[JSON]]:
-        """Each of `BYPASS_INPUTS` listed in `namespace`, and every Namespace. HTTPRoutes and
-        Namespaces are optional (not served, or not readable): empty then."""
-        served = await self._httproutes_are_served()
-
-        async def listed(ref: ResourceRef) -> list[JSON]:
-            if ref == HTTPROUTES:
-                return await self._list_or_empty(ref, namespace) if served else []
-            return (await self.client.list(ref, namespace))[0]
-
-        refs = [*BYPASS_INPUTS, NAMESPACES]
-        results = await asyncio.gather(
-            *(listed(r) for r in BYPASS_INPUTS), self._list_or_empty(NAMESPACES, None)
-        )
-        return dict(zip(refs, results, strict=True))
-
-    async def _httproutes_are_served(self) -> bool:
-        now = self.clock()
-        if (
-            self._httproutes_served is None
-            or now - self._httproutes_served[1] > _HTTPROUTES_RECHECK
-        ):
-            try:
-                served = await self.client.resource_exists(
-                    HTTPROUTES.group, HTTPROUTES.version, HTTPROUTES.plural
-                )
-            except KubeError:
-                served = False
-            self._httproutes_served = (served, now)
-        return self._httproutes_served[0]
-
-    async def _list_or_empty(self, ref: ResourceRef, namespace: str | None) -> list[JSON]:
-        try:
-            return (await self.client.list(ref, namespace))[0]
-        except KubeError as exc:
-            if exc.status in (403, 404):
-                self.log.warning("cannot list %s: %s", ref.plural, exc)
-                return []
-            raise
 
     # -- status -------------------------------------------------------------------------------
 
@@ -771,22 +579,6 @@ def _parse_all(model: Any, bodies: Iterable[JSON]) -> list[Any]:
         except ValidationError:
             continue  # an invalid object counts as absent; its own status says why
     return parsed
-
-
-def _service_port(service: JSON, port: int) -> JSON | None:
-    for entry in _spec(service).get("ports") or []:
-        if entry.get("port") == port:
-            found: JSON = entry
-            return found
-    return None
-
-
-def _ref_body(ps: ProtectedService) -> JSON:
-    return {
-        "apiVersion": ps.api_version,
-        "kind": ps.kind,
-        "metadata": {"name": ps.name, "namespace": ps.namespace, "uid": ps.metadata.uid},
-    }
 
 
 def retrieve(future: asyncio.Future[None]) -> None:
