@@ -189,12 +189,12 @@ class Controller:
         identities of the services that grant it (its old UID is retired at once)."""
         meta = _meta(body)
         account = (str(meta.get("namespace")), str(meta.get("name")))
-        self.services.identity_changed(event_type, account, meta.get("uid"))
+        self.services.identities.changed(event_type, account, meta.get("uid"))
 
     def pod_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """A pod running as a granted service account was deleted: its pod-bound tokens end."""
         if event_type == "DELETED":
-            self.services.identity_changed(event_type, pod_account(body), _meta(body).get("uid"))
+            self.services.identities.changed(event_type, pod_account(body), _meta(body).get("uid"))
 
     def network_event(self, namespace: str | None) -> None:
         """NetworkPolicy/Service/Ingress/HTTPRoute/Pod/Namespace change: re-run bypass analysis."""

@@ -37,19 +37,9 @@ from nhigate.controller import manifests as m
 from nhigate.controller.bypass_observer import BypassObserver
 from nhigate.controller.grants import grant_target, grant_window, judge_grant, orphan_grant_status
 from nhigate.controller.identities import (
-    SNAPSHOT_CLOCK_SLACK,
-    SNAPSHOT_REFRESH,
-    Account,
-    RetiredUids,
-    Snapshot,
-    account_uids,
-    granted_accounts,
-    namespaces_of,
-    pod_account,
-    retire_vanished,
-    same_content,
     subjects_found,
 )
+from nhigate.controller.identity_tracker import IdentityTracker, PublishedIdentities
 from nhigate.controller.issuers import IssuerSync
 from nhigate.controller.owned import OwnedObjects
 from nhigate.controller.settings import ControllerSettings
@@ -78,15 +68,12 @@ from nhigate.k8s import (
     DEPLOYMENTS,
     IDENTITYISSUERS,
     LEASES,
-    PODS,
     PROTECTEDSERVICES,
     REVOCATIONS,
     ROUTEGRANTS,
-    SERVICEACCOUNTS,
     KubeClient,
-    KubeError,
 )
-from nhigate.policy import Grant, LiveIdentities, PolicyDocument, pack_document
+from nhigate.policy import Grant, PolicyDocument, pack_document
 from nhigate.policy.times import parse_optional
 
 JSON = dict[str, Any]
@@ -144,12 +131,8 @@ class _Observed:
     bypass: list[BypassPath] | None = None
     contents: OrderedDict[str, dict[str, Grant]] = field(default_factory=OrderedDict)
     """Policy version -> the grants (by `namespace/name`) it contains, newest last."""
-    identities: LiveIdentities | None = None
-    """The live service accounts and pods last published in the policy."""
-    accounts: dict[Account, str | None] = field(default_factory=dict)
-    """Granted service accounts -> live UID (None: not found), as last listed."""
-    pod_accounts: dict[str, Account] = field(default_factory=dict)
-    """Live pod UID -> the granted service account it runs as, as last listed."""
+    identities: PublishedIdentities = field(default_factory=PublishedIdentities)
+    """The live service accounts and pods last listed, and last published in the policy."""
     usage: Reports = field(default_factory=lambda: Reports((), True))
     """The replicas' usage reports, from every Lease of the service (live or stale)."""
 
@@ -186,9 +169,7 @@ class ServiceSync:
         self._observed: dict[Key, _Observed] = {}
         self._usage_written: dict[str, float] = {}
         """Grant `namespace/name` -> when this process last wrote its `status.usage`."""
-        self._retired = RetiredUids()
-        self._account_watchers: defaultdict[Account, set[Key]] = defaultdict(set)
-        """Granted service account -> the ProtectedServices whose grants name it."""
+        self.identities = IdentityTracker(client, request=self.request, logger=logger, clock=clock)
 
     async def close(self) -> None:
         """Stop the worker and timers."""
@@ -209,18 +190,6 @@ class ServiceSync:
         observed = self._observed.get(key)
         return observed is None or served == observed.version
 
-    def identity_changed(self, event_type: str, account: Account, uid: object) -> None:
-        """A granted service account (or a pod running as one) was created or deleted:
-        republish the live identities of the services granting it (a deleted UID is retired
-        at once)."""
-        keys = self._account_watchers.get(account)
-        if not keys or event_type not in ("ADDED", "DELETED"):
-            return
-        if event_type == "DELETED" and isinstance(uid, str) and uid:
-            self._retired.retire(uid, account, self.clock())
-        for key in list(keys):
-            self.request(key, Aspect.POLICY)
-
     # -- the sync -----------------------------------------------------------------------------
 
     async def _sync(self, key: Key, aspects: Aspect) -> None:
@@ -229,7 +198,7 @@ class ServiceSync:
         if body is None or _meta(body).get("deletionTimestamp"):
             self._observed.pop(key, None)
             self.queue.forget(key)
-            self._watch_accounts(key, set())
+            self.identities.watch(key, set())
             await self._judge_orphan_grants(namespace, name)
             return
         self.names[namespace].add(name)
@@ -284,10 +253,13 @@ class ServiceSync:
         revocations = _parse_all(Revocation, revocation_bodies)
         views = self._judge_grants(ps, grant_bodies, issuers, now)
         accepted = [v.grant for v in views if v.grant is not None]
-        identities = await self._live_identities((ps.namespace, ps.name), accepted, observed)
+        observed.identities = await self.identities.publish(
+            (ps.namespace, ps.name), accepted, observed.identities
+        )
+        identities = observed.identities.live
         for view in views:
             if view.grant is not None:
-                view.subjects = subjects_found(view.grant, observed.accounts)
+                view.subjects = subjects_found(view.grant, observed.identities.accounts)
         jwks = await self.issuers.kubernetes_keys(ps, issuers)
         observed.missing_issuers = missing_issuers(ps, issuers)
         moment = datetime.fromtimestamp(now, tz=UTC)
@@ -382,71 +354,6 @@ class ServiceSync:
         if upcoming_all:  # flip Active / drop expired grants and revocations exactly on time
             key = (ps.namespace, ps.name)
             self.queue.request_at(key, Aspect.POLICY, min(upcoming_all), slot="validity")
-
-    async def _live_identities(
-        self, key: Key, grants: list[RouteGrant], observed: _Observed
-    ) -> LiveIdentities:
-        """List the granted service accounts and their pods; retire what went away; the
-        snapshot to publish (the last one, unchanged, when nothing changed)."""
-        accounts = granted_accounts(grants)
-        self._watch_accounts(key, accounts)
-        started = self.clock()  # everything created before now is in the lists below
-        uids, pod_accounts = await self._list_identities(accounts, observed)
-        now = self.clock()
-        found = Snapshot(uids, frozenset(pod_accounts), frozenset())
-        retire_vanished(
-            self._retired, observed.identities, found.identities(now), observed.pod_accounts, now
-        )
-        self._retired.prune(now)
-        snapshot = Snapshot(uids, frozenset(pod_accounts), frozenset(self._retired.of(accounts)))
-        published = observed.identities
-        if (
-            published is not None
-            and same_content(published, snapshot)
-            and started - published.observed_at < SNAPSHOT_REFRESH
-        ):
-            live = published  # same content, same time: the policy version does not move
-        else:
-            live = snapshot.identities(started - SNAPSHOT_CLOCK_SLACK)
-        observed.identities, observed.accounts, observed.pod_accounts = live, uids, pod_accounts
-        return live
-
-    async def _list_identities(
-        self, accounts: set[Account], observed: _Observed
-    ) -> tuple[dict[Account, str | None], dict[str, Account]]:
-        """(granted account -> live UID or None, live pod UID -> its granted account)."""
-        uids: dict[Account, str | None] = {}
-        pod_accounts: dict[str, Account] = {}
-        for namespace in namespaces_of(accounts):
-            mine = {a for a in accounts if a[0] == namespace}
-            try:
-                (sas, _), (pods, _) = await asyncio.gather(
-                    self.client.list(SERVICEACCOUNTS, namespace),
-                    self.client.list(PODS, namespace),
-                )
-            except KubeError as exc:
-                # Keep what we knew (unknown accounts stay unjudged) rather than refuse every
-                # token of the namespace or stop publishing revocations; retried next sync.
-                self.log.warning("cannot list service accounts/pods in %s: %s", namespace, exc)
-                uids.update({a: u for a, u in observed.accounts.items() if a in mine})
-                pod_accounts.update({u: a for u, a in observed.pod_accounts.items() if a in mine})
-                continue
-            uids.update(account_uids(mine, sas))
-            for pod in pods:
-                uid, account = _meta(pod).get("uid"), pod_account(pod)
-                if uid and account in mine:
-                    pod_accounts[str(uid)] = account
-        return uids, pod_accounts
-
-    def _watch_accounts(self, key: Key, accounts: set[Account]) -> None:
-        """Route events of `accounts` (and of their pods) to `key`, and no others."""
-        for account, keys in list(self._account_watchers.items()):
-            if account not in accounts:
-                keys.discard(key)
-                if not keys:
-                    del self._account_watchers[account]
-        for account in accounts:
-            self._account_watchers[account].add(key)
 
     # -- replicas -----------------------------------------------------------------------------
 
