@@ -87,8 +87,6 @@ class Controller:
         )
         self.queue = self.services.queue
         self.revocation_queue = work_queue(self._sync_revocation)
-        self._services = self.services.names
-        self._grant_targets = self.services.grant_targets
         self._generations: dict[tuple[str, str, str], int] = {}
 
     async def close(self) -> None:
@@ -103,7 +101,7 @@ class Controller:
         """Full reconcile of one ProtectedService. A failed sync is logged by the work queue,
         which retries it with its own backoff: the one retry mechanism (kopf is not asked to
         retry on top of it)."""
-        self._services[namespace].add(name)
+        self.services.names[namespace].add(name)
         with contextlib.suppress(Exception):
             await self.queue.request((namespace, name), Aspect.ALL)
 
@@ -111,24 +109,24 @@ class Controller:
         """Track which ProtectedServices exist; a deletion re-judges the grants targeting it."""
         namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
         if event_type == "DELETED":
-            self._services[namespace].discard(name)
+            self.services.names[namespace].discard(name)
             self._request((namespace, name), Aspect.POLICY)
         else:
-            self._services[namespace].add(name)
+            self.services.names[namespace].add(name)
 
     def grant_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """A RouteGrant changed: recompile its target's policy now (and its old target's)."""
         namespace, name = str(_meta(body).get("namespace")), str(_meta(body).get("name"))
         target = grant_target(body)
-        previous = self._grant_targets.get((namespace, name))
+        previous = self.services.grant_targets.get((namespace, name))
         if event_type == "DELETED":
-            self._grant_targets.pop((namespace, name), None)
+            self.services.grant_targets.pop((namespace, name), None)
             self._generations.pop(("RouteGrant", namespace, name), None)
         else:
             if not self._spec_changed("RouteGrant", body) and previous == target:
                 return  # a status or metadata write (often our own): nothing to recompile
             if target:
-                self._grant_targets[(namespace, name)] = target
+                self.services.grant_targets[(namespace, name)] = target
         for affected in {target, previous} - {None}:
             self._request((namespace, str(affected)), Aspect.POLICY)
 
@@ -138,9 +136,9 @@ class Controller:
         if event_type != "DELETED" and not self._spec_changed("Revocation", body):
             return
         target = (_spec(body).get("target") or {}).get("protectedService")
-        names = {str(target)} if target else set(self._services[namespace])
+        names = {str(target)} if target else set(self.services.names[namespace])
         if event_type == "DELETED":
-            names = set(self._services[namespace])  # the old target is unknown: all of them
+            names = set(self.services.names[namespace])  # the old target is unknown: all of them
             self._generations.pop(("Revocation", namespace, str(_meta(body).get("name"))), None)
         for name in names:
             self._request((namespace, name), Aspect.POLICY)
@@ -199,7 +197,7 @@ class Controller:
     def network_event(self, namespace: str | None) -> None:
         """NetworkPolicy/Service/Ingress/HTTPRoute/Pod/Namespace change: re-run bypass analysis."""
         if namespace is None:  # a Namespace's labels matter to namespaceSelectors everywhere
-            for ns in list(self._services):
+            for ns in list(self.services.names):
                 self._request_namespace(ns, Aspect.BYPASS)
         else:
             self._request_namespace(namespace, Aspect.BYPASS)
