@@ -194,9 +194,9 @@ class IssuerSync:
         refreshed = format_seconds(refreshed_at) if refreshed_at is not None else None
         fields = IdentityIssuerStatus.model_validate(
             {
-                "keyCount": keys.count if keys is not None else 0,
-                "lastRefreshTime": refreshed or previous.get("lastRefreshTime") or None,
-                "observedGeneration": (body.get("metadata") or {}).get("generation"),
+                "key_count": keys.count if keys is not None else 0,
+                "last_refresh_time": refreshed or previous.get("lastRefreshTime") or None,
+                "observed_generation": (body.get("metadata") or {}).get("generation"),
             }
         )
         ready = condition(c.READY, ok, reason, message)

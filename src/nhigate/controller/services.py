@@ -26,6 +26,7 @@ from nhigate.api.compile import build_policy_document, missing_issuers
 from nhigate.api.durations import parse_duration
 from nhigate.api.models import (
     BypassPath,
+    GrantUsage,
     IdentityIssuer,
     ProtectedService,
     Revocation,
@@ -418,12 +419,10 @@ class ServiceSync:
                 c.SUBJECTS_FOUND, c.UNKNOWN, c.REASON_NOT_ACCEPTED, "the grant is not accepted"
             )
             usage, unused = self._usage_status(view, observed.usage, idle_after, now, wake)
-            fields = RouteGrantStatus.model_validate(
-                {
-                    "enforcedReplicas": ratio,
-                    "policyVersion": observed.version if view.compiled is not None else None,
-                    "usage": usage,
-                }
+            fields = RouteGrantStatus(
+                enforced_replicas=ratio,
+                policy_version=observed.version if view.compiled is not None else None,
+                usage=GrantUsage.model_validate(usage),
             )
             desired = [view.accepted, active, enforced, subjects, unused]
             async with limit:
