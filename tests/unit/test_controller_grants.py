@@ -13,6 +13,7 @@ from nhigate.controller.grants import (
     orphan_grant_status,
 )
 from nhigate.controller.revocations import parse_revocation, revocation_verdict
+from nhigate.controller.status_writer import status_json
 
 NS = "team"
 NOW = 1_900_000_000.0
@@ -112,8 +113,9 @@ def test_a_grant_breaking_the_grant_policy_is_refused_with_the_policy_reason() -
 
 def test_an_orphan_grant_is_not_accepted_not_enforced_and_keeps_its_usage() -> None:
     body = route_grant(NS, "g", target="gone")
-    body["status"] = {"usage": {"lastUsed": "2030-01-01T00:00:00Z"}}
-    desired, extra = orphan_grant_status(body, NS, "gone", NOW)
+    usage = {"lastUsed": "2030-01-01T00:00:00Z", "requests": 3, "window": "24h", "replicas": 1}
+    body["status"] = {"usage": usage}
+    desired, fields = orphan_grant_status(body, NS, "gone", NOW)
     by_type = {d["type"]: d for d in desired}
     assert (by_type["Accepted"]["status"], by_type["Accepted"]["reason"]) == (
         "False",
@@ -127,8 +129,12 @@ def test_an_orphan_grant_is_not_accepted_not_enforced_and_keeps_its_usage() -> N
         "False",
         "NotAccepted",
     )
-    assert extra == {"enforcedReplicas": "0/0", "usage": body["status"]["usage"]}
-    assert "usage" not in orphan_grant_status(route_grant(NS, "h"), NS, "gone", NOW)[1]
+    assert status_json(fields) == {"enforcedReplicas": "0/0", "usage": usage}  # kept as stored
+    assert status_json(orphan_grant_status(route_grant(NS, "h"), NS, "gone", NOW)[1]) == {
+        "enforcedReplicas": "0/0"
+    }
+    body["status"] = {"usage": {"lastUsed": "not a time", "window": "24h"}}
+    assert "usage" not in status_json(orphan_grant_status(body, NS, "gone", NOW)[1])
 
 
 def _revocation(**spec: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ of a grant whose target does not exist. Nothing here talks to the API server.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,13 @@ from pydantic import ValidationError
 from nhigate.api import conditions as c
 from nhigate.api.compile import compile_grant, undeclared_mcp_endpoints
 from nhigate.api.governance import judge_grant_policy
-from nhigate.api.models import IdentityIssuer, ProtectedService, RouteGrant
+from nhigate.api.models import (
+    GrantUsage,
+    IdentityIssuer,
+    ProtectedService,
+    RouteGrant,
+    RouteGrantStatus,
+)
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller.status import condition, grant_active
 from nhigate.policy.times import parse_optional
@@ -69,7 +76,7 @@ def judge_grant(
 
 def orphan_grant_status(
     body: Mapping[str, Any], namespace: str, name: str, now: float
-) -> tuple[list[JSON], JSON]:
+) -> tuple[list[JSON], RouteGrantStatus]:
     """(desired conditions, other status fields) of a grant whose target, ProtectedService
     `name` in `namespace`, does not exist: not accepted, not enforced, usage kept."""
     message = (
@@ -80,11 +87,13 @@ def orphan_grant_status(
         grant_active(*grant_window(body), now),
         condition(c.ENFORCED, False, c.REASON_NOT_ACCEPTED, "the grant is not accepted"),
     ]
-    extra: JSON = {"enforcedReplicas": "0/0"}
     usage = (body.get("status") or {}).get("usage")
+    kept: GrantUsage | None = None
     if usage:  # kept: applying status without it would drop lastUsed
-        extra["usage"] = usage
-    return desired, extra
+        # (one the model refuses is not one the API server would have stored: same schema)
+        with contextlib.suppress(ValidationError):
+            kept = GrantUsage.model_validate(usage)
+    return desired, RouteGrantStatus(enforced_replicas="0/0", usage=kept)
 
 
 def _subject_problem(

@@ -14,23 +14,20 @@ from typing import Any
 import kopf
 
 from nhigate.controller import manifests as m
+from nhigate.controller.bypass_observer import BYPASS_INPUTS
 from nhigate.controller.reconcile import Controller
 from nhigate.controller.settings import ControllerSettings
 from nhigate.k8s import (
     CONFIGMAPS,
     DEPLOYMENTS,
-    HTTPROUTES,
     IDENTITYISSUERS,
-    INGRESSES,
     LEASES,
     NAMESPACES,
-    NETWORKPOLICIES,
     PODS,
     PROTECTEDSERVICES,
     REVOCATIONS,
     ROUTEGRANTS,
     SERVICEACCOUNTS,
-    SERVICES,
     KubeClient,
     ResourceRef,
 )
@@ -163,13 +160,11 @@ def build_registry(
 
     # -- bypass detection inputs ---------------------------------------------------------
 
-    @kopf.on.event(*_selector(NETWORKPOLICIES), registry=registry)
-    @kopf.on.event(*_selector(SERVICES), registry=registry)
-    @kopf.on.event(*_selector(INGRESSES), registry=registry)
-    @kopf.on.event(*_selector(HTTPROUTES), registry=registry)
-    @kopf.on.event(*_selector(PODS), registry=registry)
     async def network_event(namespace: str | None, **_: Any) -> None:
         ctl().network_event(namespace)
+
+    for ref in BYPASS_INPUTS:  # the kinds the bypass analysis reads, listed once
+        kopf.on.event(*_selector(ref), registry=registry)(network_event)
 
     # -- live identities behind service-account subjects -----------------------------------
 

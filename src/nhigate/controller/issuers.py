@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from nhigate.api import conditions as c
 from nhigate.api.durations import parse_duration
-from nhigate.api.models import IdentityIssuer, ProtectedService
+from nhigate.api.models import IdentityIssuer, IdentityIssuerStatus, ProtectedService
 from nhigate.api.resources import describe_validation_error
 from nhigate.controller.jwks import InvalidJwks, validate_jwks
 from nhigate.controller.settings import ControllerSettings
@@ -190,16 +190,14 @@ class IssuerSync:
         keys: IssuerKeys | None,
         refreshed_at: float | None,
     ) -> None:
-        generation = (body.get("metadata") or {}).get("generation")
         previous = body.get("status") or {}
-        status: JSON = {
-            "conditions": self.status.conditions(body, [condition(c.READY, ok, reason, message)]),
-            "keyCount": keys.count if keys is not None else 0,
-        }
-        if refreshed_at is not None:
-            status["lastRefreshTime"] = format_seconds(refreshed_at)
-        elif previous.get("lastRefreshTime"):
-            status["lastRefreshTime"] = previous["lastRefreshTime"]
-        if generation is not None:
-            status["observedGeneration"] = generation
-        await self.status.apply(IDENTITYISSUERS, body, status)
+        refreshed = format_seconds(refreshed_at) if refreshed_at is not None else None
+        fields = IdentityIssuerStatus.model_validate(
+            {
+                "key_count": keys.count if keys is not None else 0,
+                "last_refresh_time": refreshed or previous.get("lastRefreshTime") or None,
+                "observed_generation": (body.get("metadata") or {}).get("generation"),
+            }
+        )
+        ready = condition(c.READY, ok, reason, message)
+        await self.status.apply(IDENTITYISSUERS, body, fields, [ready])

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nhigate.api import conditions as c
-from nhigate.api.models import BypassPath, ProtectedService
+from nhigate.api.models import BypassPath, ProtectedService, ProtectedServiceStatus
 from nhigate.policy import Grant
 from nhigate.policy.times import format_seconds, parse_optional
 
@@ -296,3 +296,49 @@ def owned_problems(
             Problem(c.REASON_ISSUER_NOT_FOUND, f"spec.issuers: IdentityIssuer not found: {names}")
         )
     return problems
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """A ProtectedService's judged status: the conditions it should have (merged into those
+    already written by the writer) and every other status field."""
+
+    desired: list[JSON]
+    fields: ProtectedServiceStatus
+
+
+def service_status(
+    ps: ProtectedService,
+    *,
+    deployment: Mapping[str, Any] | None,
+    replicas: Sequence[ReplicaReport],
+    version: str | None,
+    problems: Sequence[Problem],
+    policy_error: str | None,
+    bypass: Sequence[BypassPath] | None,
+    endpoint: str,
+) -> ServiceStatus:
+    """The status of `ps` given what was observed: its proxy `deployment` (None: absent),
+    the live `replicas`, the policy `version` published (None: none yet), the `problems`
+    found applying its owned objects, why its policy could not be compiled (`policy_error`),
+    the direct paths to its backend (`bypass`, None: not analysed) and its `endpoint`."""
+    available = proxy_available(deployment)
+    enforced, ratio = policy_enforced(replicas, version)
+    found = [*problems, *([Problem(c.REASON_ERROR, policy_error)] if policy_error else [])]
+    ready = service_ready(found, available)
+    blocked = direct_path_blocked(ps.spec.isolation.mode, bypass)
+    fields = ProtectedServiceStatus(
+        bypass_paths=list(bypass or ()),
+        enforced_replicas=ratio,
+        endpoint=endpoint,
+        policy_version=version or None,
+        observed_generation=ps.metadata.generation,
+    )
+    return ServiceStatus([ready, available, enforced, blocked], fields)
+
+
+def invalid_service_status(message: str) -> ServiceStatus:
+    """The status of a ProtectedService whose spec does not validate (`message` says why):
+    not Ready, and nothing else is claimed about it."""
+    ready = condition(c.READY, False, c.REASON_ERROR, f"invalid spec: {message}")
+    return ServiceStatus([ready], ProtectedServiceStatus())

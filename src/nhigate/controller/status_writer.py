@@ -13,14 +13,26 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from nhigate.api import conditions as c
+from nhigate.api.models import Condition, RouteGrantStatus
+from nhigate.api.validation import StatusModel
 from nhigate.controller.status import merge_conditions
 from nhigate.k8s import ROUTEGRANTS, KubeClient, KubeError, ResourceRef
 
 JSON = dict[str, Any]
+StatusModelT = TypeVar("StatusModelT", bound=StatusModel)
 _EVENT_MESSAGE_MAX = 1024
+
+
+def status_json(fields: StatusModel) -> JSON:
+    """A `*Status` model as the API stores it: camelCase, only the fields that were set,
+    None omitted."""
+    dumped: JSON = fields.model_dump(
+        by_alias=True, exclude_unset=True, exclude_none=True, mode="json"
+    )
+    return dumped
 
 
 class StatusWriter:
@@ -47,8 +59,26 @@ class StatusWriter:
             previous.get("conditions"), desired, now=self.clock(), generation=generation
         )
 
-    async def apply(self, ref: ResourceRef, body: Mapping[str, Any], status: JSON) -> bool:
-        """Write `status` unless it equals what is there; True when written."""
+    def render(
+        self, body: Mapping[str, Any], fields: StatusModelT, desired: Iterable[JSON]
+    ) -> JSON:
+        """The status to write: `fields` with `desired` merged into `body`'s conditions, as
+        the API stores it."""
+        conditions = [Condition.model_validate(x) for x in self.conditions(body, desired)]
+        return status_json(fields.model_copy(update={"conditions": conditions}))
+
+    async def apply(
+        self,
+        ref: ResourceRef,
+        body: Mapping[str, Any],
+        fields: StatusModel,
+        desired: Iterable[JSON],
+    ) -> bool:
+        """Write `fields` and the `desired` conditions unless that changes nothing; True when
+        written."""
+        return await self._write(ref, body, self.render(body, fields, desired))
+
+    async def _write(self, ref: ResourceRef, body: Mapping[str, Any], status: JSON) -> bool:
         previous = body.get("status") or {}
         if all(previous.get(k) == v for k, v in status.items()):
             return False
@@ -65,20 +95,19 @@ class StatusWriter:
             raise
         return True
 
-    async def write_grant(self, body: JSON, desired: list[JSON], extra: Mapping[str, Any]) -> None:
-        """A RouteGrant's status: `desired` conditions plus `extra` fields; then the Events
-        of its transitions. `body` becomes the new baseline once written."""
+    async def write_grant(self, body: JSON, desired: list[JSON], fields: RouteGrantStatus) -> None:
+        """A RouteGrant's status: `desired` conditions plus `fields` (its `expiresAt` and
+        `observedGeneration` taken from `body`); then the Events of its transitions. `body`
+        becomes the new baseline once written."""
         meta = body.get("metadata") or {}
-        generation = meta.get("generation")
         previous = body.get("status") or {}
         before = {str(x.get("type")): x for x in previous.get("conditions") or ()}
-        status: JSON = {"conditions": self.conditions(body, desired), **extra}
-        expires_at = (body.get("spec") or {}).get("expiresAt")
+        expires_at = (body.get("spec") or {}).get("expiresAt") or None
+        stamped = fields.model_copy(update={"observed_generation": meta.get("generation")})
+        status = self.render(body, stamped, desired)
         if expires_at:
-            status["expiresAt"] = expires_at
-        if generation is not None:
-            status["observedGeneration"] = generation
-        if not await self.apply(ROUTEGRANTS, body, status):
+            status["expiresAt"] = expires_at  # echoed as spelled in the spec
+        if not await self._write(ROUTEGRANTS, body, status):
             return
         body["status"] = {**previous, **status}  # what we wrote is the new baseline
         await self._grant_events(body, before, {d["type"]: d for d in desired})
