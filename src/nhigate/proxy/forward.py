@@ -61,7 +61,8 @@ class NotRetriedError(UpstreamUnavailableError):
     """A non-idempotent request failed after it was written: the upstream may have acted."""
 
 
-_FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING_NAME_LENGTHS = frozenset(map(len, _FRAMING_NAMES))
 
 
 class _Connection(asyncio.Protocol):
@@ -71,7 +72,6 @@ class _Connection(asyncio.Protocol):
         "_body",
         "_buffered",
         "_drain_waiter",
-        "_has_length",
         "_head_bytes",
         "_head_done",
         "_headers",
@@ -116,7 +116,6 @@ class _Connection(asyncio.Protocol):
         self._paused_reading = False
         self._head_done = False
         self._head_bytes = 0
-        self._has_length = False
         self._is_head = False
         self.message_done = False
         self.received_any = False
@@ -158,13 +157,20 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self.active and not self.message_done and self.error is None:
-            if self._head_done and not self._has_length and not self._is_head:
+            if self._head_done and not self._is_head and not self._has_framing():
                 self.message_done = True  # the body was delimited by the connection close
             else:
                 self._fail(UpstreamUnavailableError("upstream closed the connection"), close=False)
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+
+    def _has_framing(self) -> bool:
+        """The response head carries Content-Length or Transfer-Encoding."""
+        return any(
+            len(name) in _FRAMING_NAME_LENGTHS and name.lower() in _FRAMING_NAMES
+            for name, _ in self._headers
+        )
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -177,11 +183,9 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Runs for every response header: only collect. Whether the body is delimited by a
+        # length or by the connection's close is asked only when the connection closes.
         self._headers.append((name, value))
-        if len(name) in _FRAMING_NAME_LENGTHS:
-            lower = name.lower()
-            if lower == b"content-length" or lower == b"transfer-encoding":
-                self._has_length = True
 
     # The callbacks below wake the exchange's waiter inline (the body of `_wake`): they run
     # for every response, and a Python call less in each is measurable.
@@ -191,7 +195,6 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             self._headers = []
-            self._has_length = False
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()

@@ -159,6 +159,8 @@ def filter_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[Head
             lower = raw_name.lower()
             if lower in _RESPONSE_DROPPED_BYTES:
                 if lower == b"connection":
+                    if raw_value.strip().lower() in _RESPONSE_DROPPED_BYTES:
+                        continue  # `Connection: keep-alive`: names a header dropped anyway
                     if connection is None:
                         connection = []
                     connection.append(raw_value.decode("latin-1"))

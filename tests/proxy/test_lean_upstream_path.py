@@ -1,4 +1,4 @@
-"""The per-name caches of the header filters and the head serialiser (issue 16).
+"""The shortcuts of the lean upstream path: per-name caches and lazy framing (issue 16).
 
 They exist for speed only: a cached answer must be the answer computed afresh, for every
 `owned` set and peer trust, whatever was seen before, and a caller or an upstream that
@@ -7,6 +7,7 @@ sends many names cannot grow them without bound or switch a check off.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -122,3 +123,43 @@ def test_serialiser_checks_survive_warm_and_full_caches() -> None:
         with pytest.raises(UnsafeHeadError):
             serialise_head("GET", "/", [("Host", "a"), ("X-A", "1"), (bad_name, "v")])
     assert len(forward._SAFE_METHODS) == forward._SAFE_METHODS_MAX
+
+
+# -- the response framing, judged only when the upstream closes ------------------------------
+
+
+async def _read_through_pool(answer: bytes) -> bytes:
+    """One GET through `UpstreamPool` to a server that writes `answer` and closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = forward.UpstreamPool("127.0.0.1", port, read_timeout=5.0)
+    try:
+        head = serialise_head("GET", "/", [("Host", "up")])
+        response = await pool.request(head, None, is_head=False, idempotent=True)
+        return b"".join([chunk async for chunk in response.iter_chunks()])
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_body_delimited_by_the_close_is_complete() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n" + b"x" * 70_000
+    assert await _read_through_pool(answer) == b"x" * 70_000
+
+
+@pytest.mark.parametrize(
+    "framing", [b"Content-Length: 10", b"content-length: 10", b"Transfer-Encoding: chunked"]
+)
+async def test_a_framed_body_cut_by_the_close_is_an_upstream_error(framing: bytes) -> None:
+    body = b"abc" if framing.lower().startswith(b"content") else b"a\r\nabc"
+    answer = b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n" + body
+    with pytest.raises(forward.UpstreamUnavailableError):
+        await _read_through_pool(answer)
