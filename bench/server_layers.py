@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 SERVER_CPU = "0"
 LOAD_CPU = "1"
@@ -89,7 +89,7 @@ def serve_protocol(port: int) -> None:
 
     class Http1(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport: Any = transport
+            self.transport = cast(asyncio.Transport, transport)
             self.parser = httptools.HttpRequestParser(self)
             self.headers: list[tuple[bytes, bytes]] = []
 
@@ -141,7 +141,7 @@ def serve_granian(port: int) -> None:
         )
         task = asyncio.create_task(server.serve())
         await asyncio.sleep(CHILD_LIMIT)
-        server.stop()
+        server.stop()  # type: ignore[no-untyped-call]
         await task
 
     uvloop.run(main())
@@ -151,6 +151,7 @@ def serve_h2(port: int) -> None:
     import h2.config
     import h2.connection
     import h2.events
+    import h2.exceptions
     import uvloop
 
     config = h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -159,7 +160,7 @@ def serve_h2(port: int) -> None:
 
     class Http2(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport: Any = transport
+            self.transport = cast(asyncio.Transport, transport)
             self.conn = h2.connection.H2Connection(config=config)
             self.conn.initiate_connection()
             self.transport.write(self.conn.data_to_send())
