@@ -28,6 +28,7 @@ import select
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
+from operator import itemgetter
 from typing import cast
 
 import httptools
@@ -60,7 +61,8 @@ class NotRetriedError(UpstreamUnavailableError):
     """A non-idempotent request failed after it was written: the upstream may have acted."""
 
 
-_FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING_NAME_LENGTHS = frozenset(map(len, _FRAMING_NAMES))
 
 
 class _Connection(asyncio.Protocol):
@@ -70,7 +72,6 @@ class _Connection(asyncio.Protocol):
         "_body",
         "_buffered",
         "_drain_waiter",
-        "_has_length",
         "_head_bytes",
         "_head_done",
         "_headers",
@@ -115,7 +116,6 @@ class _Connection(asyncio.Protocol):
         self._paused_reading = False
         self._head_done = False
         self._head_bytes = 0
-        self._has_length = False
         self._is_head = False
         self.message_done = False
         self.received_any = False
@@ -157,13 +157,20 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self.active and not self.message_done and self.error is None:
-            if self._head_done and not self._has_length and not self._is_head:
+            if self._head_done and not self._is_head and not self._has_framing():
                 self.message_done = True  # the body was delimited by the connection close
             else:
                 self._fail(UpstreamUnavailableError("upstream closed the connection"), close=False)
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+
+    def _has_framing(self) -> bool:
+        """The response head carries Content-Length or Transfer-Encoding."""
+        return any(
+            len(name) in _FRAMING_NAME_LENGTHS and name.lower() in _FRAMING_NAMES
+            for name, _ in self._headers
+        )
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -176,18 +183,18 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Runs for every response header: only collect. Whether the body is delimited by a
+        # length or by the connection's close is asked only when the connection closes.
         self._headers.append((name, value))
-        if len(name) in _FRAMING_NAME_LENGTHS:
-            lower = name.lower()
-            if lower == b"content-length" or lower == b"transfer-encoding":
-                self._has_length = True
+
+    # The callbacks below wake the exchange's waiter inline (the body of `_wake`): they run
+    # for every response, and a Python call less in each is measurable.
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             self._headers = []
-            self._has_length = False
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
@@ -197,7 +204,9 @@ class _Connection(asyncio.Protocol):
             # never reuse the connection.
             self.keep_alive = False
             self.message_done = True
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self.message_done:
@@ -207,13 +216,17 @@ class _Connection(asyncio.Protocol):
         if self._buffered > MAX_BUFFERED_BODY and not self._paused_reading and self.transport:
             self._paused_reading = True
             self.transport.pause_reading()
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_message_complete(self) -> None:
         if not self._head_done:
             return  # the end of an interim 1xx response
         self.message_done = True
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- exchange --------------------------------------------------------------------------
 
@@ -523,6 +536,16 @@ _SAFE_NAMES: set[str] = set()
 
 _SAFE_NAMES_MAX = 4096
 
+_SAFE_METHODS: set[str] = set()
+"""Methods already checked against `_TOKEN` (the caller's parser chose them; bounded)."""
+
+_SAFE_METHODS_MAX = 64
+
+_TARGET_FORBIDDEN = re.compile("[ \t\r\n\x00]")
+"""Characters that would end or split the request line."""
+
+_name_of = itemgetter(0)
+
 
 def _check_names(headers: list[tuple[str, str]]) -> None:
     for name, _ in headers:
@@ -541,22 +564,23 @@ def serialise_head(method: str, target: str, headers: list[tuple[str, str]]) -> 
     inbound parser and the callers already keep such bytes out, and this is the last check
     before they would reach the upstream as a second header or a second request.
     """
-    if _TOKEN.fullmatch(method) is None:
-        raise UnsafeHeadError(f"method {method[:32]!r} is not an HTTP token")
-    if not target or any(ch in target for ch in _TARGET_FORBIDDEN):
+    if method not in _SAFE_METHODS:
+        if _TOKEN.fullmatch(method) is None:
+            raise UnsafeHeadError(f"method {method[:32]!r} is not an HTTP token")
+        if len(_SAFE_METHODS) < _SAFE_METHODS_MAX:
+            _SAFE_METHODS.add(method)
+    if not target or _TARGET_FORBIDDEN.search(target) is not None:
         raise UnsafeHeadError("request target holds whitespace, a control character or nothing")
     if not headers:
         return f"{method} {target} HTTP/1.1\r\n\r\n".encode("utf-8", "surrogateescape")
-    _check_names(headers)
+    if not _SAFE_NAMES.issuperset(map(_name_of, headers)):
+        _check_names(headers)
     block = "\r\n".join(map(": ".join, headers))
     separators = len(headers) - 1
     # Every CR and LF in the block must be one of the separators just inserted.
     if block.count("\n") != separators or block.count("\r") != separators or "\x00" in block:
         raise UnsafeHeadError("a header value holds CR, LF or NUL")
     return f"{method} {target} HTTP/1.1\r\n{block}\r\n\r\n".encode("utf-8", "surrogateescape")
-
-
-_TARGET_FORBIDDEN = (" ", "\t", "\r", "\n", "\x00")
 
 
 async def chunked(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -70,6 +70,28 @@ def connection_tokens(values: Iterable[str]) -> frozenset[str]:
     return frozenset(names)
 
 
+_KEEP, _DROP, _CONNECTION = 0, 1, 2
+"""What `filter_request_headers` does with a header name."""
+
+_REQUEST_VERDICTS: dict[tuple[frozenset[str], bool], dict[str, int]] = {}
+"""Per (`owned`, `trusted_peer`): each header name seen, as received, to its verdict.
+
+A verdict is a pure function of the name and the key, so a cached one is the computed
+one. Names are caller-chosen: each table stops growing at `_VERDICTS_MAX_NAMES` (further
+names are judged each time), and the tables are dropped when a policy change has made
+more than `_VERDICTS_MAX_TABLES` of them."""
+
+_VERDICTS_MAX_NAMES = 4096
+_VERDICTS_MAX_TABLES = 32
+
+
+def _request_verdict(name: str, dropped: frozenset[str], owned: frozenset[str]) -> int:
+    lower = name.lower()
+    if lower in dropped or lower in owned or lower.startswith(_OWNED_PREFIXES):
+        return _CONNECTION if lower == "connection" else _DROP
+    return _KEEP
+
+
 def filter_request_headers(
     headers: Iterable[Header],
     *,
@@ -85,17 +107,27 @@ def filter_request_headers(
     trusted proxy.
     """
     dropped = _ALWAYS_DROPPED if trusted_peer else _DROPPED_UNTRUSTED
+    verdicts = _REQUEST_VERDICTS.get((owned, trusted_peer))
+    if verdicts is None:
+        if len(_REQUEST_VERDICTS) >= _VERDICTS_MAX_TABLES:
+            _REQUEST_VERDICTS.clear()
+        verdicts = _REQUEST_VERDICTS[(owned, trusted_peer)] = {}
+    known = verdicts.get
     connection: list[str] | None = None
     kept: list[Header] = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower in dropped or lower in owned or lower.startswith(_OWNED_PREFIXES):
-            if lower == "connection":
+    for header in headers:
+        verdict = known(header[0])
+        if verdict is None:
+            verdict = _request_verdict(header[0], dropped, owned)
+            if len(verdicts) < _VERDICTS_MAX_NAMES:
+                verdicts[header[0]] = verdict
+        if verdict:
+            if verdict == _CONNECTION:
                 if connection is None:
                     connection = []
-                connection.append(value)
+                connection.append(header[1])
             continue
-        kept.append((name, value))
+        kept.append(header)
     if connection is None:
         return kept
     named = connection_tokens(connection)
@@ -105,23 +137,38 @@ def filter_request_headers(
 _RESPONSE_DROPPED_BYTES = frozenset(name.encode("ascii") for name in RESPONSE_DROPPED)
 
 
+_RESPONSE_NAMES: dict[bytes, str] = {}
+"""Upstream header names already seen and kept, raw bytes to their text (Latin-1). The
+upstream chooses them: the table stops growing at `_RESPONSE_NAMES_MAX`."""
+
+_RESPONSE_NAMES_MAX = 4096
+
+
 def filter_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[Header]:
     """Upstream response headers to copy to the caller (minus hop-by-hop and `Connection`-named).
 
     Names are matched as bytes (ASCII case folding; a Latin-1 name can only fold to an
     ASCII one if it is ASCII), so dropped headers are never decoded.
     """
+    known = _RESPONSE_NAMES.get
     connection: list[str] | None = None
     kept: list[Header] = []
     for raw_name, raw_value in headers:
-        lower = raw_name.lower()
-        if lower in _RESPONSE_DROPPED_BYTES:
-            if lower == b"connection":
-                if connection is None:
-                    connection = []
-                connection.append(raw_value.decode("latin-1"))
-            continue
-        kept.append((raw_name.decode("latin-1"), raw_value.decode("latin-1")))
+        name = known(raw_name)
+        if name is None:
+            lower = raw_name.lower()
+            if lower in _RESPONSE_DROPPED_BYTES:
+                if lower == b"connection":
+                    if raw_value.strip().lower() in _RESPONSE_DROPPED_BYTES:
+                        continue  # `Connection: keep-alive`: names a header dropped anyway
+                    if connection is None:
+                        connection = []
+                    connection.append(raw_value.decode("latin-1"))
+                continue
+            name = raw_name.decode("latin-1")
+            if len(_RESPONSE_NAMES) < _RESPONSE_NAMES_MAX:
+                _RESPONSE_NAMES[raw_name] = name
+        kept.append((name, raw_value.decode("latin-1")))
     if connection is None:
         return kept
     named = connection_tokens(connection) - RESPONSE_DROPPED  # those are gone already
