@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -229,10 +230,12 @@ async def test_the_grpc_example_is_reconciled_into_an_http2_proxy(
         kind=IdentityKind.JWT, issuer="demo-issuer", subject="agent:invoice-reconciler"
     )
     other = Identity(kind=IdentityKind.JWT, issuer="demo-issuer", subject="agent:someone-else")
-    now = 1_900_000_000.0  # before the grant's expiresAt (2030)
+    now = time.time()  # before the grant's expiresAt (2030)
 
     def allowed(identity: Identity, method: str, path: str) -> bool:
-        return decide(policy, Facts(identity, method, path, now)).allowed
+        decision = decide(policy, Facts(identity, method, path, now))
+        assert decision.reason in (Reason.ALLOWED, Reason.NO_MATCHING_GRANT), decision
+        return decision.allowed
 
     # exactly one method of payments.v1.Ledger ...
     assert allowed(agent, "POST", "/payments.v1.Ledger/GetBalance")
