@@ -34,6 +34,7 @@ from nhigate.api.models import ProtectedService
 from nhigate.k8s import (
     CONFIGMAPS,
     DEPLOYMENTS,
+    EVENTS,
     PROTECTEDSERVICES,
     ROUTEGRANTS,
     SERVICES,
@@ -133,6 +134,35 @@ def test_protocol_is_an_enum_without_default_and_refused_with_websocket(
     assert WEBSOCKET_MESSAGE in err, err
     names = cp.kubectl("get", "protectedservices", "-n", ns, "-o", "name").stdout.split()
     assert sorted(names) == sorted(f"protectedservice.nhigate.io/{n}" for n in accepted)
+
+
+def grant_manifest(namespace: str, name: str, path: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "nhigate.io/v1alpha1",
+            "kind": "RouteGrant",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "target": {"protectedService": "ledger"},
+                "subjects": [{"token": {"issuer": "ci", "subject": "agent"}}],
+                "rules": [{"methods": ["POST"], "paths": [path]}],
+            },
+        }
+    )
+
+
+def test_grpc_method_paths_in_grants_on_the_api_server(
+    control_plane: ControlPlane, crds_installed: list[str], namespace: str
+) -> None:
+    """`/pkg.Service/Method` and `/pkg.Service/*` are grant paths; partial wildcards are not."""
+    accepted = ["/payments.v1.Ledger/GetBalance", "/payments.v1.Ledger/*", "/Ledger/Get"]
+    for i, path in enumerate(accepted):
+        code, err = kubectl_apply(control_plane, grant_manifest(namespace, f"ok-{i}", path))
+        assert code == 0, (path, err)
+    for i, path in enumerate(["/payments.v1.*/GetBalance", "/payments.v1.Ledger/Get*"]):
+        code, err = kubectl_apply(control_plane, grant_manifest(namespace, f"bad-{i}", path))
+        assert code != 0, path
+        assert '"*" and "**" must be whole segments' in err, (path, err)
 
 
 # --- the gRPC example ------------------------------------------------------------------------
@@ -325,6 +355,19 @@ async def test_each_reason_of_backend_protocol_resolved(
     assert await kube.get(DEPLOYMENTS, "nhigate-chat", ns) is None
     assert await kube.get(SERVICES, "nhigate-chat", ns) is None
     assert await kube.get(CONFIGMAPS, "nhigate-chat-policy", ns) is not None  # the rest is there
+
+    async def mismatch_events() -> list[JSON]:
+        events, _ = await kube.list(EVENTS, ns)
+        return [
+            e
+            for e in events
+            if e["reason"] == "AppProtocolMismatch" and e["involvedObject"]["name"] == "chat"
+        ]
+
+    (event,) = await eventually(mismatch_events, what="AppProtocolMismatch Warning event")
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["kind"] == "ProtectedService"
+    assert event["message"] == resolved["message"]
 
     # no backend Service: Unknown until it appears; then its appProtocol decides
     ghost = await eventually(

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from nhigate.api import conditions as c
-from nhigate.api.models import BackendProtocol, ProtectedService
+from nhigate.api.models import BackendProtocol, ProtectedService, RouteRule
 from nhigate.controller import manifests as m
 from nhigate.controller.protocols import (
     APP_PROTOCOLS,
@@ -20,7 +20,7 @@ from nhigate.controller.protocols import (
     resolve_backend_protocol,
 )
 from nhigate.controller.status import ReplicaReport, owned_problems, service_status
-from nhigate.controller.status_writer import status_json
+from nhigate.controller.status_writer import service_transitions, status_json
 
 HTTP1, HTTP2 = BackendProtocol.HTTP1, BackendProtocol.HTTP2
 FIXTURE = Path(__file__).parent / "fixtures" / "http1_rendering.json"
@@ -159,6 +159,33 @@ def test_websocket_with_http2_is_refused_with_the_crd_message() -> None:
     assert make_ps("HTTP/1.1", websocket=True).spec.websocket is not None
 
 
+GRPC_PATHS_ACCEPTED = [
+    "/payments.v1.Ledger/GetBalance",
+    "/payments.v1.Ledger/*",
+    "/Ledger/GetBalance",
+    "/grpc.health.v1.Health/*",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+]
+GRPC_PATHS_REFUSED = [
+    "/payments.v1.*/GetBalance",  # a wildcard inside a segment
+    "/payments.v1.Ledger/Get*",
+    "/payments.v1.Ledger.*",
+    "payments.v1.Ledger/GetBalance",  # not absolute
+]
+
+
+@pytest.mark.parametrize("path", GRPC_PATHS_ACCEPTED)
+def test_grpc_method_paths_are_grant_paths(path: str) -> None:
+    rule = RouteRule.model_validate({"methods": ["POST"], "paths": [path]})
+    assert rule.paths == [path]
+
+
+@pytest.mark.parametrize("path", GRPC_PATHS_REFUSED)
+def test_grpc_paths_with_partial_wildcards_are_refused(path: str) -> None:
+    with pytest.raises(ValidationError):
+        RouteRule.model_validate({"methods": ["POST"], "paths": [path]})
+
+
 # --- status ----------------------------------------------------------------------------------
 
 
@@ -208,6 +235,19 @@ def test_an_unknown_backend_is_not_found_not_mismatched() -> None:
     assert (ready["status"], ready["reason"]) == ("False", "BackendNotFound")
     assert (resolved["status"], resolved["reason"]) == ("Unknown", "BackendNotFound")
     assert status_json(status.fields)["backendProtocol"] == "HTTP/1.1"
+
+
+def test_a_mismatch_is_a_warning_event_once() -> None:
+    mismatch = _status(make_ps("HTTP/1.1"), port("grpc")).desired[-1]
+    declared = _status(make_ps("HTTP/1.1"), port(None)).desired[-1]
+    key = "BackendProtocolResolved"
+    assert service_transitions({}, {key: mismatch}) == [
+        ("Warning", "AppProtocolMismatch", mismatch["message"])
+    ]
+    assert service_transitions({key: declared}, {key: mismatch})[0][1] == "AppProtocolMismatch"
+    assert service_transitions({key: mismatch}, {key: mismatch}) == []  # not on every write
+    assert service_transitions({key: mismatch}, {key: declared}) == []
+    assert service_transitions({}, {key: declared}) == []
 
 
 # --- rendering -------------------------------------------------------------------------------

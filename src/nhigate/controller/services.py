@@ -57,7 +57,7 @@ from nhigate.controller.status import (
     next_transition,
     service_status,
 )
-from nhigate.controller.status_writer import StatusWriter
+from nhigate.controller.status_writer import StatusWriter, service_transitions
 from nhigate.controller.usage import (
     Reports,
     grant_unused,
@@ -415,7 +415,13 @@ class ServiceSync:
             endpoint=m.proxy_endpoint(ps),
             protocol=observed.protocol,
         )
-        await self.status.apply(PROTECTEDSERVICES, body, status.fields, status.desired)
+        previous = (body.get("status") or {}).get("conditions") or ()
+        before = {str(x.get("type")): x for x in previous}
+        if not await self.status.apply(PROTECTEDSERVICES, body, status.fields, status.desired):
+            return
+        after = {d["type"]: d for d in status.desired}
+        for type_, reason, message in service_transitions(before, after):
+            await self.status.post_event(body, type_, reason, message)
 
     async def _write_grant_statuses(self, ps: ProtectedService, observed: _Observed) -> None:
         now = self.clock()
