@@ -83,10 +83,20 @@ EXPECTED = {
 _NAMESPACE_LINE = re.compile(rf"^(\s*namespace:\s*){EXAMPLE_NAMESPACE}\s*$", re.MULTILINE)
 
 
+TESTED_ELSEWHERE = {
+    EXAMPLES_DIR / "grpc": REPO_ROOT / "tests" / "integration" / "test_backend_protocol_crds.py",
+}
+"""Example subdirectories applied after examples/ (not with it), each by a test of its own."""
+
+
 def example_files() -> list[Path]:
-    """Every YAML file under examples/ (recursively), sorted."""
+    """Every YAML file under examples/ (recursively, but not `TESTED_ELSEWHERE`), sorted."""
     return sorted(
-        p for p in EXAMPLES_DIR.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml")
+        p
+        for p in EXAMPLES_DIR.rglob("*")
+        if p.is_file()
+        and p.suffix in (".yaml", ".yml")
+        and not any(d in p.parents for d in TESTED_ELSEWHERE)
     )
 
 
@@ -137,6 +147,9 @@ def test_every_example_is_applied() -> None:
         "protected-service.yaml",
         "revocation.yaml",
     }, "a new example needs its own assertions in test_examples_reconcile_and_enforce"
+    for directory, test in TESTED_ELSEWHERE.items():
+        assert any(directory.glob("*.yaml")), directory
+        assert f"examples/{directory.name}" in test.read_text(), f"{test} does not apply it"
     found = {(d["kind"], d["metadata"]["name"]) for p in files for d in documents(p.read_text())}
     assert found == EXPECTED
     # `kubectl apply -f examples/` takes the files in name order: the namespace must come first.

@@ -90,7 +90,7 @@ def test_names_columns_and_subresources() -> None:
         c["name"]
         for c in CRDS["ProtectedService"]["spec"]["versions"][0]["additionalPrinterColumns"]
     ]
-    assert ps_columns == ["Backend", "Ready", "DirectPathBlocked", "Enforced", "Age"]
+    assert ps_columns == ["Backend", "Ready", "DirectPathBlocked", "Enforced", "Protocol", "Age"]
 
 
 def _rules(kind: str) -> list[dict[str, str]]:

@@ -186,6 +186,30 @@ async def test_grant_enforced_follows_leases(api: MemoryApi, controller: Control
     assert condition(good, "Enforced")["reason"] == "Pending"
 
 
+async def test_a_backend_service_change_re_applies_what_is_built_from_it(
+    api: MemoryApi, controller: Controller
+) -> None:
+    """A Service event is a bypass input (BYPASS); when the backend Service itself changed,
+    the sync re-applies the owned objects too, at once rather than at the next drift pass."""
+    await controller.reconcile_service(NS, "api")
+
+    def args() -> list[str]:
+        deployment = api.objects[(DEPLOYMENTS.plural, NS, "nhigate-api")]
+        found: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        return found
+
+    assert "--upstream-protocol" not in args()
+    applied = len(api.applied)
+    await controller.queue.request((NS, "api"), Aspect.BYPASS)  # e.g. a Pod event
+    assert len(api.applied) == applied  # the backend did not change: nothing re-applied
+    h2c = [{"name": "grpc", "port": 80, "targetPort": 8080, "appProtocol": "kubernetes.io/h2c"}]
+    api.put(backend_service(NS, ports=h2c))
+    await controller.queue.request((NS, "api"), Aspect.BYPASS)
+    assert args()[args().index("--upstream-protocol") + 1] == "http2"
+    resolved = condition(api.objects[("protectedservices", NS, "api")], "BackendProtocolResolved")
+    assert (resolved["status"], resolved["reason"]) == ("True", "AppProtocol")
+
+
 async def test_deleted_service_orphans_its_grants(api: MemoryApi, controller: Controller) -> None:
     api.put(route_grant(NS, "good"))
     await controller.reconcile_service(NS, "api")

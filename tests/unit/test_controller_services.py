@@ -8,6 +8,7 @@ from typing import Any, cast
 
 from nhigate.api.models import BypassPath, ProtectedService
 from nhigate.controller.owned import plan_isolation
+from nhigate.controller.protocols import resolve_backend_protocol
 from nhigate.controller.status import (
     Problem,
     ReplicaReport,
@@ -50,6 +51,7 @@ def _status(ps: ProtectedService, **observed: Any) -> Any:
         "policy_error": None,
         "bypass": [],
         "endpoint": ENDPOINT,
+        "protocol": resolve_backend_protocol(ps, {"port": 80}),
     }
     return service_status(ps, **{**facts, **observed})
 
@@ -66,12 +68,14 @@ def test_a_healthy_service_is_ready_and_its_fields_are_the_stored_shape() -> Non
         ("ProxyAvailable", "True"),
         ("PolicyEnforced", "True"),
         ("DirectPathBlocked", "True"),
+        ("BackendProtocolResolved", "True"),
     ]
     assert status_json(status.fields) == {
         "bypassPaths": [],
         "enforcedReplicas": "2/2",
         "endpoint": ENDPOINT,
         "policyVersion": "v1",
+        "backendProtocol": "HTTP/1.1",
         "observedGeneration": 4,
     }
 
@@ -91,12 +95,15 @@ def test_problems_come_first_in_ready_and_a_policy_error_is_one_of_them() -> Non
 
 
 def test_nothing_is_claimed_that_was_not_observed() -> None:
-    status = _status(_ps(generation=None), version=None, replicas=[], deployment=None, bypass=None)
+    status = _status(
+        _ps(generation=None), version=None, replicas=[], deployment=None, bypass=None, protocol=None
+    )
     assert status_json(status.fields) == {
         "bypassPaths": [],
         "enforcedReplicas": "0/0",
         "endpoint": ENDPOINT,
-    }  # no policyVersion, no observedGeneration
+    }  # no policyVersion, no observedGeneration, no backendProtocol
+    assert "BackendProtocolResolved" not in {d["type"] for d in status.desired}
     by_type = {d["type"]: d for d in status.desired}
     assert by_type["Ready"]["status"] == "False"
     assert by_type["PolicyEnforced"]["status"] == "False"
@@ -152,6 +159,7 @@ def test_render_keeps_the_transition_time_of_an_unchanged_condition() -> None:
         "ProxyAvailable",
         "PolicyEnforced",
         "DirectPathBlocked",
+        "BackendProtocolResolved",
     ]
 
 

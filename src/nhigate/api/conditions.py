@@ -43,6 +43,9 @@ DIRECT_PATH_BLOCKED: Final = "DirectPathBlocked"
 """ProtectedService: no path to the backend bypasses the proxy (see status.bypassPaths)."""
 UNUSED: Final = "Unused"
 """RouteGrant: no request was allowed with it for its idle period (negative polarity)."""
+BACKEND_PROTOCOL_RESOLVED: Final = "BackendProtocolResolved"
+"""ProtectedService: the protocol the backend speaks is known and consistent
+(`spec.backend.protocol`, `spec.websocket` and the backend Service port's `appProtocol`)."""
 
 # --- reasons: Accepted ----------------------------------------------------------------------
 REASON_ACCEPTED: Final = "Accepted"
@@ -89,7 +92,8 @@ REASON_READY: Final = "Ready"
 REASON_RECONCILING: Final = "Reconciling"
 REASON_BACKEND_NOT_FOUND: Final = "BackendNotFound"
 REASON_ERROR: Final = "Error"
-# (IssuerNotFound is shared with Accepted: REASON_ISSUER_NOT_FOUND.)
+# (IssuerNotFound is shared with Accepted: REASON_ISSUER_NOT_FOUND; AppProtocolMismatch with
+# BackendProtocolResolved: REASON_APP_PROTOCOL_MISMATCH.)
 # --- reasons: ProxyAvailable ----------------------------------------------------------------
 REASON_AVAILABLE: Final = "Available"
 REASON_UNAVAILABLE: Final = "Unavailable"
@@ -101,6 +105,16 @@ REASON_BLOCKED: Final = "Blocked"
 REASON_BYPASS_FOUND: Final = "BypassFound"
 REASON_ISOLATION_AUDIT: Final = "IsolationAudit"
 REASON_ISOLATION_OFF: Final = "IsolationOff"
+# --- reasons: BackendProtocolResolved (BackendNotFound shared: REASON_BACKEND_NOT_FOUND) ---
+REASON_DECLARED: Final = "Declared"
+"""True: `spec.backend.protocol` (or `spec.websocket`, which implies HTTP/1.1) says it."""
+REASON_APP_PROTOCOL: Final = "AppProtocol"
+"""True: the backend Service port's `appProtocol` says it."""
+REASON_DEFAULT: Final = "Default"
+"""True: nothing says otherwise, so HTTP/1.1."""
+REASON_APP_PROTOCOL_MISMATCH: Final = "AppProtocolMismatch"
+"""False: what the spec declares disagrees with the port's `appProtocol`; the proxy
+Deployment and Service are left as they were (Ready=False with the same reason)."""
 
 MAX_MESSAGE_LENGTH: Final = 32768
 """The Kubernetes limit on a condition message; longer messages are truncated."""

@@ -73,6 +73,13 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
             "description": "Live proxy replicas serving the current policy, out of all.",
             "jsonPath": ".status.enforcedReplicas",
         },
+        {
+            "name": "Protocol",
+            "type": "string",
+            "description": "The backend's protocol as resolved (BackendProtocolResolved).",
+            "jsonPath": ".status.backendProtocol",
+            "priority": 1,
+        },
         _AGE,
     ],
     "RouteGrant": [

@@ -41,6 +41,7 @@ __all__ = [
     "VERSION",
     "Algorithm",
     "AutoscalingSpec",
+    "BackendProtocol",
     "BackendRef",
     "BypassPath",
     "ClientConnectionsSpec",
@@ -569,11 +570,30 @@ class IdentityIssuerStatus(StatusModel):
 # ProtectedService
 
 
+class BackendProtocol(StrEnum):
+    """The HTTP version the backend speaks (docs/usage.md#grpc-grants)."""
+
+    HTTP1 = "HTTP/1.1"
+    """HTTP/1.1, the default."""
+    HTTP2 = "HTTP/2"
+    """HTTP/2 without TLS (h2c, prior knowledge), e.g. a gRPC server."""
+
+
 class BackendRef(SpecModel):
     """The Service the proxy forwards to (same namespace)."""
 
     service: ServiceName = Field(description="Name of the backend Service.")
     port: Port = Field(description="The Service port (not the target port).")
+    protocol: BackendProtocol | None = Field(
+        default=None,
+        description="`HTTP/1.1` or `HTTP/2` (h2c: gRPC backends). With `HTTP/2` the proxy also "
+        "speaks HTTP/2 to callers (docs/proxy.md#http2-and-grpc). Absent: the backend Service "
+        "port's `appProtocol` decides (`kubernetes.io/h2c`, `grpc`, `http2`, `h2c`: HTTP/2), "
+        "else HTTP/1.1 (`websocket` needs HTTP/1.1). A declaration that disagrees with "
+        "`appProtocol` leaves the proxy as it was, `BackendProtocolResolved=False` "
+        "(docs/troubleshooting.md#backendprotocolresolved--false-appprotocolmismatch). gRPC "
+        "grants: docs/usage.md#grpc-grants.",
+    )
 
 
 class ComputeResources(SpecModel):
@@ -987,6 +1007,17 @@ class ProtectedServiceSpec(SpecModel):
         "(docs/proxy.md#websocket).",
     )
 
+    cel_rules = (
+        CelRule(
+            rule="!has(self.websocket) || !has(self.backend.protocol) "
+            "|| self.backend.protocol != 'HTTP/2'",
+            message="websocket needs backend.protocol HTTP/1.1: WebSocket over HTTP/2 "
+            "(RFC 8441 extended CONNECT) is not supported",
+            check=lambda s: s.websocket is None or s.backend.protocol != BackendProtocol.HTTP2,
+            field_path=".websocket",
+        ),
+    )
+
 
 class BypassPath(StatusModel):
     """A direct path to the backend that does not go through the proxy."""
@@ -1015,6 +1046,11 @@ class ProtectedServiceStatus(StatusModel):
     )
     endpoint: str | None = Field(
         default=None, description="The in-cluster URL callers use: the proxy Service."
+    )
+    backend_protocol: BackendProtocol | None = Field(
+        default=None,
+        description="The protocol the proxy speaks to the backend (and, for HTTP/2, to "
+        "callers), as resolved: see the `BackendProtocolResolved` condition.",
     )
     observed_generation: int | None = Field(
         default=None, description="The `metadata.generation` this status describes."

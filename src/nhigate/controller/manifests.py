@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from nhigate.api.compile import UPSTREAM_CREDENTIAL_DIR
-from nhigate.api.models import API_VERSION, IsolationMode, ProtectedService, parse_duration
+from nhigate.api.models import (
+    API_VERSION,
+    BackendProtocol,
+    IsolationMode,
+    ProtectedService,
+    parse_duration,
+)
 
 Manifest = dict[str, Any]
 
@@ -248,8 +254,23 @@ def build_assertion_key_secret(ps: ProtectedService, pem: bytes) -> Manifest:
 # --- the proxy workload ---------------------------------------------------------------
 
 
-def proxy_args(ps: ProtectedService) -> list[str]:
-    """`nhigate proxy --kube ...` arguments, exactly as docs/API_SPEC "Proxy command line"."""
+UPSTREAM_PROTOCOL_FLAGS: Mapping[BackendProtocol, str] = {
+    BackendProtocol.HTTP1: "http1",
+    BackendProtocol.HTTP2: "http2",
+}
+"""`--upstream-protocol` value of each backend protocol (docs/proxy.md#http2-and-grpc)."""
+H2C_APP_PROTOCOL = "kubernetes.io/h2c"
+"""`appProtocol` of a plaintext HTTP/2 port (Kubernetes' standard name)."""
+
+
+def proxy_args(
+    ps: ProtectedService, protocol: BackendProtocol = BackendProtocol.HTTP1
+) -> list[str]:
+    """`nhigate proxy --kube ...` arguments, exactly as docs/API_SPEC "Proxy command line".
+
+    `protocol` is the backend's, as resolved (`controller/protocols.py`); HTTP/1.1 adds no
+    flag, so the pods of HTTP/1.1 services are exactly what they were before HTTP/2 existed
+    (no rollout on upgrade)."""
     proxy = ps.spec.proxy
     args = [
         "proxy",
@@ -262,6 +283,7 @@ def proxy_args(ps: ProtectedService) -> list[str]:
         "$(POD_NAME)",
         "--upstream",
         upstream_url(ps),
+        *_protocol_args(protocol),
         "--listen",
         f"0.0.0.0:{proxy.port}",
         "--admin-listen",
@@ -279,6 +301,12 @@ def proxy_args(ps: ProtectedService) -> list[str]:
         if proxy.tls.client_ca_secret_name is not None:
             args += ["--client-ca", f"{CLIENT_CA_DIR}/ca.crt"]
     return args
+
+
+def _protocol_args(protocol: BackendProtocol) -> list[str]:
+    if protocol == BackendProtocol.HTTP1:
+        return []  # the proxy's default
+    return ["--upstream-protocol", UPSTREAM_PROTOCOL_FLAGS[protocol]]
 
 
 def _connection_args(ps: ProtectedService) -> list[str]:
@@ -355,11 +383,13 @@ def build_proxy_deployment(
     image: str,
     policy_version: str,
     image_pull_policy: str = "IfNotPresent",
+    protocol: BackendProtocol = BackendProtocol.HTTP1,
 ) -> Manifest:
     """The proxy Deployment.
 
     `image` is used unless `spec.proxy.image` is set; `image_pull_policy` applies to either
-    (a node with locally imported images needs IfNotPresent or Never). `policy_version` goes on
+    (a node with locally imported images needs IfNotPresent or Never). `protocol` is the
+    backend's, as resolved (see `proxy_args`). `policy_version` goes on
     the Deployment's own annotations only: the pod template never changes with
     the policy, because the proxies hot-reload it through the API (a rollout per
     grant change would be slow and disruptive). Replicas are left to the HPA
@@ -373,7 +403,7 @@ def build_proxy_deployment(
         "image": proxy.image or image,
         "imagePullPolicy": image_pull_policy,
         "command": ["nhigate"],
-        "args": proxy_args(ps),
+        "args": proxy_args(ps, protocol),
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {
@@ -447,9 +477,18 @@ def build_proxy_deployment(
     }
 
 
-def build_proxy_service(ps: ProtectedService) -> Manifest:
-    """ClusterIP Service for the proxy: `proxy.port` and the admin port (named `admin`)."""
+def build_proxy_service(
+    ps: ProtectedService, protocol: BackendProtocol = BackendProtocol.HTTP1
+) -> Manifest:
+    """ClusterIP Service for the proxy: `proxy.port` and the admin port (named `admin`).
+
+    The proxy port's `appProtocol` tells meshes and ingresses in front what it speaks: with an
+    HTTP/2 backend the proxy speaks HTTP/2 only, so a plaintext port is `kubernetes.io/h2c`; a
+    TLS port stays `https` (ALPN negotiates `h2`)."""
     proxy = ps.spec.proxy
+    app_protocol = "https" if proxy.tls is not None else "http"
+    if protocol == BackendProtocol.HTTP2 and proxy.tls is None:
+        app_protocol = H2C_APP_PROTOCOL
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -463,7 +502,7 @@ def build_proxy_service(ps: ProtectedService) -> Manifest:
                     "port": proxy.port,
                     "targetPort": PROXY_PORT_NAME,
                     "protocol": "TCP",
-                    "appProtocol": "https" if proxy.tls is not None else "http",
+                    "appProtocol": app_protocol,
                 },
                 {
                     "name": ADMIN_PORT_NAME,

@@ -42,7 +42,8 @@ from nhigate.controller.identities import (
 )
 from nhigate.controller.identity_tracker import IdentityTracker, PublishedIdentities
 from nhigate.controller.issuers import IssuerSync
-from nhigate.controller.owned import OwnedObjects
+from nhigate.controller.owned import BackendView, OwnedObjects
+from nhigate.controller.protocols import ProtocolResolution
 from nhigate.controller.settings import ControllerSettings
 from nhigate.controller.status import (
     Problem,
@@ -56,7 +57,7 @@ from nhigate.controller.status import (
     next_transition,
     service_status,
 )
-from nhigate.controller.status_writer import StatusWriter
+from nhigate.controller.status_writer import StatusWriter, service_transitions
 from nhigate.controller.usage import (
     Reports,
     grant_unused,
@@ -128,6 +129,10 @@ class _Observed:
     missing_issuers: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     deployment: JSON | None = None
+    protocol: ProtocolResolution | None = None
+    """The backend protocol the owned objects were last applied for."""
+    backend: BackendView | None = None
+    """The backend Service as the owned objects were last applied from."""
     replicas: list[ReplicaReport] = field(default_factory=list)
     bypass: list[BypassPath] | None = None
     contents: OrderedDict[str, dict[str, Grant]] = field(default_factory=OrderedDict)
@@ -216,19 +221,36 @@ class ServiceSync:
         previous_version = observed.version
         if aspects & Aspect.POLICY:
             await self._compile_policy(ps, observed)
+        # a change of the backend Service (its selector, port, appProtocol) arrives as a
+        # bypass input only: the owned objects built from it must follow it too
+        if (
+            aspects & Aspect.BYPASS
+            and not aspects & Aspect.INFRA
+            and await self.owned.backend_view(ps) != observed.backend
+        ):
+            aspects |= Aspect.INFRA
         if aspects & Aspect.INFRA:
             published = None
             if observed.document is not None and observed.version is not None:
                 published = (observed.document, observed.version)
-            observed.deployment, observed.problems = await self.owned.apply(
+            applied = await self.owned.apply(
                 ps,
                 policy=published,
                 policy_version=observed.version,
                 missing_issuers=observed.missing_issuers,
             )
-        elif observed.version != previous_version and observed.deployment is not None:
+            observed.deployment, observed.problems = applied.deployment, applied.problems
+            observed.protocol, observed.backend = applied.protocol, applied.backend
+        elif (
+            observed.version != previous_version
+            and observed.deployment is not None
+            and observed.protocol is not None
+            and observed.protocol.protocol is not None
+        ):
             # keeps the Deployment's policy-version annotation true
-            observed.deployment = await self.owned.apply_deployment(ps, observed.version)
+            observed.deployment = await self.owned.apply_deployment(
+                ps, observed.version, observed.protocol
+            )
         if aspects & (Aspect.ENFORCEMENT | Aspect.POLICY | Aspect.INFRA):
             await self._observe_replicas(
                 ps, observed, deployment_known=bool(aspects & Aspect.INFRA)
@@ -391,8 +413,15 @@ class ServiceSync:
             policy_error=observed.policy_error,
             bypass=observed.bypass,
             endpoint=m.proxy_endpoint(ps),
+            protocol=observed.protocol,
         )
-        await self.status.apply(PROTECTEDSERVICES, body, status.fields, status.desired)
+        previous = (body.get("status") or {}).get("conditions") or ()
+        before = {str(x.get("type")): x for x in previous}
+        if not await self.status.apply(PROTECTEDSERVICES, body, status.fields, status.desired):
+            return
+        after = {d["type"]: d for d in status.desired}
+        for type_, reason, message in service_transitions(before, after):
+            await self.status.post_event(body, type_, reason, message)
 
     async def _write_grant_statuses(self, ps: ProtectedService, observed: _Observed) -> None:
         now = self.clock()

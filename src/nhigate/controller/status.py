@@ -16,6 +16,7 @@ from typing import Any
 
 from nhigate.api import conditions as c
 from nhigate.api.models import BypassPath, ProtectedService, ProtectedServiceStatus
+from nhigate.controller.protocols import ProtocolResolution
 from nhigate.policy import Grant
 from nhigate.policy.times import format_seconds, parse_optional
 
@@ -270,10 +271,11 @@ def owned_problems(
     backend: Mapping[str, Any] | None,
     backend_port: Mapping[str, Any] | None,
     missing_issuers: Sequence[str],
+    protocol: ProtocolResolution | None = None,
 ) -> list[Problem]:
     """What keeps `ps` from being Ready, found while applying its owned objects: its backend
     Service (`backend`, None when absent) or port (`backend_port`) missing, issuers it names
-    that do not exist."""
+    that do not exist, a backend `protocol` that cannot be resolved."""
     problems: list[Problem] = []
     backend_ref = ps.spec.backend
     if backend is None:
@@ -295,7 +297,16 @@ def owned_problems(
         problems.append(
             Problem(c.REASON_ISSUER_NOT_FOUND, f"spec.issuers: IdentityIssuer not found: {names}")
         )
+    if protocol is not None and protocol.protocol is None:
+        problems.append(Problem(protocol.reason, protocol.message))
     return problems
+
+
+def backend_protocol_resolved(protocol: ProtocolResolution) -> JSON:
+    """`BackendProtocolResolved` from the resolution the proxy was rendered with."""
+    return condition(
+        c.BACKEND_PROTOCOL_RESOLVED, protocol.status, protocol.reason, protocol.message
+    )
 
 
 @dataclass(frozen=True)
@@ -317,24 +328,30 @@ def service_status(
     policy_error: str | None,
     bypass: Sequence[BypassPath] | None,
     endpoint: str,
+    protocol: ProtocolResolution | None = None,
 ) -> ServiceStatus:
     """The status of `ps` given what was observed: its proxy `deployment` (None: absent),
     the live `replicas`, the policy `version` published (None: none yet), the `problems`
     found applying its owned objects, why its policy could not be compiled (`policy_error`),
-    the direct paths to its backend (`bypass`, None: not analysed) and its `endpoint`."""
+    the direct paths to its backend (`bypass`, None: not analysed), its `endpoint` and the
+    backend `protocol` its proxy was rendered with (None: not resolved yet)."""
     available = proxy_available(deployment)
     enforced, ratio = policy_enforced(replicas, version)
     found = [*problems, *([Problem(c.REASON_ERROR, policy_error)] if policy_error else [])]
     ready = service_ready(found, available)
     blocked = direct_path_blocked(ps.spec.isolation.mode, bypass)
+    desired = [ready, available, enforced, blocked]
+    if protocol is not None:
+        desired.append(backend_protocol_resolved(protocol))
     fields = ProtectedServiceStatus(
         bypass_paths=list(bypass or ()),
         enforced_replicas=ratio,
         endpoint=endpoint,
         policy_version=version or None,
+        backend_protocol=protocol.protocol if protocol is not None else None,
         observed_generation=ps.metadata.generation,
     )
-    return ServiceStatus([ready, available, enforced, blocked], fields)
+    return ServiceStatus(desired, fields)
 
 
 def invalid_service_status(message: str) -> ServiceStatus:

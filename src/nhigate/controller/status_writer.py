@@ -177,3 +177,16 @@ def grant_transitions(
     ):
         events.append(("Normal", "Expired", new["message"]))
     return events
+
+
+def service_transitions(
+    before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events a ProtectedService's conditions going from
+    `before` to `after` (by condition type) deserve: a proxy that is held back because the
+    backend protocol is in dispute (bypass paths have Events of their own)."""
+    old, new = before.get(c.BACKEND_PROTOCOL_RESOLVED), after.get(c.BACKEND_PROTOCOL_RESOLVED)
+    mismatch = c.REASON_APP_PROTOCOL_MISMATCH
+    if new is not None and new["reason"] == mismatch and (old or {}).get("reason") != mismatch:
+        return [("Warning", mismatch, new["message"])]
+    return []
