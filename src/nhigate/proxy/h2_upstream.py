@@ -68,6 +68,10 @@ MAX_HEADER_LIST_SIZE = 64 * 1024
 """Our SETTINGS_MAX_HEADER_LIST_SIZE: largest decoded response header (or trailer) list, the
 same bound as the HTTP/1.1 pool's response head."""
 
+WRITE_NOW_SIZE = 16 * 1024
+"""Request body frames this large are written at once and waited on (the transport's buffer
+limit); smaller ones join the iteration's single write."""
+
 MAX_STREAMS_PER_CONNECTION = 100
 """Streams put on one connection even when the backend allows more (or sets no limit, as
 its SETTINGS may): more connections spread the work of a backend that has several cores."""
@@ -272,8 +276,11 @@ class H2UpstreamStream:
             h2conn.send_data(self.stream_id, chunk)
             if self._replay is not None:
                 self._keep_for_replay(chunk)
-            conn.flush()
-            await conn.drain()
+            if size >= WRITE_NOW_SIZE:
+                conn.write_now()
+                await conn.drain()
+            else:
+                conn.flush()
         if self._error is not None and not self._reset_quietly:
             raise self._error
 
@@ -391,7 +398,7 @@ class H2UpstreamStream:
                 size = min(len(view), window, h2conn.max_outbound_frame_size)
                 h2conn.send_data(self.stream_id, view[:size])
                 view = view[size:]
-                conn.flush()
+                conn.write_now()
                 await conn.drain()
         if self._refusal is not None or self._error is not None or not self._local_ended:
             return
@@ -586,6 +593,7 @@ class _Connection(asyncio.Protocol):
         """No new streams: a GOAWAY arrived, stream ids ran out, or the pool is closing."""
         self.lost: asyncio.Future[None] = loop.create_future()
         self._paused = False
+        self._flush_scheduled = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = loop.time()
@@ -624,7 +632,7 @@ class _Connection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self.flush()  # h2 queued the GOAWAY naming the error
+            self.write_now()  # h2 queued the GOAWAY naming the error
             self.fail(UpstreamProtocolError(f"upstream broke HTTP/2: {exc}"))
             return
         dispatch = self._dispatch
@@ -655,6 +663,15 @@ class _Connection(asyncio.Protocol):
     # -- writing -------------------------------------------------------------------------
 
     def flush(self) -> None:
+        """Write what h2 queued, at the end of this event-loop iteration: the frames of every
+        stream written in the same iteration go out in one write (one syscall), not one each."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        """Write what h2 queued now (large bodies, so the transport's buffer limit applies)."""
+        self._flush_scheduled = False
         data = self.h2.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
@@ -858,7 +875,7 @@ class _Connection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             try:
                 self.h2.close_connection()
-                self.flush()
+                self.write_now()
             except h2.exceptions.ProtocolError:
                 pass  # already terminated: nothing more to say
             transport.close()
