@@ -56,6 +56,7 @@ from nhigate.proxy.headers import (
     REQUEST_ID,
     filter_response_headers,
 )
+from nhigate.proxy.http2 import HTTP2_GATEWAY, Http2Gateway
 from nhigate.proxy.mcp import (
     McpAuthorised,
     McpDeniedError,
@@ -144,7 +145,7 @@ class ProxyHandler(Pipeline):
         state = self.state
         state.inflight += 1
         ex = Exchange(
-            request_id=self._request_ids(),
+            request_id=self.request_ids(),
             started=time.perf_counter(),
             now=state.clock(),
             method=request.method,
@@ -578,6 +579,9 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
     app.cleanup_ctx.append(_websocket_ctx)
+    if settings.upstream_protocol == "http2":
+        app[HTTP2_GATEWAY] = Http2Gateway(pipeline)
+        app.cleanup_ctx.append(_http2_ctx)
     setup_pipeline(app, pipeline)
     return app
 
@@ -624,6 +628,26 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     state.upstream_ssl = ssl_context
     yield
     await state.pool.close()
+
+
+async def _http2_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The HTTP/2 upstream pool the HTTP/2 front forwards through (h2_upstream.py)."""
+    from nhigate.proxy.h2_upstream import H2UpstreamPool  # type: ignore[import-not-found,unused-ignore]
+
+    gateway = app[HTTP2_GATEWAY]
+    settings = app[STATE].settings
+    pool = H2UpstreamPool(
+        settings.upstream,
+        ssl_context=None,  # https: the pool's own context, ALPN h2
+        connect_timeout=settings.connect_timeout,
+        upstream_timeout=settings.upstream_timeout,
+    )
+    gateway.pool = pool
+    try:
+        yield
+    finally:
+        gateway.pool = None
+        await pool.close()
 
 
 async def _websocket_ctx(app: web.Application) -> AsyncIterator[None]:

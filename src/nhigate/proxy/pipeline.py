@@ -163,6 +163,10 @@ class Exchange:
     """The gRPC (service, method) the request calls, for the audit; None: not gRPC."""
     grpc_status: int | None = None
     """The `grpc-status` the caller was given, when the proxy knows it."""
+    status: int = 0
+    """The upstream's response status once it answered (HTTP/2: for a stream reset later)."""
+    audited: bool = False
+    """The outcome's audit line is written (HTTP/2: a reset after it writes none)."""
     answers_expect: bool = True
     """Send `100 Continue` ourselves (False behind aiohttp's router, which already does)."""
 
@@ -203,7 +207,7 @@ class Pipeline:
         self._max_body = settings.max_body_bytes
         self._mtls = settings.client_ca is not None
         self._scheme = "https" if settings.tls_cert is not None else "http"
-        self._request_ids = request_id_source()
+        self.request_ids = request_id_source()
         self._owned: tuple[ServiceConfig | None, frozenset[str]] = (None, frozenset())
         self._last_identity_headers: tuple[
             Identity | None, Decision | None, list[tuple[str, str]]
