@@ -780,7 +780,6 @@ class Http2Gateway:
         except UpstreamUnavailableError as exc:
             raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
         pump: asyncio.Task[None] | None = None
-        done = False
         try:
             if not stream.ended:
                 pump = asyncio.get_running_loop().create_task(
@@ -799,12 +798,11 @@ class Http2Gateway:
             self.pipeline.state.metrics.upstream_duration.observe(time.perf_counter() - sent)
             ex.status = status
             await self._relay(stream, conn, ex, upstream, status, response_headers, pump)
-            done = True
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
-            if not done:
-                upstream.reset()
+            # Always safe: frees the slot; RST_STREAM only for an exchange not over yet.
+            upstream.reset()
 
     def _raise_pump(self, pump: asyncio.Task[None]) -> None:
         exc = pump.exception()
@@ -865,6 +863,15 @@ class Http2Gateway:
             head.append((name.lower().encode("latin-1"), value.encode("latin-1")))
         head.append((b"x-request-id", ex.request_id.encode("ascii")))
         detail: str | None = None
+        status_in_head = _grpc_status_of(response_headers)
+        if status_in_head is not None:
+            # gRPC "Trailers-Only": the status is in the head, which ends the stream.
+            ex.grpc_status = status_in_head
+            conn.send_headers(stream, head, end=True)
+            conn.finish(stream)
+            ex.audited = True
+            self.pipeline.audit_allowed(ex, status, detail)
+            return
         conn.send_headers(stream, head, end=False)
         try:
             while True:
@@ -878,7 +885,6 @@ class Http2Gateway:
                 ex.grpc_status = _grpc_status_of(kept)
                 conn.send_headers(stream, kept, end=True)
             else:
-                ex.grpc_status = _grpc_status_of(response_headers)
                 conn.end(stream)
         except (UpstreamUnavailableError, UpstreamTimeoutError) as exc:
             detail = f"upstream failed mid-body: {exc}"
