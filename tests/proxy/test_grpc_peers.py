@@ -10,6 +10,7 @@ trailing metadata and backend errors relayed; TLS with ALPN h2; mTLS with a SPIF
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import ssl
@@ -389,9 +390,7 @@ async def test_tls_with_alpn_h2_and_a_token(tls_proxy: tuple[Any, str, Pki]) -> 
     # ALPN offers h2 only: an HTTP/1.1-only TLS client cannot agree on a protocol.
     context = ssl.create_default_context(cafile=str(pki.ca_file))
     context.set_alpn_protocols(["h2"])
-    import asyncio
-
-    reader, writer = await asyncio.open_connection(*target.split(":"), ssl=context)
+    _, writer = await asyncio.open_connection(*target.split(":"), ssl=context)
     assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
     writer.close()
     await writer.wait_closed()

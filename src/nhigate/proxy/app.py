@@ -632,7 +632,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _http2_ctx(app: web.Application) -> AsyncIterator[None]:
     """The HTTP/2 upstream pool the HTTP/2 front forwards through (h2_upstream.py)."""
-    from nhigate.proxy.h2_upstream import H2UpstreamPool  # type: ignore[import-not-found,unused-ignore]
+    from nhigate.proxy.h2_upstream import H2UpstreamPool
 
     gateway = app[HTTP2_GATEWAY]
     settings = app[STATE].settings

@@ -56,7 +56,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from nhigate.policy import Policy, Reason
 from nhigate.policy.mcp import mcp_endpoint_of
 from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits
-from nhigate.proxy.forward import UpstreamTimeoutError, UpstreamUnavailableError
+from nhigate.proxy.forward import (
+    UnsafeHeadError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
 from nhigate.proxy.grpc import grpc_method, grpc_status, is_grpc, trailers_only
 from nhigate.proxy.headers import filter_response_headers
 from nhigate.proxy.overrides import (
@@ -775,6 +779,8 @@ class Http2Gateway:
         sent = time.perf_counter()
         try:
             upstream = await pool.open_stream(head, end_stream=stream.ended)
+        except UnsafeHeadError as exc:  # a header h2 must not send: never send the request
+            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
         except UpstreamTimeoutError as exc:
             raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
         except UpstreamUnavailableError as exc:
@@ -810,6 +816,8 @@ class Http2Gateway:
             raise exc
         if isinstance(exc, StreamGoneError):
             raise exc
+        if isinstance(exc, UnsafeHeadError):  # the caller's trailers: refused, not sent
+            raise DenyError(Reason.REQUEST_REJECTED, f"request trailers refused: {exc}")
         if isinstance(exc, UpstreamTimeoutError):
             raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc))
         if isinstance(exc, UpstreamUnavailableError):
