@@ -18,9 +18,12 @@ Bounded by construction:
 Failures are typed so a caller can tell what is safe to send again:
 - `StreamRefusedError` (REFUSED_STREAM, or a GOAWAY whose last_stream_id is below the
   stream): the backend did not process the stream (RFC 9113 section 8.7): safe to retry,
-  whatever the method;
-- every other failure after `open_stream` returned is a `NotRetriedError` (or a timeout):
-  the backend may have acted on the request.
+  whatever the method. The pool itself sends such a stream again, on a connection with a
+  free slot, while its request so far fits `REPLAY_LIMIT` (see `H2UpstreamStream`); the
+  caller sees the refusal only after `MAX_REFUSALS` or beyond that limit;
+- every failure the backend causes after `open_stream` returned is a `NotRetriedError`
+  (`StreamResetError`, `UpstreamProtocolError`, a lost connection) or an
+  `UpstreamTimeoutError`: the backend may have acted on the request.
 
 h2 (4.4.1) treats a received GOAWAY as the end of the connection and raises on any later
 frame (python-hyper/h2 issue 1199), which would fail every in-flight stream of a backend that
