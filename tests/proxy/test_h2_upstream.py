@@ -35,6 +35,7 @@ from grpc_peer import (
     start_grpc_server,
 )
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from nhigate.proxy.forward import (
     NotRetriedError,
@@ -53,8 +54,8 @@ from nhigate.proxy.h2_upstream import (
     StreamRefusedError,
     StreamResetError,
     UpstreamProtocolError,
-    check_request_headers,
     client_ssl_context,
+    request_header_block,
 )
 from nhigate.proxy.settings import Upstream
 
@@ -932,12 +933,63 @@ async def test_unsafe_request_headers_never_reach_the_backend(
     assert [r.stream_id for c in server.connections for r in c.requests.values()] == [1]
 
 
-def test_request_headers_need_the_pseudo_headers() -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":method", b"POST"), (b":path", b"/"), (b":authority", b"a")],
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b""), (b":authority", b"a")],
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a"),
+         (b"host", b"b")],
+    ],
+    ids=["no-scheme", "empty-path", "no-authority", "host-disagrees"],
+)  # fmt: skip
+def test_request_headers_need_sound_pseudo_headers(headers: list[tuple[bytes, bytes]]) -> None:
     with pytest.raises(UnsafeHeadError):
-        check_request_headers([(b":method", b"POST"), (b":path", b"/")])
-    check_request_headers(
-        [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"), (b"te", b"trailers")]
+        request_header_block(headers)
+
+
+def test_credentials_and_per_request_values_are_never_indexed() -> None:
+    token = b"eyJ" + b"a" * 300
+    block = request_header_block(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"api"),
+            (b"te", b"trailers"),
+            (b"authorization", b"Bearer upstream-secret"),
+            (b"x-request-id", b"0123456789abcdef"),
+            (b"x-nhigate-assertion", token),
+        ]
     )
+    never = {bytes(h[0]) for h in block if isinstance(h, NeverIndexedHeaderTuple)}
+    assert never == {b"authorization", b"x-request-id", b"x-nhigate-assertion"}
+    assert [tuple(h) for h in block][:5] == [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/"),
+        (b":authority", b"api"),
+        (b"te", b"trailers"),
+    ]
+
+
+async def test_never_indexed_headers_reach_the_backend_as_sent(raw: Any) -> None:
+    """The backend decodes exactly the header list the caller gave, request after request
+    on one connection (HPACK state stays in step with h2's validation off)."""
+    server, pool = await raw(answer_ok)
+    for index in range(20):
+        extra = [
+            (b"authorization", b"Bearer upstream-secret"),
+            (b"x-request-id", b"%016x" % index),
+            (b"x-long", b"v" * (200 + index)),
+            (b"x-same", b"steady"),
+        ]
+        stream = await pool.open_stream(server.headers() + extra, end_stream=True)
+        assert await read_body(stream) == b"ok"
+        (conn,) = server.connections
+        received = conn.requests[stream.stream_id].headers
+        assert [(bytes(n), bytes(v)) for n, v in received] == server.headers() + extra
 
 
 def test_error_classes_say_what_is_safe_to_retry() -> None:

@@ -47,6 +47,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from nhigate.proxy.forward import (
     NotRetriedError,
@@ -98,6 +99,20 @@ _CONNECTION_SPECIFIC = frozenset(
 """RFC 9113 section 8.2.2: names an HTTP/2 message must not carry."""
 
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_NEVER_INDEXED = frozenset(
+    {
+        b"authorization",
+        b"proxy-authorization",
+        b"cookie",
+        b"x-request-id",
+        b"grpc-timeout",
+        b"traceparent",
+        b"tracestate",
+    }
+)
+
+NEVER_INDEX_LONGER_THAN = 128
+"""Longer header values (tokens, identity assertions) are sent literally, never indexed."""
 _VALUE_FORBIDDEN = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 
 
@@ -127,30 +142,53 @@ def client_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def check_request_headers(headers: list[tuple[bytes, bytes]], *, trailers: bool = False) -> None:
-    """Refuse a header list h2 must not be asked to encode (raises `UnsafeHeadError`).
+def request_header_block(
+    headers: list[tuple[bytes, bytes]], *, trailers: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """`headers` checked and marked for HPACK, or `UnsafeHeadError` for a list h2 must not be
+    asked to encode.
 
     The inbound side filters headers already; this is the last check, and it must come before
     h2: h2 validates while it HPACK-encodes, so a refusal there would leave the connection's
-    compression state ahead of what the backend decoded.
+    compression state ahead of what the backend decoded. It is also the only check: h2's own
+    outbound validation and normalisation (which cost a third of encoding a request) are off.
+    Values that are credentials (HPACK's CRIME-style guessing, RFC 7541 section 7.1.3), differ
+    on every request or are long are never indexed: they would only churn the dynamic table
+    that every other header of the connection is looked up in.
     """
     regular = False
-    seen: set[bytes] = set()
+    seen: dict[bytes, bytes] = {}
+    host = None
+    block: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         if name[:1] == b":":
             if trailers or regular or name not in _REQUEST_PSEUDO or name in seen:
                 raise UnsafeHeadError(f"pseudo-header {name[:32]!r} misplaced or unknown")
-            seen.add(name)
+            seen[name] = value
         else:
             regular = True
             if _TOKEN.fullmatch(name) is None:
                 raise UnsafeHeadError(f"header name {name[:64]!r} is not a lower-case token")
             if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
                 raise UnsafeHeadError(f"connection-specific header {name!r}")
+            if name == b"host":
+                host = value
         if _VALUE_FORBIDDEN.search(value) is not None:
             raise UnsafeHeadError(f"header {name[:64]!r} value holds CR, LF, NUL or edge space")
-    if not trailers and not {b":method", b":scheme", b":path"} <= seen:
+        if name in _NEVER_INDEXED or len(value) > NEVER_INDEX_LONGER_THAN:
+            block.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            block.append((name, value))
+    if trailers:
+        return block
+    if not (seen.get(b":method") and seen.get(b":scheme") and seen.get(b":path")):
         raise UnsafeHeadError("request needs :method, :scheme and :path")
+    authority = seen.get(b":authority")
+    if authority is None and host is None:
+        raise UnsafeHeadError("request needs :authority (or host)")
+    if authority is not None and host is not None and host != authority:
+        raise UnsafeHeadError("host and :authority disagree")
+    return block
 
 
 def response_head(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -312,7 +350,7 @@ class H2UpstreamStream:
     async def end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         """End the request (END_STREAM), with trailers when given."""
         if trailers:
-            check_request_headers(trailers, trailers=True)
+            trailers = request_header_block(trailers, trailers=True)
         while self._retry is not None:
             await asyncio.shield(self._retry)
         if not self._sendable():
@@ -583,7 +621,12 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.loop = loop
         self.timeout = pool.upstream_timeout
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,  # request_header_block() did (before encoding)
+            normalize_outbound_headers=False,
+        )
         self.h2 = _DrainingH2Connection(config=config)
         # Enforced from the first byte, not only once the backend acknowledges our SETTINGS.
         self.h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
@@ -930,7 +973,7 @@ class H2UpstreamPool:
         `h2`, closed before its SETTINGS) and `UpstreamTimeoutError` when neither a connection
         nor a free slot is there within `connect_timeout`.
         """
-        check_request_headers(headers)
+        headers = request_header_block(headers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         while True:
