@@ -856,6 +856,40 @@ def _websocket_section(results: JSON) -> list[str]:
     return [*lines, ""]
 
 
+def _grpc_section(results: JSON) -> list[str]:
+    lines = ["## gRPC unary calls", ""]
+    grpc = part(results, "grpc")
+    if not grpc:
+        return lines + _not_measured(results, "grpc")
+    settings = grpc.get("settings") or {}
+    lines += [
+        "grpcio's asyncio Echo server (CPU 1) and client (one channel); nhigate on CPU 0 with "
+        "`--upstream-protocol http2` (HTTP/2 in, h2c out). "
+        f"{settings.get('size', '?')}-byte payload, {settings.get('duration_s', '?')} s per "
+        "run, median run by CPU; CPU from /proc.",
+        "",
+    ]
+    rows = [
+        [
+            case,
+            f"{name} ({r['concurrency']})",
+            f"{r['calls_per_s']:,.0f}",
+            f"{r['p50_ms']:.2f} / {r['p99_ms']:.1f}",
+            str(r.get("failed", 0)),
+            f"{r['backend_cpu_us_per_call']:.1f}",
+            _fmt(r.get("proxy_cpu_us_per_call") if case != "direct" else None),
+            _fmt(r.get("proxy_calls_per_core"), ",.0f"),
+            _fmt(r.get("calls_per_s_ratio"), ".2f"),
+        ]
+        for case, per_load in (grpc.get("results") or {}).items()
+        for name, r in per_load.items()
+    ]
+    header = ["case", "load", "calls/s", "p50 / p99 ms", "failed", "backend CPU µs/call"]
+    header += ["proxy CPU µs/call", "proxy calls/core", "calls/s vs direct"]
+    lines += _table(header, rows)
+    return [*lines, ""]
+
+
 def _token_section(results: JSON) -> list[str]:
     lines = ["## Token verification", ""]
     token = part(results, "token")
@@ -911,6 +945,7 @@ def render_markdown(results: JSON) -> str:
     lines += _token_section(results)
     lines += _websocket_section(results)
     lines += _mcp_section(results)
+    lines += _grpc_section(results)
     lines += _commands(results)
     return "\n".join(lines)
 

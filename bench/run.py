@@ -5,7 +5,7 @@
 Parts (each a separate bench/ command, run in this order, each with a hard time limit, all
 on 127.0.0.1): proxy (proxy_bench.py), decide (decide_bench.py), token (token_bench.py),
 scale (scale_bench.py), websocket (websocket_bench.py), revocation (revocation_bench.py),
-reconcile (reconcile_bench.py), mcp (mcp_bench.py).
+reconcile (reconcile_bench.py), mcp (mcp_bench.py), grpc (grpc_bench.py).
 A part that fails or times out is recorded with its error and the run goes on. Every part's
 output is kept in OUT/logs/<part>.log and its JSON in OUT/raw/<part>.json.
 
@@ -36,7 +36,17 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = sys.executable
-PARTS = ("proxy", "decide", "token", "scale", "websocket", "revocation", "reconcile", "mcp")
+PARTS = (
+    "proxy",
+    "decide",
+    "token",
+    "scale",
+    "websocket",
+    "revocation",
+    "reconcile",
+    "mcp",
+    "grpc",
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
     reconcile = [PY, script("reconcile_bench.py"), "--grants", "200" if quick else "1000"]
     reconcile += ["--timeout", "120" if quick else "300"]
     mcp = [PY, script("mcp_bench.py"), "--duration", duration, "--repeat", str(repeat)]
+    grpc = [PY, script("grpc_bench.py"), "--duration", duration, "--repeat", str(repeat)]
     return [
         Part("proxy", [*proxy, "--json", str(raw / "proxy.json")], 900, raw / "proxy.json"),
         Part(
@@ -105,6 +116,7 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
             raw / "reconcile.json",
         ),
         Part("mcp", [*mcp, "--json", str(raw / "mcp.json")], 600, raw / "mcp.json"),
+        Part("grpc", [*grpc, "--json", str(raw / "grpc.json")], 600, raw / "grpc.json"),
     ]
 
 

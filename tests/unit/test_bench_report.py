@@ -74,6 +74,30 @@ def ws_row(
     return row
 
 
+def grpc_row(
+    concurrency: int,
+    rate: float,
+    p50: float,
+    p99: float,
+    backend: float,
+    *,
+    proxy: float | None = None,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "concurrency": concurrency,
+        "calls": int(rate * 4),
+        "failed": 0,
+        "calls_per_s": rate,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "backend_cpu_us_per_call": backend,
+        "proxy_cpu_us_per_call": proxy or 0.0,
+    }
+    if proxy is not None:
+        row |= {"proxy_calls_per_core": 1e6 / proxy, "calls_per_s_ratio": rate / 2400.0}
+    return row
+
+
 def ratio(case: str, conns: int, per_core_vs_nginx: float, added_p99: float) -> dict[str, Any]:
     return {
         "case": case,
@@ -263,6 +287,21 @@ CANNED: dict[str, Any] = {
                 "settings": {"duration_s": 4.0, "connections": 8, "repeat": 3, "tools": 20},
             }
         ),
+        "grpc": ok(
+            {
+                "results": {
+                    "direct": {
+                        "concurrent": grpc_row(32, 2400.0, 12.0, 30.0, 400.0),
+                        "latency": grpc_row(1, 900.0, 1.1, 2.0, 500.0),
+                    },
+                    "nhigate": {
+                        "concurrent": grpc_row(32, 1500.0, 20.0, 45.0, 410.0, proxy=250.0),
+                        "latency": grpc_row(1, 600.0, 1.6, 3.1, 500.0, proxy=300.0),
+                    },
+                },
+                "settings": {"duration_s": 4.0, "concurrency": 32, "repeat": 3, "size": 64},
+            }
+        ),
         "reconcile": {
             "status": "timeout",
             "command": [".venv/bin/python", "bench/reconcile_bench.py"],
@@ -359,6 +398,11 @@ def test_write_report_renders_markdown_and_every_plot(tmp_path: Path) -> None:
         "| 64 B | direct | 9,000 | 0.50 / 5.0 | 30.0 | — | — | — |",
         "| 64 B | nhigate | 4,800 | 0.54 / 9.8 | 35.9 | 15.9 | 0.53 | 0.95 |",
         "500 idle connections held open through nhigate: **16.5 KiB** of proxy RSS each",
+        "## gRPC unary calls",
+        "64-byte payload, 4.0 s per run",
+        "| direct | concurrent (32) | 2,400 | 12.00 / 30.0 | 0 | 400.0 | — | — | — |",
+        "| nhigate | concurrent (32) | 1,500 | 20.00 / 45.0 | 0 | 410.0 | 250.0 | 4,000 | 0.62 |",
+        "| nhigate | latency (1) | 600 | 1.60 / 3.1 | 0 | 500.0 | 300.0 | 3,333 | 0.25 |",
         "_Not measured: timeout: no result within 900 s_",
         ".venv/bin/python bench/run.py --quick",
         "# reconcile: timeout in 900 s",

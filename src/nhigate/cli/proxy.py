@@ -81,6 +81,12 @@ def add_parser(subparsers: Any) -> None:
         default=_default("max_connections"),
         help="open client connections per process; more get 503",
     )
+    p.add_argument(
+        "--upstream-protocol",
+        choices=("http1", "http2"),
+        default=_default("upstream_protocol"),
+        help="what the backend speaks; http2 makes the proxied port HTTP/2 only (gRPC)",
+    )
     p.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to drain on stop")
     p.add_argument("--shutdown-delay", type=float, default=0.0, help="seconds unready before close")
     p.add_argument(
@@ -122,6 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         workers=args.workers,
+        upstream_protocol=args.upstream_protocol,
     )
 
 

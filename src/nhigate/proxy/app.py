@@ -24,33 +24,23 @@ Any unexpected exception denies with 500 `internal_error` (fail closed) and is a
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import itertools
 import logging
-import re
-import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import HttpVersion11, web
 
 from nhigate.policy import (
-    Decision,
     Identity,
-    PathRejected,
     Policy,
     Reason,
-    normalise_path,
 )
-from nhigate.policy.decide import decide_request
-from nhigate.policy.document import ServiceConfig, UpstreamCredential
+from nhigate.policy.document import ServiceConfig
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
-from nhigate.proxy.audit import AuditLog, audit_line
+from nhigate.proxy.audit import AuditLog
 from nhigate.proxy.forward import (
     IDEMPOTENT_METHODS,
     RequestBody,
@@ -63,14 +53,10 @@ from nhigate.proxy.forward import (
     serialise_head,
 )
 from nhigate.proxy.headers import (
-    IDENTITY_GRANT,
-    IDENTITY_ISSUER,
-    IDENTITY_SUBJECT,
     REQUEST_ID,
-    filter_request_headers,
     filter_response_headers,
-    safe_header_value,
 )
+from nhigate.proxy.http2 import HTTP2_GATEWAY, Http2Gateway
 from nhigate.proxy.mcp import (
     McpAuthorised,
     McpDeniedError,
@@ -79,27 +65,28 @@ from nhigate.proxy.mcp import (
 )
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.overrides import (
-    METHOD_OVERRIDE_HEADERS,
-    PATH_OVERRIDE_HEADERS,
     BodyOverrideError,
     FormOverrideScanner,
-    Overrides,
-    canonical_header,
     check_form_body,
     find_overrides,
     form_kind,
 )
+from nhigate.proxy.pipeline import (
+    STATUS_FOR as STATUS_FOR,  # re-exported: docs and tests name app.STATUS_FOR
+)
+from nhigate.proxy.pipeline import (
+    DenyError,
+    Exchange,
+    Pipeline,
+)
 from nhigate.proxy.policy_source import PolicyHolder
-from nhigate.proxy.ratelimit import retry_after_header
 from nhigate.proxy.settings import ProxySettings
 from nhigate.proxy.state import (
     STATE,
     AssertionSigning,
     Authenticating,
-    AuthnResult,
     Clock,
     ProxyState,
-    UpstreamCredentialFile,
 )
 from nhigate.proxy.websocket import (
     RECHECK_INTERVAL,
@@ -122,95 +109,18 @@ BUFFERED_BODY_LIMIT = 64 * 1024
 """Request bodies up to this size (with a Content-Length) are read whole, so a stale pooled
 upstream connection can be retried safely; larger ones are streamed."""
 
-REJECTED_METHODS = frozenset({"CONNECT", "TRACE"})
-
-STATUS_FOR: dict[Reason, int] = {
-    Reason.REQUEST_REJECTED: 400,
-    Reason.OVERRIDE_REJECTED: 400,
-    Reason.UPGRADE_REJECTED: 400,
-    Reason.PATH_REJECTED: 400,
-    Reason.NO_POLICY: 503,
-    Reason.CREDENTIAL_MISSING: 401,
-    Reason.TOKEN_MALFORMED: 401,
-    Reason.TOKEN_INVALID: 401,
-    Reason.TOKEN_EXPIRED: 401,
-    Reason.TOKEN_NOT_YET_VALID: 401,
-    Reason.TOKEN_LIFETIME_EXCEEDED: 401,
-    Reason.UNKNOWN_ISSUER: 401,
-    Reason.UNKNOWN_KEY: 401,
-    Reason.ALGORITHM_NOT_ALLOWED: 401,
-    Reason.AUDIENCE_MISMATCH: 401,
-    Reason.NO_MATCHING_GRANT: 403,
-    Reason.GRANT_NOT_YET_VALID: 403,
-    Reason.GRANT_EXPIRED: 403,
-    Reason.TENANT_MISMATCH: 403,
-    Reason.REVOKED: 403,
-    Reason.IDENTITY_RETIRED: 401,
-    Reason.DELEGATION_NOT_ALLOWED: 403,
-    Reason.DELEGATION_TOO_DEEP: 403,
-    Reason.ACTOR_NOT_ALLOWED: 403,
-    Reason.ACTOR_REQUIRED: 403,
-    Reason.MCP_METHOD_NOT_ALLOWED: 403,
-    Reason.MCP_SESSION_MISMATCH: 403,
-    Reason.MCP_REJECTED: 400,
-    Reason.RATE_LIMITED: 429,
-    Reason.REQUEST_TIMEOUT: 408,
-    Reason.CONNECTION_LIMIT: 503,
-    Reason.BODY_TOO_LARGE: 413,
-    Reason.UPSTREAM_UNAVAILABLE: 502,
-    Reason.UPSTREAM_TIMEOUT: 504,
-    Reason.INTERNAL_ERROR: 500,
-}
-
-
-class DenyError(Exception):
-    """A pipeline stage refused the request."""
-
-    def __init__(
-        self,
-        reason: Reason,
-        detail: str | None = None,
-        *,
-        extra_headers: dict[str, str] | None = None,
-        body: bytes | None = None,
-    ) -> None:
-        super().__init__(reason.value)
-        self.reason = reason
-        self.detail = detail
-        self.extra_headers = extra_headers
-        self.body = body
-        """A JSON body to answer with instead of the default (a JSON-RPC error on MCP)."""
-
 
 class BodyTooLargeError(Exception):
     """A streamed request body passed the configured maximum."""
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """What the audit line needs to know about one request, filled in as the pipeline runs."""
-
-    request_id: str
-    started: float
-    now: float
-    method: str
-    path: str
-    policy: Policy | None = None
-    identity: Identity | None = None
-    decision: Decision | None = None
-    tenant: str | None = None
-    mcp: dict[str, Any] | None = None
-    """The MCP messages of the request (method and tool/resource/prompt), for the audit."""
-    override: tuple[str | None, str | None] | None = None
-    """The (method, path) an authorised override named, as forwarded; None: no override."""
-    answers_expect: bool = True
-    """Send `100 Continue` ourselves (False behind aiohttp's router, which already does)."""
-
-
 def _json_error(
-    reason: Reason, request_id: str, headers: dict[str, str] | None, body: bytes | None = None
+    status: int,
+    reason: Reason,
+    request_id: str,
+    headers: dict[str, str] | None,
+    body: bytes | None = None,
 ) -> web.Response:
-    status = STATUS_FOR.get(reason, 403)
     if body is None:
         body = orjson.dumps({"error": reason.value, "request_id": request_id})
     resp = web.Response(status=status, body=body, content_type="application/json")
@@ -220,47 +130,11 @@ def _json_error(
     return resp
 
 
-def _www_authenticate(reason: Reason) -> dict[str, str]:
-    if reason is Reason.CREDENTIAL_MISSING:
-        return {"WWW-Authenticate": 'Bearer realm="nhigate"'}
-    value = f'Bearer realm="nhigate", error="invalid_token", error_description="{reason.value}"'
-    return {"WWW-Authenticate": value}
-
-
-def _authn_denial(failure: AuthnResult) -> DenyError:
-    """An authentication failure as a 401 with its `WWW-Authenticate` challenge."""
-    return DenyError(
-        failure.reason, failure.detail, extra_headers=_www_authenticate(failure.reason)
-    )
-
-
-def _denial(policy: Policy, identity: Identity, decision: Decision) -> DenyError:
-    """The refusal for a denying decision; a retired identity's token is no longer a valid
-    credential (401, like the API server's own answer), with the reason in the audit detail."""
-    if decision.reason is Reason.IDENTITY_RETIRED:
-        challenge = _www_authenticate(decision.reason)
-        return DenyError(decision.reason, policy.retirement(identity), extra_headers=challenge)
-    return DenyError(decision.reason)
-
-
-class ProxyHandler:
-    """The catch-all request handler: the pipeline described in the module docstring."""
+class ProxyHandler(Pipeline):
+    """The catch-all HTTP/1.1 request handler: the pipeline described in the module docstring."""
 
     def __init__(self, state: ProxyState) -> None:
-        self.state = state
-        settings = state.settings
-        self._upstream = settings.upstream
-        self._upstream_url = settings.upstream.url
-        self._authority = settings.upstream.authority
-        self._trusted = settings.trusted_proxies
-        self._max_body = settings.max_body_bytes
-        self._mtls = settings.client_ca is not None
-        self._scheme = "https" if settings.tls_cert is not None else "http"
-        self._request_ids = request_id_source()
-        self._owned: tuple[ServiceConfig | None, frozenset[str]] = (None, frozenset())
-        self._last_identity_headers: tuple[
-            Identity | None, Decision | None, list[tuple[str, str]]
-        ] = (None, None, [])
+        super().__init__(state)
         self._mcp = McpGate(self._max_body, state.mcp_sessions)
 
     async def handle(
@@ -270,8 +144,8 @@ class ProxyHandler:
         answered its `Expect: 100-continue` (`setup_pipeline`)."""
         state = self.state
         state.inflight += 1
-        ex = _Exchange(
-            request_id=self._request_ids(),
+        ex = Exchange(
+            request_id=self.request_ids(),
             started=time.perf_counter(),
             now=state.clock(),
             method=request.method,
@@ -288,27 +162,16 @@ class ProxyHandler:
         finally:
             state.inflight -= 1
 
-    async def _pipeline(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
-        path, query, authorization = self._target(request, ex)
-        policy = self._policy(ex)
-        # One lookup: the cached answer, else the signature check. A present Authorization
-        # header decides alone; without one, an mTLS client certificate's SPIFFE ID.
-        authenticator = self.state.authenticator
-        if authenticator is None:
-            raise DenyError(Reason.INTERNAL_ERROR, "no authenticator")
-        spiffe_id = self._spiffe_id(request) if self._mtls and authorization is None else None
-        result = authenticator.authenticate_now(authorization, spiffe_id)
-        if result is None:  # not in the verified-token cache: check the signature
-            result = await authenticator.authenticate(authorization, spiffe_id)
-        if not isinstance(result, Identity):
-            raise _authn_denial(result)
-        ex.identity = identity = result
+    async def _pipeline(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        path, query, authorization = self.target(request, ex)
+        policy = self.current_policy(ex)
+        ex.identity = identity = await self.authenticate(request, authorization)
         service = policy.document.service
         if service.tenant is not None:
-            ex.tenant = self._tenant(request, service, identity)
+            ex.tenant = self.tenant(request, service, identity)
         overrides = find_overrides(request.headers.items(), query)
         if overrides:
-            ex.override = self._override(service, overrides)
+            ex.override = self.override(service, overrides)
         websocket_key: str | None = None
         if "Upgrade" in request.headers:
             websocket_key = self._upgrade(request, ex, service, path)
@@ -318,93 +181,21 @@ class ProxyHandler:
                 if ex.override is not None:  # MCP rules cannot authorise another method/path
                     raise DenyError(Reason.OVERRIDE_REJECTED, "override on an MCP endpoint")
                 return await self._mcp_exchange(request, ex, policy, identity, endpoint, query)
-        decision = self._authorise(policy, ex, identity, path)
+        decision = self.authorise(policy, ex, identity, path)
         if ex.override is not None:
-            self._authorise_override(policy, ex, identity, path)
+            self.authorise_override(policy, ex, identity, path)
         if decision.rate_limit is not None or service.rate_limit is not None:
-            self._rate_limit(service, identity, decision)
+            self.rate_limit(service, identity, decision)
         if websocket_key is not None:
             return await self._websocket(request, ex, policy, path, query, websocket_key)
         return await self._forward(request, ex, policy, path, query)
 
     # -- stages ----------------------------------------------------------------------------
 
-    def _target(self, request: web.Request, ex: _Exchange) -> tuple[str, str, str | None]:
-        """The normalised path, the untouched query of an origin-form request target and the
-        one `Authorization` header (None when absent)."""
-        raw = request.raw_path
-        ex.path = raw[:512]
-        if request.method in REJECTED_METHODS:
-            raise DenyError(Reason.REQUEST_REJECTED, f"method {request.method} is not proxied")
-        if not raw.startswith("/") or "#" in raw:
-            raise DenyError(Reason.REQUEST_REJECTED, "request target must be origin-form")
-        headers = request.headers
-        authorization = headers.getall("Authorization", ())
-        if len(authorization) > 1:
-            raise DenyError(Reason.REQUEST_REJECTED, "more than one Authorization header")
-        if ex.answers_expect and "Expect" in headers and request.version >= HttpVersion11:
-            expect = headers.getall("Expect")
-            if len(expect) != 1 or expect[0].lower() != "100-continue":
-                raise DenyError(Reason.REQUEST_REJECTED, "unsupported Expect header")
-        raw_path, sep, query = raw.partition("?")
-        try:
-            path = normalise_path(raw_path)
-        except PathRejected as exc:
-            raise DenyError(Reason.PATH_REJECTED, exc.reason) from None
-        ex.path = path
-        return path, sep + query, authorization[0] if authorization else None
-
-    def _policy(self, ex: _Exchange) -> Policy:
-        policy = self.state.holder.current  # this request keeps this object even across a swap
-        if policy is None:
-            raise DenyError(Reason.NO_POLICY, "no valid policy loaded")
-        ex.policy = policy
-        return policy
-
-    def _spiffe_id(self, request: web.Request) -> str | None:
-        from nhigate.proxy.spiffe import spiffe_id_from_peer_cert
-
-        transport = request.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if not isinstance(ssl_object, ssl.SSLObject):
-            return None
-        der = ssl_object.getpeercert(binary_form=True)
-        return spiffe_id_from_peer_cert(der) if der else None
-
-    def _tenant(
-        self, request: web.Request, service: ServiceConfig, identity: Identity
-    ) -> str | None:
-        mapping = service.tenant
-        if mapping is None:
-            return None
-        from_header: str | None = None
-        if mapping.header:
-            values = request.headers.getall(mapping.header, ())
-            if len(values) > 1:
-                raise DenyError(Reason.TENANT_MISMATCH, "more than one tenant header")
-            from_header = values[0] if values else None
-        from_claim: str | None = None
-        if mapping.claim:
-            claim = identity.claims.get(mapping.claim)
-            from_claim = claim if isinstance(claim, str) else None
-        if mapping.header and mapping.claim:
-            if from_header is not None and from_claim is not None and from_header != from_claim:
-                raise DenyError(Reason.TENANT_MISMATCH, "tenant header and claim disagree")
-            # Both configured: a tenant counts only when both sources name it.
-            return from_claim if from_header == from_claim else None
-        return from_header if mapping.header else from_claim
-
-    def _authorise(self, policy: Policy, ex: _Exchange, identity: Identity, path: str) -> Decision:
-        decision = decide_request(policy, identity, ex.method, path, ex.now, ex.tenant)
-        ex.decision = decision
-        if not decision.allowed:
-            raise _denial(policy, identity, decision)
-        return decision
-
     async def _mcp_exchange(
         self,
         request: web.Request,
-        ex: _Exchange,
+        ex: Exchange,
         policy: Policy,
         identity: Identity,
         endpoint: str,
@@ -422,64 +213,11 @@ class ProxyHandler:
         ex.decision, ex.mcp = authorised.decision, authorised.audit
         service = policy.document.service
         if authorised.decision.rate_limit is not None or service.rate_limit is not None:
-            self._rate_limit(service, identity, authorised.decision)
+            self.rate_limit(service, identity, authorised.decision)
         return await self._forward(request, ex, policy, ex.path, "", mcp=authorised)
 
-    def _override(
-        self, service: ServiceConfig, overrides: Overrides
-    ) -> tuple[str | None, str | None]:
-        """Refuse a method or path override the service does not declare; otherwise the one
-        method and the one canonical path it names (both are authorised, and forwarded)."""
-        method: str | None = None
-        target: str | None = None
-        if overrides.methods:
-            if not service.authorise_method_overrides:
-                raise DenyError(
-                    Reason.OVERRIDE_REJECTED, f"method override: {overrides.describe()}"
-                )
-            values = {value.strip().upper() for _, value in overrides.methods}
-            if len(values) != 1:
-                raise DenyError(Reason.OVERRIDE_REJECTED, "method overrides disagree")
-            method = values.pop()
-            if not _METHOD_TOKEN.fullmatch(method) or method in REJECTED_METHODS:
-                raise DenyError(Reason.OVERRIDE_REJECTED, "method override is not a method")
-        if overrides.paths:
-            if not service.authorise_path_overrides:
-                detail = f"path override: {overrides.describe()}"
-                raise DenyError(Reason.OVERRIDE_REJECTED, detail)
-            values = {value.strip() for _, value in overrides.paths}
-            if len(values) != 1:
-                raise DenyError(Reason.OVERRIDE_REJECTED, "path overrides disagree")
-            raw_path, sep, override_query = values.pop().partition("?")
-            if not raw_path.startswith("/") or "#" in raw_path:
-                raise DenyError(Reason.OVERRIDE_REJECTED, "path override must be an origin path")
-            try:
-                target = normalise_path(raw_path) + sep + override_query
-            except PathRejected as exc:
-                raise DenyError(Reason.OVERRIDE_REJECTED, f"path override: {exc.reason}") from None
-        return method, target
-
-    def _authorise_override(
-        self, policy: Policy, ex: _Exchange, identity: Identity, path: str
-    ) -> None:
-        """The backend may act on the override or on the request line: both must be granted."""
-        assert ex.override is not None
-        method, target = ex.override
-        override_method = method or ex.method
-        override_path = target.partition("?")[0] if target is not None else path
-        service = policy.document.service
-        if service.mcp_endpoints and mcp_endpoint_of(service, override_path) is not None:
-            # A path rule must not reach an MCP endpoint through the backend's override.
-            raise DenyError(Reason.OVERRIDE_REJECTED, "path override names an MCP endpoint")
-        decision = decide_request(
-            policy, identity, override_method, override_path, ex.now, ex.tenant
-        )
-        if not decision.allowed:
-            detail = f"override {override_method} {override_path[:200]} not granted"
-            raise DenyError(decision.reason, detail)
-
     def _upgrade(
-        self, request: web.Request, ex: _Exchange, service: ServiceConfig, path: str
+        self, request: web.Request, ex: Exchange, service: ServiceConfig, path: str
     ) -> str:
         """The `Sec-WebSocket-Key` of an upgrade the proxy relays; any other upgrade request
         is refused (`websocket.py`)."""
@@ -495,22 +233,10 @@ class ProxyHandler:
             raise DenyError(Reason.UPGRADE_REJECTED, "override on a WebSocket handshake")
         return key
 
-    def _rate_limit(self, service: ServiceConfig, identity: Identity, decision: Decision) -> None:
-        limit = decision.rate_limit or service.rate_limit
-        if limit is None:
-            return
-        key = (identity.kind, identity.issuer, identity.subject, decision.grant)
-        wait = self.state.limiter.acquire(key, limit, asyncio.get_running_loop().time())
-        if wait > 0.0:
-            self.state.metrics.rate_limited.inc()
-            raise DenyError(
-                Reason.RATE_LIMITED, extra_headers={"Retry-After": retry_after_header(wait)}
-            )
-
     async def _forward(
         self,
         request: web.Request,
-        ex: _Exchange,
+        ex: Exchange,
         policy: Policy,
         path: str,
         query: str,
@@ -526,7 +252,7 @@ class ProxyHandler:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise DenyError(Reason.BODY_TOO_LARGE, f"Content-Length {length} > {self._max_body}")
-        headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
+        headers = self.upstream_headers(request, ex, policy.document.service, identity, decision)
         body: RequestBody = None
         if mcp is not None:
             body = mcp.body  # exactly the bytes that were parsed and authorised
@@ -585,7 +311,7 @@ class ProxyHandler:
                 return await mcp.responder.respond(
                     request,
                     upstream,
-                    lambda status, detail: self._audit_allowed(ex, status, detail),
+                    lambda status, detail: self.audit_allowed(ex, status, detail),
                     lambda: _abort(request),
                 )
             except McpUpstreamError as exc:
@@ -597,7 +323,7 @@ class ProxyHandler:
     async def _websocket(
         self,
         request: web.Request,
-        ex: _Exchange,
+        ex: Exchange,
         policy: Policy,
         path: str,
         query: str,
@@ -615,7 +341,7 @@ class ProxyHandler:
                 body=answer.body,
                 headers=filter_response_headers(answer.headers),
             )
-            self._audit_allowed(ex, answer.status, "upgrade declined by the backend")
+            self.audit_allowed(ex, answer.status, "upgrade declined by the backend")
             return response
         switch = web.StreamResponse(status=101, headers=filter_response_headers(answer.headers))
         switch.headers["Upgrade"] = "websocket"
@@ -641,14 +367,14 @@ class ProxyHandler:
         return switch
 
     async def _handshake_upstream(
-        self, request: web.Request, ex: _Exchange, policy: Policy, target: str
+        self, request: web.Request, ex: Exchange, policy: Policy, target: str
     ) -> tuple[Backend, BackendAnswer]:
         """A new backend connection, the handshake written on it and the backend's answer."""
         identity = ex.identity
         decision = ex.decision
         assert identity is not None
         assert decision is not None
-        headers = self._upstream_headers(request, ex, policy.document.service, identity, decision)
+        headers = self.upstream_headers(request, ex, policy.document.service, identity, decision)
         headers.append(("Connection", "Upgrade"))
         headers.append(("Upgrade", "websocket"))
         try:
@@ -671,7 +397,7 @@ class ProxyHandler:
             raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
 
     async def _relay(
-        self, request: web.Request, ex: _Exchange, policy: Policy, tunnel: Tunnel
+        self, request: web.Request, ex: Exchange, policy: Policy, tunnel: Tunnel
     ) -> None:
         """Audit the open, relay until either side (or the policy) ends it, audit the close."""
         state = self.state
@@ -679,7 +405,7 @@ class ProxyHandler:
         assert decision is not None
         state.tunnels.add(tunnel, policy, ex.now)
         state.metrics.websocket_open.inc()
-        self._audit_allowed(ex, 101, websocket={"event": "open"})
+        self.audit_allowed(ex, 101, websocket={"event": "open"})
         try:
             request.protocol.set_parser(ClientSide(tunnel))  # type: ignore[arg-type]
             while await tunnel.wait():  # True: the caller's socket is full
@@ -692,7 +418,7 @@ class ProxyHandler:
             state.tunnels.remove(tunnel)
             self._record_close(ex, tunnel, decision.grant)
 
-    def _record_close(self, ex: _Exchange, tunnel: Tunnel, grant: str | None) -> None:
+    def _record_close(self, ex: Exchange, tunnel: Tunnel, grant: str | None) -> None:
         """The record of a WebSocket's end (duration, bytes each way, who ended it and why)
         and its metrics."""
         websocket = {
@@ -702,123 +428,24 @@ class ProxyHandler:
             "bytes_to_client": tunnel.bytes_to_client,
         }
         ex.now = self.state.clock()  # the record's time is the close; duration_ms the whole
-        self._record(ex, "close", tunnel.reason, grant, 101, tunnel.detail, websocket)
+        self.record(ex, "close", tunnel.reason, grant, 101, tunnel.detail, websocket)
         metrics = self.state.metrics
         metrics.websocket_open.dec()
         metrics.websocket_closed.labels(tunnel.closed_by, tunnel.reason.value).inc()
         metrics.websocket_bytes.labels("from_client").inc(tunnel.bytes_from_client)
         metrics.websocket_bytes.labels("to_client").inc(tunnel.bytes_to_client)
 
-    def _upstream_headers(
-        self,
-        request: web.Request,
-        ex: _Exchange,
-        service: ServiceConfig,
-        identity: Identity,
-        decision: Decision,
-    ) -> list[tuple[str, str]]:
-        assertion = service.identity_assertion
-        credential = service.upstream_credential
-        peer = request.remote or ""
-        trusted = bool(self._trusted) and self._is_trusted(peer)
-        headers = filter_request_headers(
-            request.headers.items(), owned=self._owned_headers(service), trusted_peer=trusted
-        )
-        if ex.override is not None:
-            headers = _canonical_overrides(headers, ex.override)
-        forwarded_for = peer
-        proto = self._scheme
-        host = request.headers.get("Host", "")
-        if trusted:
-            kept: list[tuple[str, str]] = []
-            for name, value in headers:
-                lower = name.lower()
-                if lower == "x-forwarded-for":
-                    forwarded_for = f"{value}, {peer}"
-                elif lower == "x-forwarded-proto":
-                    proto = value
-                elif lower == "x-forwarded-host":
-                    host = value
-                else:
-                    kept.append((name, value))
-            headers = kept
-        headers.append(("Host", self._authority))
-        headers.append(("X-Forwarded-For", forwarded_for))
-        headers.append(("X-Forwarded-Proto", proto))
-        if host:
-            headers.append(("X-Forwarded-Host", host))
-        headers.append((REQUEST_ID, ex.request_id))
-        headers.extend(self._identity_headers(identity, decision))
-        signer = self.state.signer
-        if assertion is not None and signer is not None:
-            token = signer.sign(
-                identity, decision.grant, assertion.audience, assertion.ttl_seconds, ex.now
-            )
-            headers.append((assertion.header, token))
-        if credential is not None:
-            headers.append((credential.header, self._credential_value(credential)))
-        return headers
-
-    def _identity_headers(self, identity: Identity, decision: Decision) -> list[tuple[str, str]]:
-        """`X-Nhigate-Subject/Issuer/Grant`, remembered for the last (identity, decision):
-        both are shared immutable objects while a token stays cached."""
-        last_identity, last_decision, cached = self._last_identity_headers
-        if last_identity is identity and last_decision is decision:
-            return cached
-        values = [
-            (IDENTITY_SUBJECT, safe_header_value(identity.subject)),
-            (IDENTITY_ISSUER, safe_header_value(identity.issuer)),
-        ]
-        if decision.grant is not None:
-            values.append((IDENTITY_GRANT, safe_header_value(decision.grant)))
-        self._last_identity_headers = (identity, decision, values)
-        return values
-
-    def _owned_headers(self, service: ServiceConfig) -> frozenset[str]:
-        """Lower-case names of the headers the proxy sets for `service` (cached per policy)."""
-        cached_for, owned = self._owned
-        if cached_for is service:
-            return owned
-        names = set(self.state.settings.extra_owned_headers)
-        if service.identity_assertion is not None:
-            names.add(service.identity_assertion.header.lower())
-        if service.upstream_credential is not None:
-            names.add(service.upstream_credential.header.lower())
-        owned = frozenset(names)
-        self._owned = (service, owned)
-        return owned
-
-    def _credential_value(self, spec: UpstreamCredential) -> str:
-        current = self.state.credential
-        if current is None or current.spec != spec:
-            current = UpstreamCredentialFile(spec, asyncio.get_running_loop().time)
-            self.state.credential = current
-        try:
-            return current.header_value()
-        except OSError as exc:
-            detail = f"upstream credential unreadable: {exc}"
-            raise DenyError(Reason.INTERNAL_ERROR, detail) from None
-
-    def _is_trusted(self, peer: str | None) -> bool:
-        if not self._trusted or not peer:
-            return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in network for network in self._trusted)
-
     def _respond_buffered(
-        self, ex: _Exchange, upstream: UpstreamResponse, body: bytes
+        self, ex: Exchange, upstream: UpstreamResponse, body: bytes
     ) -> web.StreamResponse:
         """The response when the whole upstream body arrived with its head (no coroutine)."""
         headers = filter_response_headers(upstream.headers)  # the response copies the list
         response = web.Response(status=upstream.status, body=body, headers=headers)
-        self._audit_allowed(ex, upstream.status)
+        self.audit_allowed(ex, upstream.status)
         return response
 
     async def _respond(
-        self, request: web.Request, ex: _Exchange, upstream: UpstreamResponse
+        self, request: web.Request, ex: Exchange, upstream: UpstreamResponse
     ) -> web.StreamResponse:
         """Stream the upstream body (or answer a HEAD request) to the caller."""
         headers = filter_response_headers(upstream.headers)  # the response copies the list
@@ -839,98 +466,21 @@ class ProxyHandler:
             detail = f"client went away mid-body: {type(exc).__name__}"
         finally:
             upstream.close()
-        self._audit_allowed(ex, upstream.status, detail)
+        self.audit_allowed(ex, upstream.status, detail)
         return stream
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def _audit_allowed(
-        self,
-        ex: _Exchange,
-        status: int,
-        detail: str | None = None,
-        websocket: dict[str, Any] | None = None,
-    ) -> None:
-        decision = ex.decision
-        assert decision is not None
-        self._record(ex, "allow", Reason.ALLOWED, decision.grant, status, detail, websocket)
-        if decision.grant is not None and ex.policy is not None:
-            self.state.usage.record(ex.policy, decision.grant, ex.method, ex.path, ex.now)
-
-    def _deny(self, ex: _Exchange, denied: DenyError) -> web.Response:
+    def _deny(self, ex: Exchange, denied: DenyError) -> web.Response:
         reason = denied.reason
-        status = STATUS_FOR.get(reason, 403)
+        status = denied.status
         grant = ex.decision.grant if ex.decision is not None else None
-        self._record(ex, "deny", reason, grant, status, denied.detail)
-        return _json_error(reason, ex.request_id, denied.extra_headers, denied.body)
-
-    def _record(
-        self,
-        ex: _Exchange,
-        decision: str,
-        reason: Reason,
-        grant: str | None,
-        status: int,
-        detail: str | None,
-        websocket: dict[str, Any] | None = None,
-    ) -> None:
-        elapsed = time.perf_counter() - ex.started
-        state = self.state
-        policy = ex.policy
-        state.audit.write_line(
-            audit_line(
-                ex.now,
-                ex.request_id,
-                decision,
-                reason.value,
-                ex.method,
-                ex.path,
-                self._upstream_url,
-                status,
-                elapsed * 1000.0,
-                policy.version if policy is not None else None,
-                ex.identity,
-                grant,
-                detail,
-                ex.tenant,
-                mcp=ex.mcp,
-                websocket=websocket,
-            )
-        )
-        if decision != "close":  # the connection was counted when it opened
-            state.metrics.observe_request(decision, reason.value, grant, elapsed)
+        self.record(ex, "deny", reason, grant, status, denied.detail)
+        return _json_error(status, reason, ex.request_id, denied.extra_headers, denied.body)
 
 
 PIPELINE: web.AppKey[ProxyHandler] = web.AppKey("nhigate_proxy_pipeline", ProxyHandler)
 """The pipeline `ProxyRunner` hands every request to."""
-
-
-def request_id_source() -> Callable[[], str]:
-    """Request ids: 16 hex digits, a random per-process prefix and a counter.
-
-    Unique within a process and, with 32 random bits per process, across replicas in
-    practice; one `os.urandom` per process instead of one per request. Request ids
-    correlate logs, they are not secrets.
-    """
-    prefix = secrets.token_hex(4)
-    counter = itertools.count(secrets.randbelow(1 << 32))
-    return lambda: f"{prefix}{next(counter) & 0xFFFFFFFF:08x}"
-
-
-def _canonical_overrides(
-    headers: list[tuple[str, str]], override: tuple[str | None, str | None]
-) -> list[tuple[str, str]]:
-    """Forward authorised override headers with exactly the values that were authorised."""
-    method, target = override
-    out: list[tuple[str, str]] = []
-    for name, value in headers:
-        canonical = canonical_header(name)
-        if method is not None and canonical in METHOD_OVERRIDE_HEADERS:
-            value = method
-        elif target is not None and canonical in PATH_OVERRIDE_HEADERS:
-            value = target
-        out.append((name, value))
-    return out
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -975,9 +525,6 @@ def _check_form(body: bytes, form: str) -> None:
         check_form_body(body, form)
     except BodyOverrideError as exc:
         raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
-
-
-_METHOD_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Z]+")
 
 
 AuthenticatorFactory = Callable[[ProxySettings, aiohttp.ClientSession, Clock], Authenticating]
@@ -1032,6 +579,9 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_authn_ctx(authenticator_factory))
     app.cleanup_ctx.append(_websocket_ctx)
+    if settings.upstream_protocol == "http2":
+        app[HTTP2_GATEWAY] = Http2Gateway(pipeline)
+        app.cleanup_ctx.append(_http2_ctx)
     setup_pipeline(app, pipeline)
     return app
 
@@ -1078,6 +628,26 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     state.upstream_ssl = ssl_context
     yield
     await state.pool.close()
+
+
+async def _http2_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The HTTP/2 upstream pool the HTTP/2 front forwards through (h2_upstream.py)."""
+    from nhigate.proxy.h2_upstream import H2UpstreamPool
+
+    gateway = app[HTTP2_GATEWAY]
+    settings = app[STATE].settings
+    pool = H2UpstreamPool(
+        settings.upstream,
+        ssl_context=None,  # https: the pool's own context, ALPN h2
+        connect_timeout=settings.connect_timeout,
+        upstream_timeout=settings.upstream_timeout,
+    )
+    gateway.pool = pool
+    try:
+        yield
+    finally:
+        gateway.pool = None
+        await pool.close()
 
 
 async def _websocket_ctx(app: web.Application) -> AsyncIterator[None]:

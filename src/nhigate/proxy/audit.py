@@ -65,6 +65,8 @@ def audit_line(
     *,
     mcp: dict[str, Any] | None = None,
     websocket: dict[str, Any] | None = None,
+    grpc: tuple[str, str] | None = None,
+    grpc_status: int | None = None,
 ) -> bytes:
     """One audit record (the fields of `AuditEvent`, in its order) as one JSON line."""
     record: dict[str, Any] = {
@@ -91,6 +93,10 @@ def audit_line(
         record["mcp"] = mcp
     if websocket is not None:
         record["websocket"] = websocket
+    if grpc is not None:  # an HTTP/2 gRPC call: which method, and the status it ended with
+        record["grpc_service"], record["grpc_method"] = grpc
+        if grpc_status is not None:
+            record["grpc_status"] = grpc_status
     return orjson.dumps(record, option=_OPTIONS)
 
 

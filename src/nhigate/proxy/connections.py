@@ -28,10 +28,11 @@ complete head; whether a partial head was received decides 408 versus a silent c
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 from aiohttp import web
@@ -42,7 +43,11 @@ from nhigate.proxy.audit import AuditEvent, AuditLog
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
 
-_PHRASES = {408: "Request Timeout", 503: "Service Unavailable"}
+_PHRASES = {408: "Request Timeout", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+"""The HTTP/2 client connection preface (RFC 9113 section 3.4): h2c prior knowledge, and
+what an `h2` client sends first after ALPN."""
 
 
 def canned_response(status: int, reason: Reason, request_id: str) -> bytes:
@@ -115,6 +120,38 @@ class ConnectionAudit:
             duration_ms=waited * 1000.0,
             detail=detail,
         )
+
+    def protocol_refusal(
+        self,
+        reason: Reason,
+        request_id: str,
+        peer: str | None,
+        detail: str,
+        waited: float = 0.0,
+        *,
+        status: int = 0,
+        method: str = "-",
+    ) -> None:
+        """A connection refused at the protocol level (HTTP/2 GOAWAY, or a 505 for HTTP/1.1
+        on an HTTP/2 port); `status` 0: no HTTP response was possible."""
+        policy = self.holder.current
+        self.audit.write(
+            AuditEvent(
+                time=self.clock(),
+                request_id=request_id,
+                decision="deny",
+                reason=reason.value,
+                method=method,
+                path="",
+                upstream=self.upstream,
+                status=status,
+                duration_ms=waited * 1000.0,
+                policy_version=policy.version if policy is not None else None,
+                peer=peer,
+                detail=detail,
+            )
+        )
+        self.metrics.observe_request("deny", reason.value, None, waited)
 
     def idle_timeout(self) -> None:
         """A kept-alive connection was idle too long and was closed."""
@@ -189,20 +226,159 @@ class RefusedConnection(asyncio.Protocol):
         self._audit.refused(request_id, peer, self._bound)
 
 
-class GuardedServer(RebuiltServer):
-    """aiohttp's low-level server building `GuardedConnection`s, refusing over the bound."""
+class Http2Front(Protocol):
+    """The HTTP/2 side of the proxied port (`http2.Http2Gateway`)."""
 
-    def __init__(self, server: web.Server, limits: ConnectionLimits, audit: ConnectionAudit):
+    @property
+    def connections(self) -> Sized:
+        """The HTTP/2 connections open now."""
+
+    def connection(self, limits: ConnectionLimits, audit: ConnectionAudit) -> asyncio.Protocol:
+        """The protocol of a connection that sent the HTTP/2 preface."""
+
+    def refused(self, audit: ConnectionAudit, bound: int) -> asyncio.Protocol:
+        """The protocol of a connection over the bound (GOAWAY, closed, audited)."""
+
+    async def shutdown(self, grace: float) -> None:
+        """GOAWAY everywhere; streams get `grace` seconds."""
+
+
+_METHOD = re.compile(rb"[A-Z]{1,16}(?= )")
+
+
+class ProtocolDispatch(asyncio.Protocol):
+    """The first bytes of a connection on an HTTP/2 port decide who gets the transport.
+
+    The HTTP/2 preface hands the transport (plain or TLS alike) to the HTTP/2 protocol with
+    the bytes received so far. Anything else is HTTP/1.x (or noise): a canned `505`,
+    audited, closed; aiohttp never parses it, so `Upgrade: h2c` cannot switch anything.
+    The preface must arrive within the request-head timeout.
+    """
+
+    def __init__(
+        self,
+        front: Http2Front,
+        limits: ConnectionLimits,
+        audit: ConnectionAudit,
+        on_done: Callable[[ProtocolDispatch], None],
+    ) -> None:
+        self._front = front
+        self._limits = limits
+        self._audit = audit
+        self._on_done = on_done
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._started = loop.time()
+        self._timer = loop.call_later(self._limits.request_head_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        buffer = self._buffer + data
+        if len(buffer) < len(HTTP2_PREFACE) and HTTP2_PREFACE.startswith(buffer):
+            self._buffer = buffer
+            return
+        self._finish()
+        if buffer.startswith(HTTP2_PREFACE):
+            protocol = self._front.connection(self._limits, self._audit)
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            protocol.data_received(buffer)
+            return
+        request_id = secrets.token_hex(8)
+        transport.write(canned_response(505, Reason.REQUEST_REJECTED, request_id))
+        transport.close()
+        method = _METHOD.match(buffer)
+        self._audit.protocol_refusal(
+            Reason.REQUEST_REJECTED,
+            request_id,
+            _peer_host(transport),
+            "not HTTP/2 on an HTTP/2 service (no HTTP/1.1, no h2c upgrade): answered 505",
+            status=505,
+            method=method.group().decode("ascii") if method else "-",
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        """This dispatcher is done (handed over, refused or lost): once."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport = None
+            self._on_done(self)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        waited = asyncio.get_running_loop().time() - self._started
+        timeout = self._limits.request_head_timeout
+        what = "part of the HTTP/2 preface" if self._buffer else "no byte"
+        self._audit.metrics.client_timeouts.labels("head").inc()
+        self._audit.protocol_refusal(
+            Reason.REQUEST_TIMEOUT,
+            secrets.token_hex(8),
+            _peer_host(transport),
+            f"{what} within {timeout:g} s: closed without an answer",
+            waited,
+        )
+        self._finish()
+        transport.close()
+
+
+class GuardedServer(RebuiltServer):
+    """aiohttp's low-level server building `GuardedConnection`s, refusing over the bound;
+    with an `http2` front, every connection is dispatched to HTTP/2 instead."""
+
+    def __init__(
+        self,
+        server: web.Server,
+        limits: ConnectionLimits,
+        audit: ConnectionAudit,
+        http2: Http2Front | None = None,
+    ):
         super().__init__(server, keepalive_timeout=limits.idle_timeout)
         self._limits = limits
         self._audit = audit
+        self._http2 = http2
+        self._dispatching: set[ProtocolDispatch] = set()
         audit.metrics.connections_open.set_function(self.connection_count)
+
+    def connection_count(self) -> int:
+        count = super().connection_count()
+        if self._http2 is not None:
+            count += len(self._dispatching) + len(self._http2.connections)
+        return count
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        if self._http2 is not None:
+            await self._http2.shutdown(timeout if timeout is not None else 0.0)
+        await super().shutdown(timeout)
 
     def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
         # The asyncio protocol factory. Over the bound it builds a `RefusedConnection`, which
         # is deliberately no HTTP connection (no parser, no task, nothing registered).
-        if self.connection_count() >= self._limits.max_connections:
-            return RefusedConnection(self._audit, self._limits.max_connections)
+        bound = self._limits.max_connections
+        http2 = self._http2
+        if http2 is not None:
+            if self.connection_count() >= bound:
+                return http2.refused(self._audit, bound)
+            dispatch = ProtocolDispatch(http2, self._limits, self._audit, self._dispatching.discard)
+            self._dispatching.add(dispatch)
+            return dispatch
+        if self.connection_count() >= bound:
+            return RefusedConnection(self._audit, bound)
         return GuardedConnection(
             self,
             loop=self.event_loop(),

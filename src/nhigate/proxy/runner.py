@@ -1,7 +1,8 @@
 """`ProxyRunner`: serves a `create_app()` application with the pipeline as the handler.
 
 The runner swaps aiohttp's router for the pipeline, audits parser refusals from their own
-request class and guards client connections (connections.py); the application, its
+request class and guards client connections (connections.py; with an HTTP/2 upstream
+every connection is dispatched to http2.py); the application, its
 pipeline and its state are app.py's.
 """
 
@@ -19,6 +20,7 @@ from nhigate.proxy.aiohttp_seam import (
 )
 from nhigate.proxy.app import PIPELINE
 from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits, GuardedServer
+from nhigate.proxy.http2 import HTTP2_GATEWAY, Http2Gateway
 from nhigate.proxy.state import STATE, ProxyState
 
 
@@ -53,10 +55,12 @@ class ProxyRunner(AdaptingRunner):
         server.request_handler = self.app[PIPELINE].handle  # type: ignore[assignment]
         if self._refusal_audit is not None:
             server.request_factory = refusal_auditing_factory(self.app, self._refusal_audit)
-        return _guarded(server, self.app[STATE])
+        return _guarded(server, self.app[STATE], self.app.get(HTTP2_GATEWAY))
 
 
-def _guarded(server: web.Server, state: ProxyState) -> GuardedServer:
+def _guarded(
+    server: web.Server, state: ProxyState, http2: Http2Gateway | None = None
+) -> GuardedServer:
     """`server` with the client-connection limits of `state.settings` (connections.py)."""
     settings = state.settings
     limits = ConnectionLimits(
@@ -67,4 +71,4 @@ def _guarded(server: web.Server, state: ProxyState) -> GuardedServer:
     audit = ConnectionAudit(
         state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
     )
-    return GuardedServer(server, limits, audit)
+    return GuardedServer(server, limits, audit, http2)

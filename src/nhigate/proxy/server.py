@@ -46,6 +46,8 @@ def server_ssl_context(settings: ProxySettings) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.upstream_protocol == "http2":  # HTTP/2 only: HTTP/1.1 would get 505 anyway
+        context.set_alpn_protocols(["h2"])
     if settings.client_ca is not None:
         context.load_verify_locations(cafile=str(settings.client_ca))
         context.verify_mode = ssl.CERT_OPTIONAL

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 MIB = 1024 * 1024
@@ -131,6 +132,10 @@ class ProxySettings:
     """Worker processes sharing the proxied port with SO_REUSEPORT."""
     extra_owned_headers: frozenset[str] = field(default_factory=frozenset)
     """Additional lower-case header names never accepted from callers."""
+    upstream_protocol: Literal["http1", "http2"] = "http1"
+    """What the backend speaks, and so what the proxied port speaks: `http2` serves HTTP/2
+    only (TLS ALPN `h2`, plaintext h2c with prior knowledge; an HTTP/1.1 request gets 505,
+    so `Upgrade: h2c` never switches) and forwards over HTTP/2, which gRPC needs."""
 
     def __post_init__(self) -> None:
         if self.kube and (not self.namespace or not self.policy_configmap):
@@ -147,3 +152,5 @@ class ProxySettings:
             raise ValueError("--request-head-timeout and --idle-timeout must be > 0 seconds")
         if self.max_connections < 1:
             raise ValueError("--max-connections must be >= 1")
+        if self.upstream_protocol not in ("http1", "http2"):
+            raise ValueError("--upstream-protocol must be http1 or http2")
