@@ -187,6 +187,11 @@ class RawClient:
                 self._handle(event)
             self.flush()
 
+    async def settle(self, seconds: float) -> None:
+        """Handle whatever arrives within `seconds` (no condition, no failure)."""
+        with contextlib.suppress(TimeoutError, AssertionError):
+            await self.pump(lambda: False, within=seconds)
+
     def _handle(self, event: h2.events.Event) -> None:
         sid = getattr(event, "stream_id", None) or 0
         answer = self.answers.get(sid)

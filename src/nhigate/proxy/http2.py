@@ -51,6 +51,7 @@ import orjson
 from aiohttp import HttpVersion, web
 from h2.errors import ErrorCodes
 from h2.utilities import HeaderValidationFlags, validate_headers
+from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from nhigate.policy import Policy, Reason
@@ -389,14 +390,17 @@ class Http2Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.SettingsAcknowledged):
             self._settings_acked = True
         elif isinstance(event, h2.events.ConnectionTerminated):
+            # The client's GOAWAY: h2 allows nothing more to be sent after it, so the
+            # streams still open end here.
             self._closing = True
-            if not self._streams:
-                self._close()
+            for stream in list(self._streams.values()):
+                self._stream_gone(stream)
+            self._close()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id or 0
-        if self._closing:
-            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        if self._closing:  # after our GOAWAY: not processed, the client may retry it
+            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         stream = InboundStream(
             self, stream_id, list(event.headers or ()), event.stream_ended is not None
@@ -517,7 +521,7 @@ class Http2Connection(asyncio.Protocol):
         self._check(stream)
         try:
             self._h2.send_headers(stream.stream_id, headers, end_stream=end)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream or (client GOAWAY) connection closed
             raise StreamGoneError from None
         self._flush()
 
@@ -533,14 +537,14 @@ class Http2Connection(asyncio.Protocol):
             h2c = self._h2
             try:
                 window = h2c.local_flow_control_window(stream.stream_id)
-            except h2.exceptions.StreamClosedError:
+                size = min(window, h2c.max_outbound_frame_size, len(view))
+                if size <= 0 and len(view):
+                    await self._writable()
+                    continue
+                last = size == len(view)
+                h2c.send_data(stream.stream_id, bytes(view[:size]), end_stream=end and last)
+            except h2.exceptions.ProtocolError:
                 raise StreamGoneError from None
-            size = min(window, h2c.max_outbound_frame_size, len(view))
-            if size <= 0 and len(view):
-                await self._writable()
-                continue
-            last = size == len(view)
-            h2c.send_data(stream.stream_id, bytes(view[:size]), end_stream=end and last)
             self._flush()
             view = view[size:]
             if last:
@@ -549,7 +553,10 @@ class Http2Connection(asyncio.Protocol):
     def end(self, stream: InboundStream) -> None:
         """END_STREAM with no trailers."""
         self._check(stream)
-        self._h2.end_stream(stream.stream_id)
+        try:
+            self._h2.end_stream(stream.stream_id)
+        except h2.exceptions.ProtocolError:
+            raise StreamGoneError from None
         self._flush()
 
     def reset(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
@@ -558,7 +565,7 @@ class Http2Connection(asyncio.Protocol):
             return
         try:
             self._h2.reset_stream(stream_id, code)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             return
         self._flush()
 
@@ -572,7 +579,7 @@ class Http2Connection(asyncio.Protocol):
             if state is not None and not state.closed:
                 self._h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
                 self._flush()
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             return
 
     def credit(self, stream_id: int, size: int) -> None:
@@ -580,7 +587,7 @@ class Http2Connection(asyncio.Protocol):
             return
         try:
             self._h2.acknowledge_received_data(size, stream_id)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             return
         self._flush()
 
@@ -608,12 +615,19 @@ class Http2Connection(asyncio.Protocol):
             transport.close()
 
     def go_away(self) -> None:
-        """Graceful shutdown: GOAWAY, finish the open streams, then close."""
-        if self.transport is None:
+        """Graceful shutdown: GOAWAY, finish the open streams, then close.
+
+        The GOAWAY frame is written directly: h2's state machine treats a GOAWAY it sends
+        as the end of the connection and would refuse to answer the streams still open."""
+        transport = self.transport
+        if transport is None or self._closing:
             return
         self._closing = True
-        self._h2.close_connection(ErrorCodes.NO_ERROR)
         self._flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._h2.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        transport.write(frame.serialize())
         if not self._streams:
             self._close()
 
@@ -791,6 +805,7 @@ class Http2Gateway:
                 pump = asyncio.get_running_loop().create_task(
                     self._pump_body(stream, upstream, form)
                 )
+                pump.add_done_callback(_retrieved)
             try:
                 status, response_headers = await upstream.response_head()
             except UpstreamTimeoutError as exc:
@@ -947,6 +962,12 @@ class Http2Gateway:
 
 HTTP2_GATEWAY: web.AppKey[Http2Gateway] = web.AppKey("nhigate_http2_gateway", Http2Gateway)
 """The HTTP/2 front of an application whose upstream speaks HTTP/2 (absent otherwise)."""
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """The body pump's failure is read where it matters (`_raise_pump`); never logged as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _grpc_status_of(headers: Headers) -> int | None:
