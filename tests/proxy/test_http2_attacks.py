@@ -22,7 +22,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from nhigate.policy import normalise_path
-from nhigate.proxy.http2 import MAX_HEADER_LIST_SIZE, RESET_BUDGET
+from nhigate.proxy.http2 import HARD_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE, RESET_BUDGET
 
 GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
@@ -430,15 +430,34 @@ async def test_malformed_header_blocks_get_400_and_audit(
     assert len(backend.streams) == 1  # only the good request
 
 
+@pytest.mark.parametrize("acked", [False, True])
 async def test_oversized_header_list_is_431(
-    h2proxy: Any, client: RawClient, backend: Backend
+    acked: bool, h2proxy: Any, client: RawClient, backend: Backend
 ) -> None:
+    if acked:  # h2 applies the advertised bound only once the client acknowledged it
+        await client.pump(lambda: client.conn.remote_settings.max_header_list_size is not None)
+        await client.settle(0.2)
     big = [(f"x-big-{i}".encode(), b"v" * 4000) for i in range(MAX_HEADER_LIST_SIZE // 4000)]
     sid = client.request(extra=big, token=h2proxy.token())
     answer = await client.answer(sid)
     assert answer.status == 431
     record = await last_audit(h2proxy)
     assert (record["reason"], record["status"]) == ("request_rejected", 431)
+    assert backend.streams == []
+    good = client.request(token=h2proxy.token())  # the connection stays usable
+    assert (await client.answer(good)).status == 200
+
+
+async def test_header_list_over_the_hard_bound_ends_the_connection(
+    h2proxy: Any, client: RawClient, backend: Backend
+) -> None:
+    huge = [(f"x-huge-{i}".encode(), b"v" * 8000) for i in range(HARD_HEADER_LIST_SIZE // 8000 + 1)]
+    client.request(extra=huge, token=h2proxy.token())
+    await client.pump(lambda: client.goaway is not None)
+    assert client.goaway is not None
+    record = await last_audit(h2proxy)
+    assert record["reason"] == "request_rejected"
+    assert "header" in record["detail"].lower()
     assert backend.streams == []
 
 

@@ -85,6 +85,9 @@ MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 32 * 1024
 """Largest request header list (name + value + 32 per field, as RFC 9113 counts) -> 431."""
 
+HARD_HEADER_LIST_SIZE = 64 * 1024
+"""Header lists larger than this are not even decoded: GOAWAY (h2's HPACK bomb bound)."""
+
 CONNECTION_WINDOW = 1024 * 1024
 """Request bytes a connection may have buffered across its streams (flow-control window)."""
 
@@ -389,6 +392,9 @@ class Http2Connection(asyncio.Protocol):
             self._wake_writers()
         elif isinstance(event, h2.events.SettingsAcknowledged):
             self._settings_acked = True
+            # h2 now decodes at most what we advertised and ends the connection beyond it;
+            # keep its hard bound above ours, so a list over ours is a 431 on its stream.
+            self._h2.decoder.max_header_list_size = HARD_HEADER_LIST_SIZE
         elif isinstance(event, h2.events.ConnectionTerminated):
             # The client's GOAWAY: h2 allows nothing more to be sent after it, so the
             # streams still open end here.
