@@ -152,10 +152,10 @@ class InboundStream:
 
     __slots__ = (
         "_body",
-        "_conn",
         "_ended",
         "_waiter",
         "authority",
+        "connection",
         "gone",
         "headers",
         "method",
@@ -167,7 +167,8 @@ class InboundStream:
     )
 
     def __init__(self, conn: Http2Connection, stream_id: int, raw: Headers, ended: bool) -> None:
-        self._conn = conn
+        self.connection = conn
+        """The client connection the stream is on."""
         self.stream_id = stream_id
         self.raw = raw
         self.method = ""
@@ -189,11 +190,11 @@ class InboundStream:
 
     @property
     def remote(self) -> str | None:
-        return self._conn.peer
+        return self.connection.peer
 
     @property
     def transport(self) -> asyncio.Transport | None:
-        return self._conn.transport
+        return self.connection.transport
 
     # -- the header block ------------------------------------------------------------------
 
@@ -267,7 +268,7 @@ class InboundStream:
 
     def credit(self, flow_controlled: int) -> None:
         """Let the client send `flow_controlled` more bytes on this stream."""
-        self._conn.credit(self.stream_id, flow_controlled)
+        self.connection.credit(self.stream_id, flow_controlled)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -726,8 +727,10 @@ class Http2Gateway:
         except DenyError as denied:
             await self._deny(stream, ex, denied, grpc_call)
         except (StreamGoneError, asyncio.CancelledError):
+            # Reset by the client, or h2 refused to send on it: either way it is over.
+            stream.connection.reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
             if ex.decision is not None and ex.decision.allowed and not ex.audited:
-                pipeline.audit_allowed(ex, ex.status, "client reset the stream")
+                pipeline.audit_allowed(ex, ex.status, "the stream ended before the answer did")
         except Exception as exc:  # fail closed: deny and audit, never crash
             log.exception("internal error handling HTTP/2 request %s", ex.request_id)
             failure = DenyError(Reason.INTERNAL_ERROR, type(exc).__name__)
@@ -795,7 +798,7 @@ class Http2Gateway:
             raise DenyError(Reason.BODY_TOO_LARGE, f"Content-Length {length} > {self._max_body}")
         head = self._upstream_head(stream, ex, policy, target)
         form = form_kind(stream.headers.get("content-type", ""))
-        conn = stream._conn
+        conn = stream.connection
         sent = time.perf_counter()
         try:
             upstream = await pool.open_stream(head, end_stream=stream.ended)
@@ -888,8 +891,7 @@ class Http2Gateway:
     ) -> None:
         """Backend response -> client: head, body (flow-controlled), trailers."""
         head: Headers = [(b":status", str(status).encode("ascii"))]
-        for name, value in filter_response_headers(response_headers):
-            head.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        head.extend(_response_fields(response_headers))
         head.append((b"x-request-id", ex.request_id.encode("ascii")))
         detail: str | None = None
         status_in_head = _grpc_status_of(response_headers)
@@ -910,7 +912,7 @@ class Http2Gateway:
                 await conn.send_data(stream, chunk)
             trailers = upstream.trailers()
             if trailers:
-                kept = [(n, v) for n, v in trailers if n[:1] != b":"]
+                kept = _response_fields(trailers)
                 ex.grpc_status = _grpc_status_of(kept)
                 conn.send_headers(stream, kept, end=True)
             else:
@@ -939,7 +941,7 @@ class Http2Gateway:
             ex.grpc_status = grpc_status(status)
         self.pipeline.record(ex, "deny", reason, grant, status, denied.detail)
         ex.audited = True
-        conn = stream._conn
+        conn = stream.connection
         extra: Headers = [(b"x-request-id", ex.request_id.encode("ascii"))]
         for name, value in (denied.extra_headers or {}).items():
             extra.append((name.lower().encode("latin-1"), value.encode("latin-1")))
@@ -968,6 +970,13 @@ class Http2Gateway:
 
 HTTP2_GATEWAY: web.AppKey[Http2Gateway] = web.AppKey("nhigate_http2_gateway", Http2Gateway)
 """The HTTP/2 front of an application whose upstream speaks HTTP/2 (absent otherwise)."""
+
+
+def _response_fields(headers: Headers) -> Headers:
+    """The backend's response headers or trailers as sent on: hop-by-hop and
+    `Connection`-named ones dropped (headers.py), no pseudo-headers, names lower-case."""
+    kept = filter_response_headers(h for h in headers if h[0][:1] != b":")
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in kept]
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
