@@ -617,3 +617,70 @@ async def test_idle_connection_gets_goaway(h2proxy: Any, client: RawClient) -> N
     await client.pump(lambda: client.goaway is not None, within=6.0)
     assert client.goaway is not None
     assert client.goaway.error_code == ErrorCodes.NO_ERROR
+
+
+# -- the HTTP/1.1 path's other refusals, on HTTP/2 ---------------------------------------
+
+
+async def test_method_override_metadata_is_refused(
+    h2proxy: Any, client: RawClient, backend: Backend
+) -> None:
+    sid = client.request(
+        method=b"POST", extra=[(b"x-http-method-override", b"DELETE")], token=h2proxy.token()
+    )
+    answer = await client.answer(sid)
+    assert answer.status == 400
+    record = await last_audit(h2proxy)
+    assert record["reason"] == "override_rejected"
+    assert backend.streams == []
+
+
+async def test_body_over_the_limit_is_413(kit: Any, backend: Backend, signing_key: Any) -> None:
+    harness, runner = await kit.start_proxy(
+        f"http://127.0.0.1:{backend.port}",
+        key=signing_key,
+        upstream_protocol="http2",
+        max_body_bytes=1000,
+    )
+    client = await RawClient.connect(int(harness.url.rsplit(":", 1)[1]))
+    try:
+        declared = client.request(
+            method=b"POST", extra=[(b"content-length", b"5000")], token=harness.token(), end=False
+        )
+        assert (await client.answer(declared)).status == 413
+        assert backend.streams == []  # refused on the declared length, before the backend
+        streamed = client.request(method=b"POST", token=harness.token(), end=False)
+        for _ in range(3):
+            client.conn.send_data(streamed, b"z" * 600)
+        client.flush()
+        answer = await client.answer(streamed)
+        assert answer.status == 413
+        records = await harness.wait_audit(2)
+        assert [r["reason"] for r in records] == ["body_too_large", "body_too_large"]
+        assert len(backend.bodies.get(3, b"")) <= 1000  # never more than the limit forwarded
+    finally:
+        await client.close()
+        await harness.session.close()
+        await runner.cleanup()
+
+
+async def test_no_policy_is_503_and_grpc_unavailable(
+    kit: Any, backend: Backend, signing_key: Any
+) -> None:
+    harness, runner = await kit.start_proxy(
+        f"http://127.0.0.1:{backend.port}",
+        key=signing_key,
+        upstream_protocol="http2",
+        policy_grants=None,
+    )
+    client = await RawClient.connect(int(harness.url.rsplit(":", 1)[1]))
+    try:
+        sid = client.request(b"/pkg.Svc/M", method=b"POST", extra=GRPC, token=harness.token())
+        answer = await client.answer(sid)
+        assert answer.field(b"grpc-status") == b"14"
+        record = await last_audit(harness)
+        assert (record["reason"], record["status"]) == ("no_policy", 503)
+    finally:
+        await client.close()
+        await harness.session.close()
+        await runner.cleanup()

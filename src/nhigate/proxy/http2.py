@@ -816,7 +816,7 @@ class Http2Gateway:
                 )
                 pump.add_done_callback(_retrieved)
             try:
-                status, response_headers = await upstream.response_head()
+                status, response_headers = await self._response_head(upstream, pump)
             except UpstreamTimeoutError as exc:
                 raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
             except UpstreamUnavailableError as exc:
@@ -833,6 +833,23 @@ class Http2Gateway:
                 pump.cancel()
             # Always safe: frees the slot; RST_STREAM only for an exchange not over yet.
             upstream.reset()
+
+    async def _response_head(
+        self, upstream: UpstreamStream, pump: asyncio.Task[None] | None
+    ) -> tuple[int, Headers]:
+        """The backend's response head; a request body that fails first (too large, an
+        override in a form, the client gone) ends the wait with its refusal."""
+        if pump is None or pump.done():
+            return await upstream.response_head()
+        head = asyncio.ensure_future(upstream.response_head())
+        try:
+            await asyncio.wait((head, pump), return_when=asyncio.FIRST_COMPLETED)
+            if not head.done() and pump.exception() is not None:
+                self._raise_pump(pump)
+            return await head
+        finally:
+            if not head.done():
+                head.cancel()
 
     def _raise_pump(self, pump: asyncio.Task[None]) -> None:
         exc = pump.exception()
