@@ -744,7 +744,9 @@ class Http2Gateway:
         if grpc_call:
             ex.grpc = grpc_method(path)
         policy = pipeline.current_policy(ex)
-        ex.identity = identity = await pipeline.authenticate(stream, authorization)
+        ex.identity = identity = pipeline.authenticate_now(
+            stream, authorization
+        ) or await pipeline.authenticate(stream, authorization)
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = pipeline.tenant(stream, service, identity)
