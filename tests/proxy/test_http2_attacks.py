@@ -22,7 +22,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from nhigate.policy import normalise_path
-from nhigate.proxy.http2 import MAX_HEADER_LIST_SIZE, RESET_BUDGET
+from nhigate.proxy.http2 import HARD_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE, RESET_BUDGET
 
 GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
@@ -186,6 +186,11 @@ class RawClient:
             for event in events:
                 self._handle(event)
             self.flush()
+
+    async def settle(self, seconds: float) -> None:
+        """Handle whatever arrives within `seconds` (no condition, no failure)."""
+        with contextlib.suppress(TimeoutError, AssertionError):
+            await self.pump(lambda: False, within=seconds)
 
     def _handle(self, event: h2.events.Event) -> None:
         sid = getattr(event, "stream_id", None) or 0
@@ -425,15 +430,34 @@ async def test_malformed_header_blocks_get_400_and_audit(
     assert len(backend.streams) == 1  # only the good request
 
 
+@pytest.mark.parametrize("acked", [False, True])
 async def test_oversized_header_list_is_431(
-    h2proxy: Any, client: RawClient, backend: Backend
+    acked: bool, h2proxy: Any, client: RawClient, backend: Backend
 ) -> None:
+    if acked:  # h2 applies the advertised bound only once the client acknowledged it
+        await client.pump(lambda: client.conn.remote_settings.max_header_list_size is not None)
+        await client.settle(0.2)
     big = [(f"x-big-{i}".encode(), b"v" * 4000) for i in range(MAX_HEADER_LIST_SIZE // 4000)]
     sid = client.request(extra=big, token=h2proxy.token())
     answer = await client.answer(sid)
     assert answer.status == 431
     record = await last_audit(h2proxy)
     assert (record["reason"], record["status"]) == ("request_rejected", 431)
+    assert backend.streams == []
+    good = client.request(token=h2proxy.token())  # the connection stays usable
+    assert (await client.answer(good)).status == 200
+
+
+async def test_header_list_over_the_hard_bound_ends_the_connection(
+    h2proxy: Any, client: RawClient, backend: Backend
+) -> None:
+    huge = [(f"x-huge-{i}".encode(), b"v" * 8000) for i in range(HARD_HEADER_LIST_SIZE // 8000 + 1)]
+    client.request(extra=huge, token=h2proxy.token())
+    await client.pump(lambda: client.goaway is not None)
+    assert client.goaway is not None
+    record = await last_audit(h2proxy)
+    assert record["reason"] == "request_rejected"
+    assert "header" in record["detail"].lower()
     assert backend.streams == []
 
 
@@ -593,3 +617,70 @@ async def test_idle_connection_gets_goaway(h2proxy: Any, client: RawClient) -> N
     await client.pump(lambda: client.goaway is not None, within=6.0)
     assert client.goaway is not None
     assert client.goaway.error_code == ErrorCodes.NO_ERROR
+
+
+# -- the HTTP/1.1 path's other refusals, on HTTP/2 ---------------------------------------
+
+
+async def test_method_override_metadata_is_refused(
+    h2proxy: Any, client: RawClient, backend: Backend
+) -> None:
+    sid = client.request(
+        method=b"POST", extra=[(b"x-http-method-override", b"DELETE")], token=h2proxy.token()
+    )
+    answer = await client.answer(sid)
+    assert answer.status == 400
+    record = await last_audit(h2proxy)
+    assert record["reason"] == "override_rejected"
+    assert backend.streams == []
+
+
+async def test_body_over_the_limit_is_413(kit: Any, backend: Backend, signing_key: Any) -> None:
+    harness, runner = await kit.start_proxy(
+        f"http://127.0.0.1:{backend.port}",
+        key=signing_key,
+        upstream_protocol="http2",
+        max_body_bytes=1000,
+    )
+    client = await RawClient.connect(int(harness.url.rsplit(":", 1)[1]))
+    try:
+        declared = client.request(
+            method=b"POST", extra=[(b"content-length", b"5000")], token=harness.token(), end=False
+        )
+        assert (await client.answer(declared)).status == 413
+        assert backend.streams == []  # refused on the declared length, before the backend
+        streamed = client.request(method=b"POST", token=harness.token(), end=False)
+        for _ in range(3):
+            client.conn.send_data(streamed, b"z" * 600)
+        client.flush()
+        answer = await client.answer(streamed)
+        assert answer.status == 413
+        records = await harness.wait_audit(2)
+        assert [r["reason"] for r in records] == ["body_too_large", "body_too_large"]
+        assert len(backend.bodies.get(3, b"")) <= 1000  # never more than the limit forwarded
+    finally:
+        await client.close()
+        await harness.session.close()
+        await runner.cleanup()
+
+
+async def test_no_policy_is_503_and_grpc_unavailable(
+    kit: Any, backend: Backend, signing_key: Any
+) -> None:
+    harness, runner = await kit.start_proxy(
+        f"http://127.0.0.1:{backend.port}",
+        key=signing_key,
+        upstream_protocol="http2",
+        policy_grants=None,
+    )
+    client = await RawClient.connect(int(harness.url.rsplit(":", 1)[1]))
+    try:
+        sid = client.request(b"/pkg.Svc/M", method=b"POST", extra=GRPC, token=harness.token())
+        answer = await client.answer(sid)
+        assert answer.field(b"grpc-status") == b"14"
+        record = await last_audit(harness)
+        assert (record["reason"], record["status"]) == ("no_policy", 503)
+    finally:
+        await client.close()
+        await harness.session.close()
+        await runner.cleanup()

@@ -17,6 +17,7 @@ import pytest
 from nhigate.policy import ServiceConfig
 from nhigate.policy.document import UpstreamCredential
 from nhigate.proxy import app as proxy_app
+from nhigate.proxy import pipeline as proxy_pipeline
 from nhigate.proxy.forward import UnsafeHeadError, serialise_head
 
 BAD_VALUES = [
@@ -136,7 +137,7 @@ async def test_an_identity_value_with_crlf_is_refused_even_without_the_value_enc
         assert upstream.last_header("X-Nhigate-Subject") == ["ci%0D%0AX-Nhigate-Grant: admin"]
         assert upstream.last_header("X-Nhigate-Grant") == ["evil/read"]
         # Without it (a regression, simulated): the serialiser still refuses.
-        monkeypatch.setattr(proxy_app, "safe_header_value", lambda value: value)
+        monkeypatch.setattr(proxy_pipeline, "safe_header_value", lambda value: value)
         harness.app[proxy_app.PIPELINE]._last_identity_headers = (None, None, [])
         before = len(upstream.requests)
         async with harness.session.get(f"{harness.url}/v1/items/2", headers=evil) as resp:

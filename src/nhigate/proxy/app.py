@@ -165,7 +165,9 @@ class ProxyHandler(Pipeline):
     async def _pipeline(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         path, query, authorization = self.target(request, ex)
         policy = self.current_policy(ex)
-        ex.identity = identity = await self.authenticate(request, authorization)
+        ex.identity = identity = self.authenticate_now(
+            request, authorization
+        ) or await self.authenticate(request, authorization)
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = self.tenant(request, service, identity)

@@ -51,6 +51,7 @@ import orjson
 from aiohttp import HttpVersion, web
 from h2.errors import ErrorCodes
 from h2.utilities import HeaderValidationFlags, validate_headers
+from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from nhigate.policy import Policy, Reason
@@ -83,6 +84,9 @@ MAX_CONCURRENT_STREAMS = 100
 
 MAX_HEADER_LIST_SIZE = 32 * 1024
 """Largest request header list (name + value + 32 per field, as RFC 9113 counts) -> 431."""
+
+HARD_HEADER_LIST_SIZE = 64 * 1024
+"""Header lists larger than this are not even decoded: GOAWAY (h2's HPACK bomb bound)."""
 
 CONNECTION_WINDOW = 1024 * 1024
 """Request bytes a connection may have buffered across its streams (flow-control window)."""
@@ -148,10 +152,10 @@ class InboundStream:
 
     __slots__ = (
         "_body",
-        "_conn",
         "_ended",
         "_waiter",
         "authority",
+        "connection",
         "gone",
         "headers",
         "method",
@@ -163,7 +167,8 @@ class InboundStream:
     )
 
     def __init__(self, conn: Http2Connection, stream_id: int, raw: Headers, ended: bool) -> None:
-        self._conn = conn
+        self.connection = conn
+        """The client connection the stream is on."""
         self.stream_id = stream_id
         self.raw = raw
         self.method = ""
@@ -185,11 +190,11 @@ class InboundStream:
 
     @property
     def remote(self) -> str | None:
-        return self._conn.peer
+        return self.connection.peer
 
     @property
     def transport(self) -> asyncio.Transport | None:
-        return self._conn.transport
+        return self.connection.transport
 
     # -- the header block ------------------------------------------------------------------
 
@@ -263,7 +268,7 @@ class InboundStream:
 
     def credit(self, flow_controlled: int) -> None:
         """Let the client send `flow_controlled` more bytes on this stream."""
-        self._conn.credit(self.stream_id, flow_controlled)
+        self.connection.credit(self.stream_id, flow_controlled)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -388,15 +393,21 @@ class Http2Connection(asyncio.Protocol):
             self._wake_writers()
         elif isinstance(event, h2.events.SettingsAcknowledged):
             self._settings_acked = True
+            # h2 now decodes at most what we advertised and ends the connection beyond it;
+            # keep its hard bound above ours, so a list over ours is a 431 on its stream.
+            self._h2.decoder.max_header_list_size = HARD_HEADER_LIST_SIZE
         elif isinstance(event, h2.events.ConnectionTerminated):
+            # The client's GOAWAY: h2 allows nothing more to be sent after it, so the
+            # streams still open end here.
             self._closing = True
-            if not self._streams:
-                self._close()
+            for stream in list(self._streams.values()):
+                self._stream_gone(stream)
+            self._close()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id or 0
-        if self._closing:
-            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        if self._closing:  # after our GOAWAY: not processed, the client may retry it
+            self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         stream = InboundStream(
             self, stream_id, list(event.headers or ()), event.stream_ended is not None
@@ -517,7 +528,7 @@ class Http2Connection(asyncio.Protocol):
         self._check(stream)
         try:
             self._h2.send_headers(stream.stream_id, headers, end_stream=end)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream or (client GOAWAY) connection closed
             raise StreamGoneError from None
         self._flush()
 
@@ -533,14 +544,14 @@ class Http2Connection(asyncio.Protocol):
             h2c = self._h2
             try:
                 window = h2c.local_flow_control_window(stream.stream_id)
-            except h2.exceptions.StreamClosedError:
+                size = min(window, h2c.max_outbound_frame_size, len(view))
+                if size <= 0 and len(view):
+                    await self._writable()
+                    continue
+                last = size == len(view)
+                h2c.send_data(stream.stream_id, bytes(view[:size]), end_stream=end and last)
+            except h2.exceptions.ProtocolError:
                 raise StreamGoneError from None
-            size = min(window, h2c.max_outbound_frame_size, len(view))
-            if size <= 0 and len(view):
-                await self._writable()
-                continue
-            last = size == len(view)
-            h2c.send_data(stream.stream_id, bytes(view[:size]), end_stream=end and last)
             self._flush()
             view = view[size:]
             if last:
@@ -549,7 +560,10 @@ class Http2Connection(asyncio.Protocol):
     def end(self, stream: InboundStream) -> None:
         """END_STREAM with no trailers."""
         self._check(stream)
-        self._h2.end_stream(stream.stream_id)
+        try:
+            self._h2.end_stream(stream.stream_id)
+        except h2.exceptions.ProtocolError:
+            raise StreamGoneError from None
         self._flush()
 
     def reset(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
@@ -558,7 +572,7 @@ class Http2Connection(asyncio.Protocol):
             return
         try:
             self._h2.reset_stream(stream_id, code)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             return
         self._flush()
 
@@ -572,7 +586,7 @@ class Http2Connection(asyncio.Protocol):
             if state is not None and not state.closed:
                 self._h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
                 self._flush()
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             return
 
     def credit(self, stream_id: int, size: int) -> None:
@@ -580,7 +594,7 @@ class Http2Connection(asyncio.Protocol):
             return
         try:
             self._h2.acknowledge_received_data(size, stream_id)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
             return
         self._flush()
 
@@ -608,12 +622,19 @@ class Http2Connection(asyncio.Protocol):
             transport.close()
 
     def go_away(self) -> None:
-        """Graceful shutdown: GOAWAY, finish the open streams, then close."""
-        if self.transport is None:
+        """Graceful shutdown: GOAWAY, finish the open streams, then close.
+
+        The GOAWAY frame is written directly: h2's state machine treats a GOAWAY it sends
+        as the end of the connection and would refuse to answer the streams still open."""
+        transport = self.transport
+        if transport is None or self._closing:
             return
         self._closing = True
-        self._h2.close_connection(ErrorCodes.NO_ERROR)
         self._flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._h2.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        transport.write(frame.serialize())
         if not self._streams:
             self._close()
 
@@ -706,8 +727,10 @@ class Http2Gateway:
         except DenyError as denied:
             await self._deny(stream, ex, denied, grpc_call)
         except (StreamGoneError, asyncio.CancelledError):
+            # Reset by the client, or h2 refused to send on it: either way it is over.
+            stream.connection.reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
             if ex.decision is not None and ex.decision.allowed and not ex.audited:
-                pipeline.audit_allowed(ex, ex.status, "client reset the stream")
+                pipeline.audit_allowed(ex, ex.status, "the stream ended before the answer did")
         except Exception as exc:  # fail closed: deny and audit, never crash
             log.exception("internal error handling HTTP/2 request %s", ex.request_id)
             failure = DenyError(Reason.INTERNAL_ERROR, type(exc).__name__)
@@ -721,7 +744,9 @@ class Http2Gateway:
         if grpc_call:
             ex.grpc = grpc_method(path)
         policy = pipeline.current_policy(ex)
-        ex.identity = identity = await pipeline.authenticate(stream, authorization)
+        ex.identity = identity = pipeline.authenticate_now(
+            stream, authorization
+        ) or await pipeline.authenticate(stream, authorization)
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = pipeline.tenant(stream, service, identity)
@@ -775,7 +800,7 @@ class Http2Gateway:
             raise DenyError(Reason.BODY_TOO_LARGE, f"Content-Length {length} > {self._max_body}")
         head = self._upstream_head(stream, ex, policy, target)
         form = form_kind(stream.headers.get("content-type", ""))
-        conn = stream._conn
+        conn = stream.connection
         sent = time.perf_counter()
         try:
             upstream = await pool.open_stream(head, end_stream=stream.ended)
@@ -791,8 +816,9 @@ class Http2Gateway:
                 pump = asyncio.get_running_loop().create_task(
                     self._pump_body(stream, upstream, form)
                 )
+                pump.add_done_callback(_retrieved)
             try:
-                status, response_headers = await upstream.response_head()
+                status, response_headers = await self._response_head(upstream, pump)
             except UpstreamTimeoutError as exc:
                 raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
             except UpstreamUnavailableError as exc:
@@ -809,6 +835,23 @@ class Http2Gateway:
                 pump.cancel()
             # Always safe: frees the slot; RST_STREAM only for an exchange not over yet.
             upstream.reset()
+
+    async def _response_head(
+        self, upstream: UpstreamStream, pump: asyncio.Task[None] | None
+    ) -> tuple[int, Headers]:
+        """The backend's response head; a request body that fails first (too large, an
+        override in a form, the client gone) ends the wait with its refusal."""
+        if pump is None or pump.done():
+            return await upstream.response_head()
+        head = asyncio.ensure_future(upstream.response_head())
+        try:
+            await asyncio.wait((head, pump), return_when=asyncio.FIRST_COMPLETED)
+            if not head.done() and pump.exception() is not None:
+                self._raise_pump(pump)
+            return await head
+        finally:
+            if not head.done():
+                head.cancel()
 
     def _raise_pump(self, pump: asyncio.Task[None]) -> None:
         exc = pump.exception()
@@ -867,8 +910,7 @@ class Http2Gateway:
     ) -> None:
         """Backend response -> client: head, body (flow-controlled), trailers."""
         head: Headers = [(b":status", str(status).encode("ascii"))]
-        for name, value in filter_response_headers(response_headers):
-            head.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        head.extend(_response_fields(response_headers))
         head.append((b"x-request-id", ex.request_id.encode("ascii")))
         detail: str | None = None
         status_in_head = _grpc_status_of(response_headers)
@@ -889,7 +931,7 @@ class Http2Gateway:
                 await conn.send_data(stream, chunk)
             trailers = upstream.trailers()
             if trailers:
-                kept = [(n, v) for n, v in trailers if n[:1] != b":"]
+                kept = _response_fields(trailers)
                 ex.grpc_status = _grpc_status_of(kept)
                 conn.send_headers(stream, kept, end=True)
             else:
@@ -918,7 +960,7 @@ class Http2Gateway:
             ex.grpc_status = grpc_status(status)
         self.pipeline.record(ex, "deny", reason, grant, status, denied.detail)
         ex.audited = True
-        conn = stream._conn
+        conn = stream.connection
         extra: Headers = [(b"x-request-id", ex.request_id.encode("ascii"))]
         for name, value in (denied.extra_headers or {}).items():
             extra.append((name.lower().encode("latin-1"), value.encode("latin-1")))
@@ -947,6 +989,19 @@ class Http2Gateway:
 
 HTTP2_GATEWAY: web.AppKey[Http2Gateway] = web.AppKey("nhigate_http2_gateway", Http2Gateway)
 """The HTTP/2 front of an application whose upstream speaks HTTP/2 (absent otherwise)."""
+
+
+def _response_fields(headers: Headers) -> Headers:
+    """The backend's response headers or trailers as sent on: hop-by-hop and
+    `Connection`-named ones dropped (headers.py), no pseudo-headers, names lower-case."""
+    kept = filter_response_headers(h for h in headers if h[0][:1] != b":")
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in kept]
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """The body pump's failure is read where it matters (`_raise_pump`); never logged as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _grpc_status_of(headers: Headers) -> int | None:
