@@ -166,14 +166,18 @@ class Authenticator:
         if len(authorization) > _MAX_HEADER_LENGTH:
             return _TOO_LARGE
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme != "Bearer" and scheme.lower() != "bearer":  # (the usual spelling: no lower())
             return _NOT_BEARER
         token = token.strip(" \t")
         if not token:
             return _EMPTY
+        identity = self._cache.lookup(token)
+        if identity is not None:
+            return identity
+        # (checked after the lookup: only ASCII tokens are ever cached, so a hit needs no check)
         if not token.isascii():
             return _NOT_ASCII
-        return self._cache.lookup(token)  # None: not cached, expired or keys changed
+        return None  # not cached, expired or keys changed: verify
 
     async def _verify(self, token: str) -> Identity | AuthnFailure:
         """Verify `token` against each issuer configured with its `iss` (the first success

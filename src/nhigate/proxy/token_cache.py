@@ -68,10 +68,11 @@ class TokenCache:
         entry = self._entries.get(token)
         if entry is None:
             return None
-        if entry[3].generation == entry[4] and entry[1] <= self._clock() < entry[2]:
+        identity, not_before, expires_at, source, generation = entry
+        if source.generation == generation and not_before <= self._clock() < expires_at:
             self._entries.move_to_end(token)
             self.hits += 1
-            return entry[0]
+            return identity
         self._drop(token)
         return None
 
