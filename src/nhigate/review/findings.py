@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -89,10 +88,6 @@ def seen_subjects(usage: GrantUsage) -> list[bool]:
     if not usage.identities_complete:
         return [True] * len(subjects)
     return [any(subject_seen(s, i) for i in usage.identities) for s in subjects]
-
-
-def _fmt_time(moment: datetime) -> str:
-    return format_seconds(moment.timestamp())
 
 
 def _days(seconds: float) -> str:
@@ -193,7 +188,7 @@ def lifetime_findings(grant: RouteGrant, settings: ReviewSettings) -> list[Findi
         return [
             Finding(
                 Kind.EXPIRED,
-                f"expired at {_fmt_time(spec.expires_at)}: it allows nothing; delete it",
+                f"expired at {format_seconds(expires)}: it allows nothing; delete it",
             )
         ]
     start = spec.not_before.timestamp() if spec.not_before is not None else settings.at
@@ -203,7 +198,7 @@ def lifetime_findings(grant: RouteGrant, settings: ReviewSettings) -> list[Findi
             Finding(
                 Kind.LONG_WINDOW,
                 f"valid for {_days(window)} (more than {_days(settings.max_window)}), until "
-                f"{_fmt_time(spec.expires_at)}",
+                f"{format_seconds(expires)}",
                 {"seconds": window},
             )
         ]

@@ -12,12 +12,12 @@ import gzip
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, BinaryIO, NamedTuple, cast
 
 import orjson
 
 from nhigate.policy.paths import is_canonical_path
+from nhigate.policy.times import parse_rfc3339
 
 GZIP_MAGIC = b"\x1f\x8b"
 POLICY_ALLOWED_DENIALS = frozenset({"rate_limited"})
@@ -85,7 +85,7 @@ class _Clock:
     def epoch(self, text: str) -> float:
         hour = text[:13]  # 2026-11-23T17
         if hour != self._hour:
-            base = datetime.fromisoformat(hour + ":00:00+00:00").timestamp()
+            base = parse_rfc3339(hour + ":00:00Z")
             self._hour, self._epoch = hour, base
         rest = text[19:]
         if text[13] == ":" and text[16] == ":" and (rest == "Z" or rest[:1] == "."):
@@ -94,7 +94,7 @@ class _Clock:
                 return self._epoch + seconds
             if rest[-1:] == "Z" and rest[1:-1].isdigit():
                 return self._epoch + seconds + float("0" + rest[:-1])
-        return datetime.fromisoformat(text).timestamp()  # another offset: the slow, exact way
+        return parse_rfc3339(text)  # another offset: the slow, exact way (no offset: refused)
 
 
 _STRINGS = (str, str, str)
