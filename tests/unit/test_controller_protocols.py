@@ -283,6 +283,19 @@ def test_http1_adds_no_flag() -> None:
     assert m.proxy_args(make_ps(), HTTP1) == m.proxy_args(make_ps())
 
 
+@pytest.mark.parametrize(("protocol", "expected"), [(HTTP1, "http1"), (HTTP2, "http2")])
+def test_the_rendered_command_line_parses_as_the_proxys_own(
+    protocol: BackendProtocol, expected: str
+) -> None:
+    """The pod's args run `nhigate proxy` with the resolved protocol (a renamed flag fails here)."""
+    from nhigate.cli.main import build_parser
+    from nhigate.cli.proxy import settings_from_args
+
+    args = m.proxy_args(make_ps("HTTP/2" if protocol == HTTP2 else None), protocol)
+    settings = settings_from_args(build_parser("proxy").parse_args(args))
+    assert settings.upstream_protocol == expected
+
+
 def _fixture() -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads(FIXTURE.read_text())
     return loaded

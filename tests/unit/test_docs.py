@@ -16,8 +16,8 @@ from prometheus_client import generate_latest
 
 from nhigate.api import conditions
 from nhigate.policy import Reason
-from nhigate.proxy.app import STATUS_FOR
 from nhigate.proxy.metrics import ProxyMetrics
+from nhigate.proxy.pipeline import STATUS_FOR
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

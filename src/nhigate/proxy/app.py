@@ -72,9 +72,6 @@ from nhigate.proxy.overrides import (
     form_kind,
 )
 from nhigate.proxy.pipeline import (
-    STATUS_FOR as STATUS_FOR,  # re-exported: docs and tests name app.STATUS_FOR
-)
-from nhigate.proxy.pipeline import (
     DenyError,
     Exchange,
     Pipeline,
