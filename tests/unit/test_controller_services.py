@@ -196,3 +196,21 @@ def test_a_backend_without_selector_is_a_problem_not_an_open_namespace() -> None
     assert plan.problem is not None
     assert plan.problem.reason == "Error"
     assert "has no selector" in plan.problem.message
+
+
+async def test_an_event_is_stamped_by_the_writers_clock() -> None:
+    """Events and conditions read one clock: the one the controller injects."""
+    created: list[dict[str, Any]] = []
+
+    class _Client:
+        async def create(self, body: dict[str, Any]) -> None:
+            created.append(body)
+
+    writer = StatusWriter(
+        cast(KubeClient, _Client()), field_manager="t", logger=logging.getLogger("t"),
+        clock=lambda: NOW,
+    )  # fmt: skip
+    involved = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "n"}}
+    await writer.post_event(involved, "Warning", "BypassFound", "m")
+    (event,) = created
+    assert event["firstTimestamp"] == event["lastTimestamp"] == "2027-01-15T08:00:00Z"

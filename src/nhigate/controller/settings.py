@@ -9,6 +9,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from nhigate.policy.kinds import GROUP
+
 IDENTITY_ENV = ("POD_ID", "POD_NAME")
 """Environment variables naming this replica, first set wins (the chart sets both from the
 downward API's metadata.name; kopf itself reads only POD_ID)."""
@@ -57,7 +59,7 @@ class ControllerSettings:
     """`HOST:PORT` for the liveness endpoint (`/healthz`); None: no endpoint."""
     field_manager: str = "nhigate"
     """Server-side apply field manager for everything the controller writes."""
-    annotation_prefix: str = "nhigate.io"
+    annotation_prefix: str = GROUP
     """Prefix of kopf's progress and diff-base annotations."""
     drift_interval: float = 60.0
     """Seconds between full re-applies of each ProtectedService (corrects manual drift)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from nhigate.api import conditions as c
@@ -20,6 +19,7 @@ from nhigate.api.models import Condition, RouteGrantStatus
 from nhigate.api.validation import StatusModel
 from nhigate.controller.status import merge_conditions
 from nhigate.k8s import ROUTEGRANTS, KubeClient, KubeError, ResourceRef
+from nhigate.policy.times import format_seconds
 
 JSON = dict[str, Any]
 StatusModelT = TypeVar("StatusModelT", bound=StatusModel)
@@ -123,7 +123,7 @@ class StatusWriter:
     ) -> None:
         """Post a core/v1 Event about `involved`; failures are logged, never raised."""
         meta = involved.get("metadata") or {}
-        now = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = format_seconds(self.clock())
         event = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -15,6 +15,11 @@ def format_seconds(epoch: float) -> str:
     return datetime.fromtimestamp(int(epoch), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def format_micro(epoch: float) -> str:
+    """Epoch seconds -> RFC 3339 UTC with microseconds (`...05.250000Z`, metav1.MicroTime)."""
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def parse_rfc3339(text: str) -> float:
     """RFC 3339 with `Z` or an offset, any fraction (Time or MicroTime) -> epoch seconds.
 

@@ -40,6 +40,7 @@ from nhigate.policy import (
     unpack_document,
 )
 from nhigate.policy import decode_document as decode_policy_document
+from nhigate.policy.times import format_micro
 from nhigate.policy.usage import (
     HOUR,
     USAGE_ANNOTATION,
@@ -329,7 +330,7 @@ def lease_manifest(
     service: str,
     replica: str,
     version: str,
-    now: datetime,
+    now: float,
     usage: str | None = None,
 ) -> dict[str, Any]:
     """The Lease a replica applies to report the policy version it serves and, when given,
@@ -349,7 +350,7 @@ def lease_manifest(
         "spec": {
             "holderIdentity": replica,
             "leaseDurationSeconds": 15,
-            "renewTime": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "renewTime": format_micro(now),
         },
     }
 
@@ -417,7 +418,7 @@ class LeaseReporter:
             document.service.name,
             self._replica,
             policy.version,
-            datetime.fromtimestamp(now, UTC),
+            now,
             usage,
         )
         await self._client.apply(manifest, field_manager="nhigate-proxy")
