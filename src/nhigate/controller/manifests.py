@@ -2,8 +2,8 @@
 
 Each builder returns a plain dict ready for server-side apply (apiVersion,
 kind, metadata with name, namespace, labels and a controller ownerReference to
-the ProtectedService). Names and labels follow docs/API_SPEC ("Names of what the
-controller creates"). Nothing here talks to the API server; the reconcile
+the ProtectedService). Names and labels: docs/architecture.md, "What the controller
+creates per ProtectedService". Nothing here talks to the API server; the reconcile
 handlers call these and apply the result with field manager `nhigate`.
 """
 
@@ -266,7 +266,7 @@ H2C_APP_PROTOCOL = "kubernetes.io/h2c"
 def proxy_args(
     ps: ProtectedService, protocol: BackendProtocol = BackendProtocol.HTTP1
 ) -> list[str]:
-    """`nhigate proxy --kube ...` arguments, exactly as docs/API_SPEC "Proxy command line".
+    """`nhigate proxy --kube ...` arguments (docs/architecture.md, "What the controller creates").
 
     `protocol` is the backend's, as resolved (`controller/protocols.py`); HTTP/1.1 adds no
     flag, so the pods of HTTP/1.1 services are exactly what they were before HTTP/2 existed
