@@ -90,7 +90,7 @@ async def setup_service(kube: KubeClient, ns: str, **ps_spec: Any) -> None:
 
 
 def renew(ns: str, replica: str, version: str, duration: int = 15) -> dict[str, Any]:
-    """The Lease a proxy replica writes (API_SPEC "Proxy replica reports")."""
+    """The Lease a proxy replica writes (docs/architecture.md, data flow step 6 "Report")."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
     return {
         "apiVersion": "coordination.k8s.io/v1",
