@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,13 +34,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from processes import spawn, wait_port
+from processes import (
+    cpu_seconds,
+    free_port,
+    percentile,
+    serve_granted_proxy,
+    spawn,
+    wait_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "proxy"))
 
-ISSUER = "https://bench.issuer"
-AUDIENCE = "bench-api"
 CALL = json.dumps(
     {
         "jsonrpc": "2.0",
@@ -51,17 +55,6 @@ CALL = json.dumps(
     }
 ).encode()
 LIST = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tool_names(count: int) -> list[str]:
@@ -106,51 +99,14 @@ def serve_upstream(port: int, tools: int) -> None:
 
 def serve_nhigate(upstream_port: int, port: int, tools: int) -> None:
     """nhigate with a policy: a path grant for /v1/items/* and an MCP grant on /mcp."""
-    from jwt_factory import claims_for, jwks_for, make_signing_key, sign
+    from nhigate.policy import McpRule, Rule
 
-    from nhigate.policy import (
-        Grant,
-        IssuerConfig,
-        McpRule,
-        Rule,
-        ServiceConfig,
-        TokenSubject,
-        compile_policy,
-        make_document,
-    )
-    from nhigate.proxy import server
-    from nhigate.proxy.policy_source import PolicyHolder
-    from nhigate.proxy.settings import ProxySettings, Upstream
-
-    key = make_signing_key("ES256", kid="bench")
-    issuer = IssuerConfig(
-        name="bench",
-        issuer=ISSUER,
-        audiences=(AUDIENCE,),
-        algorithms=("ES256",),
-        max_token_lifetime_seconds=7200,
-        clock_skew_seconds=30,
-        jwks=jwks_for(key),
-    )
     granted = tuple(tool_names(tools)[: max(1, tools // 2)])
-    subject = (TokenSubject(issuer="bench", subject="agent"),)
-    grants = (
-        Grant("bench/http", subject, (Rule(frozenset({"POST"}), ("/v1/items/*",)),)),
-        Grant("bench/mcp", subject, (Rule(frozenset(), (), McpRule(tools=granted)),)),
-    )
-    service = ServiceConfig("bench", "bench-api", "api", upstream_port, mcp_endpoints=("/mcp",))
-    policy = compile_policy(make_document(service, (issuer,), grants, ()))
-    token = sign(key, claims_for(ISSUER, AUDIENCE, "agent", lifetime=3600))
-    print(json.dumps({"token": token}), flush=True)
-    settings = ProxySettings(
-        upstream=Upstream("http", "127.0.0.1", upstream_port),
-        listen_port=port,
-        admin_port=free_port(),
-        audit_log="/dev/null",
-    )
-    holder = PolicyHolder()
-    holder.swap(policy)
-    server.run(settings, holder=holder)
+    rules = {
+        "http": (Rule(frozenset({"POST"}), ("/v1/items/*",)),),
+        "mcp": (Rule(frozenset(), (), McpRule(tools=granted)),),
+    }
+    serve_granted_proxy(upstream_port, port, rules, mcp_endpoints=("/mcp",))
 
 
 # --- load ----------------------------------------------------------------------------------------
@@ -190,11 +146,6 @@ async def load(
 
     await asyncio.gather(*(one() for _ in range(connections)))
     return len(latencies), latencies, bad
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def proxy_cases(args: argparse.Namespace) -> dict[str, Any]:

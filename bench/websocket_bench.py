@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,24 +38,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from processes import spawn, wait_port
+from processes import (
+    cpu_seconds,
+    free_port,
+    percentile,
+    serve_granted_proxy,
+    spawn,
+    wait_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "proxy"))
-
-ISSUER = "https://bench.issuer"
-AUDIENCE = "bench-api"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve_backend(port: int) -> None:
@@ -81,46 +73,10 @@ def serve_backend(port: int) -> None:
 
 def serve_nhigate(backend_port: int, port: int) -> None:
     """nhigate declaring /ws as a WebSocket path, with a grant for GET /ws."""
-    from jwt_factory import claims_for, jwks_for, make_signing_key, sign
+    from nhigate.policy import Rule
 
-    from nhigate.policy import (
-        Grant,
-        IssuerConfig,
-        Rule,
-        ServiceConfig,
-        TokenSubject,
-        compile_policy,
-        make_document,
-    )
-    from nhigate.proxy import server
-    from nhigate.proxy.policy_source import PolicyHolder
-    from nhigate.proxy.settings import ProxySettings, Upstream
-
-    key = make_signing_key("ES256", kid="bench")
-    issuer = IssuerConfig(
-        name="bench",
-        issuer=ISSUER,
-        audiences=(AUDIENCE,),
-        algorithms=("ES256",),
-        max_token_lifetime_seconds=7200,
-        clock_skew_seconds=30,
-        jwks=jwks_for(key),
-    )
-    subject = (TokenSubject(issuer="bench", subject="agent"),)
-    grants = (Grant("bench/ws", subject, (Rule(frozenset({"GET"}), ("/ws",)),)),)
-    service = ServiceConfig("bench", "bench-api", "api", backend_port, websocket_paths=("/ws",))
-    policy = compile_policy(make_document(service, (issuer,), grants, ()))
-    token = sign(key, claims_for(ISSUER, AUDIENCE, "agent", lifetime=3600))
-    print(json.dumps({"token": token}), flush=True)
-    settings = ProxySettings(
-        upstream=Upstream("http", "127.0.0.1", backend_port),
-        listen_port=port,
-        admin_port=free_port(),
-        audit_log="/dev/null",
-    )
-    holder = PolicyHolder()
-    holder.swap(policy)
-    server.run(settings, holder=holder)
+    rules = {"ws": (Rule(frozenset({"GET"}), ("/ws",)),)}
+    serve_granted_proxy(backend_port, port, rules, websocket_paths=("/ws",))
 
 
 def serve_relay(backend_port: int, port: int) -> None:
@@ -231,11 +187,6 @@ async def idle_cost(url: str, token: str, pid: int, count: int) -> dict[str, flo
         "kib_per_connection": (after - before) / count,
         "idle_cpu_percent": idle_cpu * 100,
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def cases(args: argparse.Namespace) -> dict[str, Any]:
