@@ -83,7 +83,13 @@ class ConnectionAudit:
     upstream: str
 
     def _write(
-        self, reason: Reason, status: int, request_id: str, peer: str | None, **kw: Any
+        self,
+        reason: Reason,
+        status: int,
+        request_id: str,
+        peer: str | None,
+        method: str = "-",
+        **kw: Any,
     ) -> None:
         policy = self.holder.current
         self.audit.write(
@@ -92,7 +98,7 @@ class ConnectionAudit:
                 request_id=request_id,
                 decision="deny",
                 reason=reason.value,
-                method="-",
+                method=method,
                 path="",
                 upstream=self.upstream,
                 status=status,
@@ -134,22 +140,8 @@ class ConnectionAudit:
     ) -> None:
         """A connection refused at the protocol level (HTTP/2 GOAWAY, or a 505 for HTTP/1.1
         on an HTTP/2 port); `status` 0: no HTTP response was possible."""
-        policy = self.holder.current
-        self.audit.write(
-            AuditEvent(
-                time=self.clock(),
-                request_id=request_id,
-                decision="deny",
-                reason=reason.value,
-                method=method,
-                path="",
-                upstream=self.upstream,
-                status=status,
-                duration_ms=waited * 1000.0,
-                policy_version=policy.version if policy is not None else None,
-                peer=peer,
-                detail=detail,
-            )
+        self._write(
+            reason, status, request_id, peer, method, duration_ms=waited * 1000.0, detail=detail
         )
         self.metrics.observe_request("deny", reason.value, None, waited)
 
