@@ -470,6 +470,11 @@ def main() -> int:
         help="nhigate's HTTP/1.1 front end (--http1-server); both: a `nhigate-native` case "
         "beside `nhigate` (throughput runs only)",
     )
+    parser.add_argument(
+        "--no-oauth2-proxy",
+        action="store_true",
+        help="leave oauth2-proxy out (it is built from the Go module proxy on first use)",
+    )
     parser.add_argument("--serve-nhigate", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--shared-token", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -509,7 +514,7 @@ def main() -> int:
         return 0
     peers.ensure_packages()
     connections = [int(c) for c in args.connections.split(",")]
-    oauth2_proxy = peers.oauth2_proxy_binary()
+    oauth2_proxy = None if args.no_oauth2_proxy else peers.oauth2_proxy_binary()
     processes: list[subprocess.Popen[Any]] = []
     results: list[Result] = []
     audit_lines = 0
@@ -566,9 +571,12 @@ def main() -> int:
             o2_args = peers.oauth2_proxy_args(
                 port=o2_port, upstream=up_port, issuer=oidc.issuer, audience=AUDIENCE
             )
-            o2 = peers.start_oauth2_proxy(oauth2_proxy, o2_args, PROXY_CPU)
-            processes.append(o2)
-            for port in (up_port, nginx_port, nh_port, nha_port, ha_port, o2_port):
+            o2: subprocess.Popen[Any] | None = None
+            if oauth2_proxy is not None:
+                o2 = peers.start_oauth2_proxy(oauth2_proxy, o2_args, PROXY_CPU)
+                processes.append(o2)
+                wait_port(o2_port)
+            for port in (up_port, nginx_port, nh_port, nha_port, ha_port):
                 wait_port(port)
             if native is not None:
                 wait_port(nhn_port)
@@ -579,7 +587,7 @@ def main() -> int:
                 ("direct", up_port),
                 ("nginx", nginx_port),
                 ("haproxy+jwt", ha_port),
-                ("oauth2-proxy", o2_port),
+                *((("oauth2-proxy", o2_port),) if o2 is not None else ()),
                 ("nhigate", nh_port),
                 ("nhigate+audit", nha_port),
             ]
@@ -593,7 +601,7 @@ def main() -> int:
                 "direct": with_children(processes[0].pid),
                 "nginx": with_children(processes[1].pid),
                 "haproxy+jwt": [haproxy.pid],
-                "oauth2-proxy": [o2.pid],
+                "oauth2-proxy": [o2.pid] if o2 is not None else [],
                 "nhigate": [nh.pid],
                 "nhigate+audit": [nha.pid],
             }
@@ -632,7 +640,7 @@ def main() -> int:
     summary["peers"] = {
         "haproxy+jwt": {"version": peers.haproxy_version(), "config": haproxy_config},
         "oauth2-proxy": {
-            "version": peers.oauth2_proxy_version(oauth2_proxy),
+            "version": peers.oauth2_proxy_version(oauth2_proxy) if oauth2_proxy else "not run",
             "module": f"{peers.OAUTH2_PROXY_MODULE}@{peers.OAUTH2_PROXY_VERSION}",
             "command": ["oauth2-proxy", *o2_args],
             "env": {"GOMAXPROCS": "1"},

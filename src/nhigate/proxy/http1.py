@@ -9,10 +9,11 @@ guaranteed, in our code:
   NUL in a value, over 128 headers, a request line or header field over 8190 bytes): answered
   `400` with `Connection: close`, audited `request_rejected` ("refused by the HTTP parser"),
   and the connection closed — nothing after a framing error is parsed, so nothing desyncs.
-- **Pipelining**: requests are answered one at a time, in order; a refusal queued behind a
-  request is answered after it. Reading pauses while a request is queued behind the current
-  one, or while 256 KiB of request body wait for the pipeline (backpressure both ways:
-  response bytes wait for the socket through `pause_writing`/`drain`).
+- **Pipelining**: requests are answered one at a time, in order. A framing error refuses
+  the requests parsed with it that are not being served yet (as aiohttp refuses the whole
+  batch), after the one being served. Reading pauses while a request is queued behind the
+  current one, or while 256 KiB of request body wait for the pipeline; response bytes wait
+  for the socket (`pause_writing`/`drain`) before the next request is served.
 - **Timeouts and the bound** (connections.py's rules): one deadline per connection, from
   accept or from the first byte of a later head (`request_head_timeout`: 408 if part of a head
   arrived, else a silent close, both audited), and from the end of a response
@@ -346,10 +347,12 @@ class Http1Connection(asyncio.Protocol):
         self._url = []
         self._url_size = 0
         self._headers = []
-        if self._task is None and self._requests:  # a later head: its deadline runs from here
-            now = self._loop.time()
+        if not self._requests:
+            return  # the first head's deadline runs from the accept
+        now = self._loop.time()
+        self._head_started_at = now  # a later head: its deadline runs from its first byte
+        if self._task is None:
             self._waiting_since = now
-            self._head_started_at = now
             self._arm(now + self._limits.request_head_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -481,6 +484,11 @@ class Http1Connection(asyncio.Protocol):
                 if not keep or self.closing or self.transport is None:
                     self._close()
                     return
+                if self._write_paused:  # a client pipelining without reading gets no more
+                    try:
+                        await self.drain()
+                    except ConnectionError:
+                        return
                 if not self._queue and self._parser is None:  # EOF or upgrade: done
                     self._close()
                     return
