@@ -105,6 +105,7 @@ SINGLETON_HEADERS = frozenset(
     }
 )
 """Headers a request may carry once (aiohttp's parser refuses a second one)."""
+_SINGLETONS = frozenset(name.encode("ascii") for name in SINGLETON_HEADERS)
 
 _VERSIONS = {"1.1": HttpVersion11, "1.0": HttpVersion10}
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -264,6 +265,8 @@ class Http1Connection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._url_size = 0
         self._headers: list[tuple[str, str]] = []
+        self._singletons: set[bytes] = set()
+        self._content_length: int | None = None
         self._head_bytes = 0
         self._in_head = False
         self._head_started_at = 0.0
@@ -347,6 +350,8 @@ class Http1Connection(asyncio.Protocol):
         self._url = []
         self._url_size = 0
         self._headers = []
+        self._singletons = set()
+        self._content_length = None
         if not self._requests:
             return  # the first head's deadline runs from the accept
         now = self._loop.time()
@@ -374,6 +379,15 @@ class Http1Connection(asyncio.Protocol):
         if "\x00" in text:
             self._refusal = "Invalid header value char"
             raise _HeadRefusedError
+        lower = name.lower()
+        if lower in _SINGLETONS:
+            seen = self._singletons
+            if lower in seen:
+                self._refusal = f"Duplicate '{lower[:40].decode('latin-1')}' header found"
+                raise _HeadRefusedError
+            seen.add(lower)
+            if lower == b"content-length":
+                self._content_length = int(text)  # llhttp accepted digits only
         headers.append((name.decode("utf-8", "surrogateescape"), text))
 
     def on_headers_complete(self) -> None:
@@ -381,29 +395,18 @@ class Http1Connection(asyncio.Protocol):
         assert parser is not None
         self._in_head = False
         self._head_bytes = 0
-        seen: set[str] = set()
-        content_length: int | None = None
-        has_body = False
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower in SINGLETON_HEADERS:
-                if lower in seen:
-                    self._refusal = f"Duplicate '{name[:40]}' header found"
-                    raise _HeadRefusedError
-                seen.add(lower)
-                if lower == "content-length":
-                    content_length = int(value)  # llhttp accepted digits only
-                    has_body = content_length > 0
-                elif lower == "transfer-encoding":
-                    has_body = True  # llhttp refused anything but a final `chunked`
-        if content_length is not None and "transfer-encoding" in seen:
+        seen = self._singletons
+        content_length = self._content_length
+        chunked = b"transfer-encoding" in seen  # llhttp refused anything but a final `chunked`
+        if content_length is not None and chunked:
             self._refusal = "Content-Length with Transfer-Encoding"
             raise _HeadRefusedError
+        has_body = chunked or (content_length is not None and content_length > 0)
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             self._refusal = "Unsupported HTTP version"
             raise _HeadRefusedError
-        if version is HttpVersion11 and "host" not in seen:
+        if version is HttpVersion11 and b"host" not in seen:
             self._refusal = "Missing 'Host' header in request"
             raise _HeadRefusedError
         self._requests += 1
@@ -778,8 +781,9 @@ class Http1Front:
         fields = filter_response_headers(upstream.headers)
         close = not (request.keep_alive and request.body.done) or conn.closing
         head = [_status_line(status)]
-        for name, value in fields:
-            head.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+        if fields:
+            block = "\r\n".join(map(": ".join, fields))
+            head.append(block.encode("latin-1", "replace") + b"\r\n")
         no_body = status in _NO_BODY_STATUS or status < 200
         if ex.method == "HEAD" or no_body:
             length = _content_length(upstream.headers)
