@@ -938,7 +938,7 @@ class NativeRunner:
     def __init__(self, app: web.Application, *, shutdown_timeout: float = 15.0) -> None:
         self.app = app
         self._shutdown_timeout = shutdown_timeout
-        self._server: asyncio.Server | None = None
+        self._listener: asyncio.Server | None = None
         self.front: Http1Front | None = None
         self.port = 0
 
@@ -973,7 +973,7 @@ class NativeRunner:
         """Listen on `host:port`; the port bound."""
         front = self.front
         assert front is not None, "setup() first"
-        self._server = await asyncio.get_running_loop().create_server(
+        self._listener = await asyncio.get_running_loop().create_server(
             front.protocol,
             host,
             port,
@@ -981,14 +981,14 @@ class NativeRunner:
             backlog=backlog,
             reuse_port=reuse_port,
         )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
     async def cleanup(self) -> None:
-        server = self._server
+        server = self._listener
         if server is not None:
             server.close()
-            self._server = None
+            self._listener = None
         await self.app.shutdown()
         if self.front is not None:
             await self.front.shutdown(self._shutdown_timeout)
