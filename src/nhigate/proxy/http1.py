@@ -768,15 +768,18 @@ class Http1Front:
                 Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
             ) from None
         self._state.metrics.upstream_duration.observe(time.perf_counter() - sent)
-        await self._respond(request, ex, upstream, conn)
+        pending = self._respond_now(request, ex, upstream, conn)
+        if pending is not None:  # the body is still coming: stream it
+            await self._stream(request, ex, upstream, conn, pending)
 
-    async def _respond(
+    def _respond_now(
         self,
         request: NativeRequest,
         ex: Exchange,
         upstream: UpstreamResponse,
         conn: Http1Connection,
-    ) -> None:
+    ) -> list[bytes] | None:
+        """Answer a response that has no body to stream (no coroutine); else the head so far."""
         status = upstream.status
         fields = filter_response_headers(upstream.headers)
         close = not (request.keep_alive and request.body.done) or conn.closing
@@ -795,7 +798,7 @@ class Http1Front:
             conn.write(b"".join(head))
             upstream.close()
             self.pipeline.audit_allowed(ex, status)
-            return
+            return None
         if upstream.body is not None:  # the whole body arrived with the head
             body = upstream.body
             head.append(b"Content-Length: %d\r\n" % len(body))
@@ -805,7 +808,21 @@ class Http1Front:
             head.append(body)
             conn.write(b"".join(head))
             self.pipeline.audit_allowed(ex, status)
-            return
+            return None
+        return head
+
+    async def _stream(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        upstream: UpstreamResponse,
+        conn: Http1Connection,
+        head: list[bytes],
+    ) -> None:
+        """Stream the upstream body to the caller: its length, else chunked (HTTP/1.0: until
+        the close)."""
+        status = upstream.status
+        close = not (request.keep_alive and request.body.done) or conn.closing
         length = _content_length(upstream.headers)
         framed = length is not None or request.version >= HttpVersion11
         if length is not None:
