@@ -123,3 +123,40 @@ async def test_streamed_response_is_chunked_and_pipelined_answers_keep_their_ord
     assert not second.split(b"\r\n\r\n", 1)[1]  # HEAD: no body
     assert [r.raw_path for r in native.upstream.requests] == ["/a", "/b", "/c"]
     assert third.endswith(b"0\r\n\r\n")
+
+
+async def test_tls_listener_serves_and_forwards_https(
+    kit: Any, upstream: Any, signing_key: Any, tmp_path: Any
+) -> None:
+    import ssl
+
+    from test_websocket import _self_signed  # type: ignore[import-not-found]
+
+    from nhigate.proxy.http1 import NativeRunner
+
+    cert, key = _self_signed(tmp_path)
+    harness, runner = await kit.start_proxy(
+        upstream.url,
+        key=signing_key,
+        upstream=upstream,
+        tls_cert=cert,
+        tls_key=key,
+        http1_server="native",
+    )
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ssl.load_cert_chain(str(cert), str(key))
+    tls = NativeRunner(harness.app)
+    tls.front = runner.front  # a second listener over the same front end
+    try:
+        port = await tls.start("127.0.0.1", 0, ssl_context=server_ssl)
+        client_ssl = ssl.create_default_context(cafile=str(cert))
+        async with harness.session.get(
+            f"https://127.0.0.1:{port}/v1/items/1", headers=harness.auth(), ssl=client_ssl
+        ) as resp:
+            assert resp.status == 200
+        assert upstream.last_header("X-Forwarded-Proto") == ["https"]
+    finally:
+        if tls._listener is not None:
+            tls._listener.close()
+        await harness.session.close()
+        await runner.cleanup()
