@@ -222,7 +222,13 @@ def median_result(runs: list[Result]) -> Result:
 
 
 def serve_nhigate(
-    upstream_port: int, port: int, admin_port: int, grants: int, audit: str, shared: Path | None
+    upstream_port: int,
+    port: int,
+    admin_port: int,
+    grants: int,
+    audit: str,
+    shared: Path | None,
+    http1_server: str = "aiohttp",
 ) -> None:
     """Child process: run nhigate with an in-memory 1k-grant policy (no API server needed).
 
@@ -280,6 +286,7 @@ def serve_nhigate(
         listen_port=port,
         admin_port=admin_port,
         audit_log=audit,
+        http1_server=http1_server,  # type: ignore[arg-type]
     )
     holder = PolicyHolder()
     holder.swap(policy)
@@ -294,6 +301,7 @@ def start_nhigate(
     audit: str,
     wrapper: tuple[str, ...] = (),
     shared: Path | None = None,
+    http1_server: str = "aiohttp",
 ) -> tuple[subprocess.Popen[str], str]:
     """An nhigate child process pinned to the proxy CPU; returns it and its valid token."""
     serve = [str(up_port), str(port), str(admin), audit]
@@ -302,6 +310,7 @@ def start_nhigate(
             *("taskset", "-c", PROXY_CPU, *wrapper, sys.executable, __file__),
             *("--grants", str(grants), "--serve-nhigate", *serve),
             *(("--shared-token", str(shared)) if shared is not None else ()),
+            *("--http1-server", http1_server),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -394,7 +403,9 @@ class PythonUpstream:
         self._server.server_close()
 
 
-def count_instructions(workdir: Path, up_port: int, grants: int, count: int) -> dict[str, Any]:
+def count_instructions(
+    workdir: Path, up_port: int, grants: int, count: int, http1_server: str = "aiohttp"
+) -> dict[str, Any]:
     """User-space instructions per proxied request of nhigate, under valgrind's callgrind.
 
     Deterministic (it does not move with the machine's load, unlike time): the proxy
@@ -405,7 +416,9 @@ def count_instructions(workdir: Path, up_port: int, grants: int, count: int) -> 
     out = workdir / "callgrind.out"
     port, admin = free_port(), free_port()
     wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p")
-    process, token = start_nhigate(up_port, port, admin, grants, os.devnull, wrapper)
+    process, token = start_nhigate(
+        up_port, port, admin, grants, os.devnull, wrapper, http1_server=http1_server
+    )
     try:
         wait_port(port, timeout=600)
         sequential_requests(port, token, 50)
@@ -421,10 +434,15 @@ def count_instructions(workdir: Path, up_port: int, grants: int, count: int) -> 
     assert totals is not None
     per_request = int(totals.group(1)) / count
     print(
-        f"nhigate user-space instructions per request (callgrind, {count} requests): "
-        f"{per_request:,.0f}; non-200: {failed}"
+        f"nhigate ({http1_server} HTTP/1.1 front end) user-space instructions per request "
+        f"(callgrind, {count} requests): {per_request:,.0f}; non-200: {failed}"
     )
-    return {"instructions_per_request": per_request, "requests": count, "non200": failed}
+    return {
+        "instructions_per_request": per_request,
+        "requests": count,
+        "non200": failed,
+        "http1_server": http1_server,
+    }
 
 
 def main() -> int:
@@ -445,16 +463,34 @@ def main() -> int:
         action="store_true",
         help="with --instructions: a Python upstream in this process instead of nginx",
     )
+    parser.add_argument(
+        "--http1-server",
+        choices=("aiohttp", "native", "both"),
+        default="aiohttp",
+        help="nhigate's HTTP/1.1 front end (--http1-server); both: a `nhigate-native` case "
+        "beside `nhigate` (throughput runs only)",
+    )
+    parser.add_argument(
+        "--no-oauth2-proxy",
+        action="store_true",
+        help="leave oauth2-proxy out (it is built from the Go module proxy on first use)",
+    )
     parser.add_argument("--serve-nhigate", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--shared-token", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_nhigate:
         up, port, admin, audit = args.serve_nhigate
-        serve_nhigate(int(up), int(port), int(admin), args.grants, audit, args.shared_token)
+        serve_nhigate(
+            int(up), int(port), int(admin), args.grants, audit, args.shared_token, args.http1_server
+        )
         return 0
+    if args.instructions and args.http1_server == "both":
+        parser.error("--instructions counts one front end: --http1-server aiohttp or native")
     if args.instructions and args.python_upstream:
         with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp, PythonUpstream() as up:
-            counted = count_instructions(Path(tmp), up.port, args.grants, args.instructions)
+            counted = count_instructions(
+                Path(tmp), up.port, args.grants, args.instructions, args.http1_server
+            )
         if args.json is not None:
             args.json.write_text(json.dumps({"benchmark": "proxy", **counted}, indent=2) + "\n")
         return 0
@@ -467,7 +503,9 @@ def main() -> int:
             )
             try:
                 wait_port(up_port)
-                counted = count_instructions(Path(tmp), up_port, args.grants, args.instructions)
+                counted = count_instructions(
+                    Path(tmp), up_port, args.grants, args.instructions, args.http1_server
+                )
             finally:
                 upstream.terminate()
                 upstream.wait(timeout=10)
@@ -476,7 +514,7 @@ def main() -> int:
         return 0
     peers.ensure_packages()
     connections = [int(c) for c in args.connections.split(",")]
-    oauth2_proxy = peers.oauth2_proxy_binary()
+    oauth2_proxy = None if args.no_oauth2_proxy else peers.oauth2_proxy_binary()
     processes: list[subprocess.Popen[Any]] = []
     results: list[Result] = []
     audit_lines = 0
@@ -503,13 +541,23 @@ def main() -> int:
             body = PROXY_BODY.format(port=nginx_port, upstream=up_port)
             processes.append(start_nginx(workdir, "proxy", body, PROXY_CPU))
             # "nhigate": audit records serialised and written to /dev/null, metrics never scraped.
-            nh, _ = start_nhigate(up_port, nh_port, nh_admin, args.grants, os.devnull, (), shared)
+            front = "aiohttp" if args.http1_server == "both" else args.http1_server
+            nh, _ = start_nhigate(
+                up_port, nh_port, nh_admin, args.grants, os.devnull, (), shared, front
+            )
             processes.append(nh)
             # "nhigate+audit": audit lines appended to a file, /metrics scraped every second.
             nha, _ = start_nhigate(
-                up_port, nha_port, nha_admin, args.grants, str(audit), (), shared
+                up_port, nha_port, nha_admin, args.grants, str(audit), (), shared, front
             )
             processes.append(nha)
+            native: subprocess.Popen[str] | None = None
+            nhn_port = free_port()
+            if args.http1_server == "both":  # the same as "nhigate", on the native front end
+                native, _ = start_nhigate(
+                    up_port, nhn_port, free_port(), args.grants, os.devnull, (), shared, "native"
+                )
+                processes.append(native)
             haproxy_config = peers.haproxy_config(
                 port=ha_port,
                 upstream=up_port,
@@ -523,10 +571,15 @@ def main() -> int:
             o2_args = peers.oauth2_proxy_args(
                 port=o2_port, upstream=up_port, issuer=oidc.issuer, audience=AUDIENCE
             )
-            o2 = peers.start_oauth2_proxy(oauth2_proxy, o2_args, PROXY_CPU)
-            processes.append(o2)
-            for port in (up_port, nginx_port, nh_port, nha_port, ha_port, o2_port):
+            o2: subprocess.Popen[Any] | None = None
+            if oauth2_proxy is not None:
+                o2 = peers.start_oauth2_proxy(oauth2_proxy, o2_args, PROXY_CPU)
+                processes.append(o2)
+                wait_port(o2_port)
+            for port in (up_port, nginx_port, nh_port, nha_port, ha_port):
                 wait_port(port)
+            if native is not None:
+                wait_port(nhn_port)
             script = workdir / "auth.lua"
             script.write_text(WRK_SCRIPT.format(token=token))
             path = "/v1/items/123"
@@ -534,10 +587,12 @@ def main() -> int:
                 ("direct", up_port),
                 ("nginx", nginx_port),
                 ("haproxy+jwt", ha_port),
-                ("oauth2-proxy", o2_port),
+                *((("oauth2-proxy", o2_port),) if o2 is not None else ()),
                 ("nhigate", nh_port),
                 ("nhigate+audit", nha_port),
             ]
+            if native is not None:
+                cases.append(("nhigate-native", nhn_port))
             for name, port in cases[2:]:  # each authenticating proxy must refuse a forged token
                 require_refusal(name, port, path, forged(token))
             for name, port in cases:  # warm up: token cache, keep-alive pools
@@ -546,10 +601,12 @@ def main() -> int:
                 "direct": with_children(processes[0].pid),
                 "nginx": with_children(processes[1].pid),
                 "haproxy+jwt": [haproxy.pid],
-                "oauth2-proxy": [o2.pid],
+                "oauth2-proxy": [o2.pid] if o2 is not None else [],
                 "nhigate": [nh.pid],
                 "nhigate+audit": [nha.pid],
             }
+            if native is not None:
+                watched["nhigate-native"] = [native.pid]
             scraper = MetricsScraper(nha_admin)
             for conns in connections:
                 for name, port in cases:
@@ -583,7 +640,7 @@ def main() -> int:
     summary["peers"] = {
         "haproxy+jwt": {"version": peers.haproxy_version(), "config": haproxy_config},
         "oauth2-proxy": {
-            "version": peers.oauth2_proxy_version(oauth2_proxy),
+            "version": peers.oauth2_proxy_version(oauth2_proxy) if oauth2_proxy else "not run",
             "module": f"{peers.OAUTH2_PROXY_MODULE}@{peers.OAUTH2_PROXY_VERSION}",
             "command": ["oauth2-proxy", *o2_args],
             "env": {"GOMAXPROCS": "1"},

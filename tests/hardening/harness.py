@@ -50,6 +50,7 @@ from nhigate.policy import (
 from nhigate.proxy.aiohttp_seam import bound_port
 from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
+from nhigate.proxy.http1 import NativeRunner
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.rejects import rejected_request_audit
@@ -477,12 +478,18 @@ class ProxyThread:
             **self._app_options,
         )
         self.app = app
-        # The production runner (server.py): requests go straight to the pipeline.
-        runner = ProxyRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = bound_port(site)
+        # The production runners (server.py): requests go straight to the pipeline.
+        runner: Any
+        if settings.http1_server == "native":
+            runner = NativeRunner(app, shutdown_timeout=2.0)
+            await runner.setup()
+            self.port = await runner.start("127.0.0.1", 0)
+        else:
+            runner = ProxyRunner(app, shutdown_timeout=2.0, **rejected_request_audit(app))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = bound_port(site)
         if self.grants is not None:
             self.holder.swap(build_policy(self.key, self.grants))
         self._ready.set()
@@ -554,6 +561,10 @@ async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], within: floa
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.01)
+
+
+HTTP1_SERVERS = ("aiohttp", "native")
+"""The HTTP/1.1 front ends (`--http1-server`): module fixtures run their suite over each."""
 
 
 def free_port() -> int:

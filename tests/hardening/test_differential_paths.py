@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import pytest
 from harness import (
+    HTTP1_SERVERS,
     ISSUER_NAME,
     SUBJECT,
     ProxyThread,
@@ -142,9 +143,10 @@ def _identity(subject: str) -> Identity:
     return Identity(kind=IdentityKind.JWT, issuer=ISSUER_NAME, subject=subject)
 
 
-@pytest.fixture(scope="module")
-def proxy() -> Iterator[ProxyThread]:
-    with ProxyThread(make_signing_key("ES256", kid="diff"), GRANTS) as running:
+@pytest.fixture(scope="module", params=HTTP1_SERVERS)
+def proxy(request: pytest.FixtureRequest) -> Iterator[ProxyThread]:
+    key = make_signing_key("ES256", kid="diff")
+    with ProxyThread(key, GRANTS, http1_server=request.param) as running:
         yield running
 
 

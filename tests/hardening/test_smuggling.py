@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from harness import SUBJECT, ProxyThread, make_signing_key, raw_exchange, token_grant
+from harness import HTTP1_SERVERS, SUBJECT, ProxyThread, make_signing_key, raw_exchange, token_grant
 
 GRANTS = (
     token_grant("read", SUBJECT, ("/v1/items/**",), ("GET", "HEAD")),
@@ -411,9 +411,10 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def proxy() -> Iterator[ProxyThread]:
-    with ProxyThread(make_signing_key("ES256", kid="smuggle"), GRANTS) as running:
+@pytest.fixture(scope="module", params=HTTP1_SERVERS)
+def proxy(request: pytest.FixtureRequest) -> Iterator[ProxyThread]:
+    key = make_signing_key("ES256", kid="smuggle")
+    with ProxyThread(key, GRANTS, http1_server=request.param) as running:
         yield running
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -36,11 +36,18 @@ from nhigate.policy import (
 from nhigate.proxy.aiohttp_seam import bound_port
 from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
+from nhigate.proxy.http1 import NativeRunner
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder
 from nhigate.proxy.rejects import rejected_request_audit
 from nhigate.proxy.runner import ProxyRunner
 from nhigate.proxy.settings import ProxySettings, Upstream
+
+HTTP1_SERVERS = ("aiohttp", "native")
+"""The HTTP/1.1 front ends (`--http1-server`); suites that start a real proxy run over each."""
+
+_FRONT = {"server": "aiohttp"}
+"""The front end `start_proxy` serves with unless told (set by the `http1_server` fixture)."""
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "payments-api"
@@ -215,15 +222,18 @@ async def start_proxy(
     upstream: RecordingUpstream | None = None,
     routed: bool = False,
     **settings_kw: Any,
-) -> tuple[ProxyHarness, web.AppRunner]:
-    """A real proxy app on 127.0.0.1 with an in-memory audit sink.
+) -> tuple[ProxyHarness, Any]:
+    """A real proxy app on 127.0.0.1 with an in-memory audit sink; the runner has `cleanup()`.
 
     `routed`: served by a plain `web.AppRunner` (through aiohttp's router and the
-    pipeline's middleware) instead of `ProxyRunner`.
+    pipeline's middleware) instead of `ProxyRunner`. Otherwise the HTTP/1.1 front end is
+    `settings_kw["http1_server"]`, else the `http1_server` fixture's (aiohttp by default).
     """
     from urllib.parse import urlsplit
 
     parts = urlsplit(upstream_url)
+    if not routed:
+        settings_kw.setdefault("http1_server", _FRONT["server"])
     settings = ProxySettings(
         upstream=Upstream("http", parts.hostname or "127.0.0.1", parts.port or 80),
         listen_port=0,
@@ -236,12 +246,18 @@ async def start_proxy(
     sink = io.BytesIO()
     audit = AuditLog(sink)
     app = create_app(settings, holder=holder, metrics=metrics, audit=audit, clock=clock)
-    runner_class = web.AppRunner if routed else ProxyRunner
-    runner = runner_class(app, shutdown_timeout=2.0, **rejected_request_audit(app))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = bound_port(site)
+    runner: Any
+    if settings.http1_server == "native":
+        runner = NativeRunner(app, shutdown_timeout=2.0)
+        await runner.setup()
+        port = await runner.start("127.0.0.1", 0)
+    else:
+        runner_class = web.AppRunner if routed else ProxyRunner
+        runner = runner_class(app, shutdown_timeout=2.0, **rejected_request_audit(app))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = bound_port(site)
     if policy_grants is not None:
         holder.swap(build_policy(key, policy_grants))
     session = aiohttp.ClientSession()
@@ -258,6 +274,15 @@ async def start_proxy(
         app=app,
     )
     return harness, runner
+
+
+@pytest.fixture(params=HTTP1_SERVERS)
+def http1_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test over each HTTP/1.1 front end: `start_proxy` (and the `proxy` fixture) serve
+    with it. Modules opt in with `pytestmark = pytest.mark.usefixtures("http1_server")`."""
+    _FRONT["server"] = request.param
+    yield request.param
+    _FRONT["server"] = "aiohttp"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from jwt_factory import claims_for, sign
 
 from nhigate.policy import Revocation, ServiceConfig, TenantMapping
 
+pytestmark = pytest.mark.usefixtures("http1_server")
+
 
 async def _raw(url: str, request: bytes) -> bytes:
     """Send raw bytes (for request targets aiohttp's client will not produce)."""

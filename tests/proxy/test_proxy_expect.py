@@ -7,7 +7,11 @@ import contextlib
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
+
 from nhigate.proxy import app as proxy_app
+
+pytestmark = pytest.mark.usefixtures("http1_server")
 
 
 async def _exchange(url: str, head: str, body: bytes | None) -> tuple[bytes, bytes]:

@@ -6,7 +6,10 @@ import asyncio
 import io
 from typing import Any
 
+import pytest
 from yarl import URL
+
+pytestmark = pytest.mark.usefixtures("http1_server")
 
 
 async def test_allowed_request_reaches_upstream_with_identity_and_without_credential(

@@ -8,10 +8,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from nhigate.policy import RateLimit
 from nhigate.proxy.aiohttp_seam import bound_port
+
+pytestmark = pytest.mark.usefixtures("http1_server")
 
 
 async def test_body_over_the_limit_is_413(kit: Any, signing_key: Any, upstream: Any) -> None:

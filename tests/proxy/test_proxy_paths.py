@@ -9,6 +9,8 @@ import pytest
 
 from nhigate.policy import normalise_path
 
+pytestmark = pytest.mark.usefixtures("http1_server")
+
 # The grant allows GET /v1/items/** only; /admin and /v1/admin are not granted.
 TRICKS = [
     "/v1/items/../../admin",

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+pytestmark = pytest.mark.usefixtures("http1_server")
+
 HEAD = b"GET /v1/items/1 HTTP/1.1\r\nHost: proxy.test\r\n"
 
 
@@ -296,7 +298,9 @@ async def test_the_connection_bound_refuses_the_next_connection_and_counts_it(
             w.close()
 
 
-def test_the_limits_hold_under_uvloop_as_the_proxy_runs(signing_key: Any, kit: Any) -> None:
+def test_the_limits_hold_under_uvloop_as_the_proxy_runs(
+    signing_key: Any, kit: Any, http1_server: str
+) -> None:
     """`nhigate proxy` runs on uvloop, whose transports are not asyncio's classes."""
     import uvloop
 
@@ -313,6 +317,7 @@ def test_the_limits_hold_under_uvloop_as_the_proxy_runs(signing_key: Any, kit: A
             request_head_timeout=1.0,
             max_connections=2,
             audit_log=os.devnull,
+            http1_server=http1_server,  # type: ignore[arg-type]
         )
         task = asyncio.create_task(
             serve(settings, stop, on_started=lambda port, _: ports.update(port=port))
@@ -362,7 +367,9 @@ def test_limits_that_would_disable_the_guard_are_refused(
         ProxySettings(upstream=Upstream("http", "127.0.0.1", 80), **{field: value})
 
 
-async def test_the_admin_port_closes_silent_and_trickling_connections_too() -> None:
+async def test_the_admin_port_closes_silent_and_trickling_connections_too(
+    http1_server: str,
+) -> None:
     """A flood of silent connections to the admin port would exhaust the same process's fds."""
     from nhigate.proxy.server import serve
     from nhigate.proxy.settings import ProxySettings, Upstream
@@ -375,6 +382,7 @@ async def test_the_admin_port_closes_silent_and_trickling_connections_too() -> N
         admin_port=0,
         request_head_timeout=1.0,
         audit_log=os.devnull,
+        http1_server=http1_server,  # type: ignore[arg-type]
     )
     task = asyncio.create_task(
         serve(settings, stop, on_started=lambda _, admin: ports.update(admin=admin))

@@ -21,6 +21,8 @@ import pytest
 
 from nhigate.proxy.forward import NotRetriedError, UpstreamPool, serialise_head
 
+pytestmark = pytest.mark.usefixtures("http1_server")
+
 
 @dataclass
 class VanishingUpstream:

@@ -87,6 +87,12 @@ def add_parser(subparsers: Any) -> None:
         default=_default("upstream_protocol"),
         help="what the backend speaks; http2 makes the proxied port HTTP/2 only (gRPC)",
     )
+    p.add_argument(
+        "--http1-server",
+        choices=("aiohttp", "native"),
+        default=_default("http1_server"),
+        help="HTTP/1.1 front end of the proxied port; native has no WebSocket or MCP (501)",
+    )
     p.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to drain on stop")
     p.add_argument("--shutdown-delay", type=float, default=0.0, help="seconds unready before close")
     p.add_argument(
@@ -129,6 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         shutdown_delay=args.shutdown_delay,
         workers=args.workers,
         upstream_protocol=args.upstream_protocol,
+        http1_server=args.http1_server,
     )
 
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from nhigate.proxy.admin import create_admin_app
 from nhigate.proxy.aiohttp_seam import bound_port
 from nhigate.proxy.app import create_app
+from nhigate.proxy.http1 import NativeRunner
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import (
     ClusterSource,
@@ -128,12 +129,16 @@ async def serve(
     state = app[STATE]
     if settings.workers > 1:  # the workers share one Lease: each report is partial
         state.usage = UsageRecorder(complete=False)
-    runner = ProxyRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=settings.drain_timeout,
-        **rejected_request_audit(app),  # parser-refused requests are audited too
-    )
+    runner: ProxyRunner | NativeRunner
+    if settings.http1_server == "native":
+        runner = NativeRunner(app, shutdown_timeout=settings.drain_timeout)
+    else:
+        runner = ProxyRunner(
+            app,
+            handle_signals=False,
+            shutdown_timeout=settings.drain_timeout,
+            **rejected_request_audit(app),  # parser-refused requests are audited too
+        )
     # The admin port (probes, metrics, JWKS) has no connection guard, but aiohttp's keep-alive
     # timer closes a connection still waiting for a complete request head when it fires, so
     # a silent or trickling client there is cut as well (connections.py, docs/proxy.md).
@@ -146,23 +151,36 @@ async def serve(
     await runner.setup()
     await admin_runner.setup()
     reuse = settings.workers > 1
-    site = web.TCPSite(
-        runner,
-        settings.listen_host,
-        settings.listen_port,
-        ssl_context=server_ssl_context(settings),
-        backlog=1024,
-        reuse_port=reuse or None,
-    )
+    site: web.TCPSite | None = None
+    if isinstance(runner, ProxyRunner):
+        site = web.TCPSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            ssl_context=server_ssl_context(settings),
+            backlog=1024,
+            reuse_port=reuse or None,
+        )
     admin_site = web.TCPSite(
         admin_runner, settings.admin_host, settings.admin_port, reuse_port=reuse or None
     )
     tasks, close_client = await _start_sources(state, settings)
     try:
-        await site.start()
+        if site is not None:
+            await site.start()
+            port = bound_port(site)
+        else:
+            assert isinstance(runner, NativeRunner)
+            port = await runner.start(
+                settings.listen_host,
+                settings.listen_port,
+                ssl_context=server_ssl_context(settings),
+                backlog=1024,
+                reuse_port=reuse or None,
+            )
         await admin_site.start()
         if on_started is not None:
-            on_started(bound_port(site), bound_port(admin_site))
+            on_started(port, bound_port(admin_site))
         log.info(
             "nhigate proxy on %s:%d -> %s (admin %s:%d)",
             settings.listen_host,

@@ -136,6 +136,9 @@ class ProxySettings:
     """What the backend speaks, and so what the proxied port speaks: `http2` serves HTTP/2
     only (TLS ALPN `h2`, plaintext h2c with prior knowledge; an HTTP/1.1 request gets 505,
     so `Upgrade: h2c` never switches) and forwards over HTTP/2, which gRPC needs."""
+    http1_server: Literal["aiohttp", "native"] = "aiohttp"
+    """What serves HTTP/1.1 on the proxied port: aiohttp's web layer, or `native`
+    (`http1.py`: llhttp under our own protocol; no WebSocket relay or MCP endpoints)."""
 
     def __post_init__(self) -> None:
         if self.kube and (not self.namespace or not self.policy_configmap):
@@ -154,3 +157,10 @@ class ProxySettings:
             raise ValueError("--max-connections must be >= 1")
         if self.upstream_protocol not in ("http1", "http2"):
             raise ValueError("--upstream-protocol must be http1 or http2")
+        if self.http1_server not in ("aiohttp", "native"):
+            raise ValueError("--http1-server must be aiohttp or native")
+        if self.http1_server == "native" and self.upstream_protocol == "http2":
+            raise ValueError(
+                "--http1-server native serves HTTP/1.1 only; --upstream-protocol http2 makes "
+                "the port HTTP/2 only (keep the default --http1-server aiohttp)"
+            )

@@ -1,0 +1,1015 @@
+"""A native HTTP/1.1 front end: an `asyncio.Protocol` on httptools (llhttp) feeding `Pipeline`.
+
+Selected with `--http1-server native` (default `aiohttp`, `server.py`). It replaces aiohttp's
+web layer on the proxied port only — the admin port stays aiohttp — and keeps what that layer
+guaranteed, in our code:
+
+- **Parser refusals** (llhttp in strict mode, plus the checks aiohttp's own C parser adds on
+  top: a duplicate singleton header such as `Host` or `Content-Type`, no `Host` on HTTP/1.1,
+  NUL in a value, over 128 headers, a request line or header field over 8190 bytes): answered
+  `400` with `Connection: close`, audited `request_rejected` ("refused by the HTTP parser"),
+  and the connection closed — nothing after a framing error is parsed, so nothing desyncs.
+- **Pipelining**: requests are answered one at a time, in order. A framing error refuses
+  the requests parsed with it that are not being served yet (as aiohttp refuses the whole
+  batch), after the one being served. Reading pauses while a request is queued behind the
+  current one, or while 256 KiB of request body wait for the pipeline; response bytes wait
+  for the socket (`pause_writing`/`drain`) before the next request is served.
+- **Timeouts and the bound** (connections.py's rules): one deadline per connection, from
+  accept or from the first byte of a later head (`request_head_timeout`: 408 if part of a head
+  arrived, else a silent close, both audited), and from the end of a response
+  (`idle_timeout`: counted); over `max_connections` the canned 503 of `RefusedConnection`.
+- **Expect: 100-continue** is answered only once the request is authorised; a request whose
+  body was not read (refused before it) closes the connection after its answer.
+- **Not served here**: WebSocket relays and MCP endpoints. A valid handshake to a declared
+  WebSocket path gets `501` (`upgrade_rejected`) and an MCP endpoint `501`
+  (`request_rejected`), each audited; every other `Upgrade` is refused exactly as under
+  aiohttp (400). A policy that declares either logs an error on every swap. Use the aiohttp
+  front end for such services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import logging
+import secrets
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import cast
+
+import httptools
+import orjson
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from nhigate.policy import Policy, Reason
+from nhigate.policy.mcp import mcp_endpoint_of
+from nhigate.proxy.app import BUFFERED_BODY_LIMIT, PIPELINE, BodyTooLargeError
+from nhigate.proxy.connections import (
+    ConnectionAudit,
+    ConnectionLimits,
+    RefusedConnection,
+    canned_response,
+)
+from nhigate.proxy.forward import (
+    IDEMPOTENT_METHODS,
+    RequestBody,
+    UnsafeHeadError,
+    UpstreamResponse,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    chunked,
+    serialise_head,
+)
+from nhigate.proxy.headers import REQUEST_ID, filter_response_headers
+from nhigate.proxy.overrides import (
+    BodyOverrideError,
+    FormOverrideScanner,
+    check_form_body,
+    find_overrides,
+    form_kind,
+)
+from nhigate.proxy.pipeline import DenyError, Exchange, Pipeline
+from nhigate.proxy.state import STATE
+from nhigate.proxy.websocket import UpgradeRefusedError, declared_path, handshake_key
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 8190
+"""Longest request target (aiohttp's `max_line_size`)."""
+MAX_FIELD = 8190
+"""Longest header name or value (aiohttp's `max_field_size`)."""
+MAX_HEADERS = 128
+"""Most header fields in one request (aiohttp's `max_headers`)."""
+MAX_HEAD = (MAX_HEADERS + 1) * (2 * MAX_FIELD + 4)
+"""Bytes of one unfinished head httptools may buffer before the refusal."""
+BODY_HIGH_WATER = 256 * 1024
+"""Request body bytes buffered before reading from the client pauses."""
+
+SINGLETON_HEADERS = frozenset(
+    {
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    }
+)
+"""Headers a request may carry once (aiohttp's parser refuses a second one)."""
+_SINGLETONS = frozenset(name.encode("ascii") for name in SINGLETON_HEADERS)
+
+_VERSIONS = {"1.1": HttpVersion11, "1.0": HttpVersion10}
+_NO_BODY_STATUS = frozenset({204, 304})
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        line = f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[status] = line
+    return line
+
+
+class RequestBodyError(ConnectionError):
+    """The client's request body could not be read (framing error or the client left)."""
+
+
+class _HeadRefusedError(Exception):
+    """A parser callback refused the head (`_refusal` says why, naming no request bytes)."""
+
+
+class IncomingBody:
+    """A request's body as it arrives, with backpressure towards the client."""
+
+    __slots__ = ("_chunks", "_conn", "_size", "_waiter", "done", "error")
+
+    def __init__(self, conn: Http1Connection) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.error: Exception | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > BODY_HIGH_WATER:
+            self._conn.pause("body")
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        if not self.done:
+            self.error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def chunk(self) -> bytes:
+        """The next body bytes; b"" at the end."""
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+                self._chunks.clear()
+                self._size = 0
+                self._conn.resume("body")
+                return data
+            if self.done:
+                return b""
+            if self.error is not None:
+                raise self.error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.chunk():
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class NativeRequest:
+    """One parsed request head: a `pipeline.RequestView`, plus its framing and body."""
+
+    __slots__ = (
+        "body",
+        "content_length",
+        "has_body",
+        "headers",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "transport",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        raw_path: str,
+        version: HttpVersion,
+        headers: CIMultiDictProxy[str],
+        remote: str | None,
+        transport: asyncio.Transport | None,
+        body: IncomingBody,
+        keep_alive: bool,
+        content_length: int | None,
+        has_body: bool,
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers = headers
+        self.remote = remote
+        self.transport = transport
+        self.body = body
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.has_body = has_body
+
+
+class _Refusal:
+    """A parser refusal queued behind the requests before it (answered in order)."""
+
+    __slots__ = ("detail", "status")
+
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+
+
+def _date() -> str:
+    return email.utils.formatdate(usegmt=True)
+
+
+class Http1Connection(asyncio.Protocol):
+    """One client connection: llhttp parses, requests are served one at a time, in order."""
+
+    def __init__(self, front: Http1Front) -> None:
+        self._front = front
+        self._limits = front.limits
+        self._audit = front.audit
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self._peer: str | None = None
+        self._queue: deque[NativeRequest | _Refusal] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._reading: NativeRequest | None = None
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._headers: list[tuple[str, str]] = []
+        self._singletons: set[bytes] = set()
+        self._content_length: int | None = None
+        self._head_bytes = 0
+        self._in_head = False
+        self._head_started_at = 0.0
+        self._requests = 0
+        self._refusal: str | None = None
+        self._paused: set[str] = set()
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = float("inf")
+        self._waiting_since = 0.0
+        self.closing = False
+        self.response_started = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._front.connections.add(self)
+        now = self._loop.time()
+        self._waiting_since = now
+        self._arm(now + self._limits.request_head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return  # after a framing error nothing more is parsed
+        in_head = self._in_head
+        if in_head:
+            self._head_bytes += len(data)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgraded()
+            return
+        except Exception as exc:
+            self._parse_failed(exc)
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD:
+            self._refusal = "Request header fields too large"
+            self._parse_failed(_HeadRefusedError())
+
+    def eof_received(self) -> bool | None:
+        reading = self._reading
+        if reading is not None:
+            reading.body.fail(RequestBodyError("client closed the connection mid-body"))
+        if self._task is None and not self._queue:
+            return None  # close now
+        self._parser = None
+        return True  # answer what is queued, then close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._parser = None
+        self._front.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reading = self._reading
+        if reading is not None:
+            reading.body.fail(RequestBodyError("client went away mid-body"))
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("client went away"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- parser callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = []
+        self._url_size = 0
+        self._headers = []
+        self._singletons = set()
+        self._content_length = None
+        if not self._requests:
+            return  # the first head's deadline runs from the accept
+        now = self._loop.time()
+        self._head_started_at = now  # a later head: its deadline runs from its first byte
+        if self._task is None:
+            self._waiting_since = now
+            self._arm(now + self._limits.request_head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url_size += len(url)
+        if self._url_size > MAX_LINE:
+            self._refusal = "Status line is too long"
+            raise _HeadRefusedError
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+            self._refusal = "Got more than 8190 bytes when reading a header field"
+            raise _HeadRefusedError
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
+            self._refusal = "Too many headers received"
+            raise _HeadRefusedError
+        text = value.rstrip(b" \t").decode("utf-8", "surrogateescape")
+        if "\x00" in text:
+            self._refusal = "Invalid header value char"
+            raise _HeadRefusedError
+        lower = name.lower()
+        if lower in _SINGLETONS:
+            seen = self._singletons
+            if lower in seen:
+                self._refusal = f"Duplicate '{lower[:40].decode('latin-1')}' header found"
+                raise _HeadRefusedError
+            seen.add(lower)
+            if lower == b"content-length":
+                self._content_length = int(text)  # llhttp accepted digits only
+        headers.append((name.decode("utf-8", "surrogateescape"), text))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        self._in_head = False
+        self._head_bytes = 0
+        seen = self._singletons
+        content_length = self._content_length
+        chunked = b"transfer-encoding" in seen  # llhttp refused anything but a final `chunked`
+        if content_length is not None and chunked:
+            self._refusal = "Content-Length with Transfer-Encoding"
+            raise _HeadRefusedError
+        has_body = chunked or (content_length is not None and content_length > 0)
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            self._refusal = "Unsupported HTTP version"
+            raise _HeadRefusedError
+        if version is HttpVersion11 and b"host" not in seen:
+            self._refusal = "Missing 'Host' header in request"
+            raise _HeadRefusedError
+        self._requests += 1
+        request = NativeRequest(
+            parser.get_method().decode("ascii"),
+            b"".join(self._url).decode("utf-8", "surrogateescape"),
+            version,
+            CIMultiDictProxy(CIMultiDict(self._headers)),
+            self._peer,
+            self.transport,
+            IncomingBody(self),
+            parser.should_keep_alive(),
+            content_length,
+            has_body,
+        )
+        self._reading = request
+        self._queue.append(request)
+        if len(self._queue) > 1:
+            self.pause("queue")
+        if self._task is None:
+            self._disarm()
+            self._task = self._loop.create_task(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        if self._reading is not None:
+            self._reading.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        reading = self._reading
+        if reading is not None:
+            reading.body.finish()
+            self._reading = None
+
+    # -- parsing outcomes --------------------------------------------------------------------
+
+    def _upgraded(self) -> None:
+        """An `Upgrade`/CONNECT request: served like any other (it is refused or, on a
+        declared path, answered 501); nothing after it is parsed, and the connection closes."""
+        self._parser = None
+        reading = self._reading
+        if reading is not None:
+            reading.body.finish()
+            reading.keep_alive = False
+            self._reading = None
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _parse_failed(self, exc: Exception) -> None:
+        self._parser = None
+        if self.transport is not None:
+            self.transport.pause_reading()
+        detail = self._refusal or _parser_message(exc)
+        reading = self._reading
+        if reading is not None:  # the error is inside the body of a request being served
+            reading.keep_alive = False
+            reading.body.fail(RequestBodyError(f"invalid request body: {detail}"))
+            self._reading = None
+            return
+        # As aiohttp: requests parsed but not yet being served are refused with the batch.
+        self._queue.clear()
+        self._queue.append(_Refusal(400, detail))
+        if self._task is None:
+            self._disarm()
+            self._task = self._loop.create_task(self._serve())
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue:
+                item = self._queue.popleft()
+                if isinstance(item, _Refusal):
+                    self._refuse(item)
+                    return
+                self.resume("queue")
+                self.response_started = False
+                keep = await self._front.serve(item, self)
+                if not keep or self.closing or self.transport is None:
+                    self._close()
+                    return
+                if self._write_paused:  # a client pipelining without reading gets no more
+                    try:
+                        await self.drain()
+                    except ConnectionError:
+                        return
+                if not self._queue and self._parser is None:  # EOF or upgrade: done
+                    self._close()
+                    return
+        finally:
+            self._task = None
+        now = self._loop.time()
+        if self._in_head:
+            self._waiting_since = self._head_started_at
+            self._arm(self._head_started_at + self._limits.request_head_timeout)
+        else:
+            self._waiting_since = now
+            self._arm(now + self._limits.idle_timeout)
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        request_id = secrets.token_hex(8)
+        body = orjson.dumps({"error": Reason.REQUEST_REJECTED.value, "request_id": request_id})
+        self.write(
+            _status_line(refusal.status)
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\nX-Request-Id: %b\r\n"
+            b"Connection: close\r\n\r\n%b" % (len(body), request_id.encode("ascii"), body)
+        )
+        self._audit.protocol_refusal(
+            Reason.REQUEST_REJECTED,
+            request_id,
+            self._peer,
+            f"refused by the HTTP parser: {refusal.detail}"[:120],
+            status=refusal.status,
+        )
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+    def pause(self, why: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(why)
+
+    def resume(self, why: str) -> None:
+        if why in self._paused:
+            self._paused.discard(why)
+            if not self._paused and self.transport is not None and self._parser is not None:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("client went away")
+        if not self._write_paused:
+            return
+        self._drain = self._loop.create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def idle(self) -> bool:
+        """No request is being served or queued (shutdown closes such connections now)."""
+        return self._task is None and not self._queue
+
+    # -- the one deadline --------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        self._deadline = when
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return  # fires early, sees the later deadline and re-arms itself
+            timer.cancel()
+        self._timer = self._loop.call_at(when, self._expired)
+
+    def _disarm(self) -> None:
+        self._deadline = float("inf")  # the timer, if any, re-arms itself for nothing
+
+    def _expired(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None or self._task is not None or self._queue:
+            return  # a request is being served; after it the deadline is set again
+        now = self._loop.time()
+        if now < self._deadline:
+            if self._deadline != float("inf"):
+                self._timer = self._loop.call_at(self._deadline, self._expired)
+            return
+        partial = self._in_head
+        if partial or not self._requests:
+            request_id = secrets.token_hex(8)
+            if partial:
+                transport.write(canned_response(408, Reason.REQUEST_TIMEOUT, request_id))
+            self._audit.head_timeout(
+                request_id,
+                self._peer,
+                partial=partial,
+                timeout=self._limits.request_head_timeout,
+                waited=now - self._waiting_since,
+            )
+        else:
+            self._audit.idle_timeout()
+        self._parser = None
+        self._close()
+
+
+def _parser_message(exc: Exception) -> str:
+    # llhttp's reason ("Invalid header value char", ...) names no request bytes.
+    text = str(exc).split("\n", 1)[0].split(": b'", 1)[0]
+    return text.strip().rstrip(":")[:80] or "malformed HTTP request"
+
+
+class Http1Front:
+    """The native HTTP/1.1 side of the proxied port, over the application's `Pipeline`."""
+
+    def __init__(self, pipeline: Pipeline, limits: ConnectionLimits, audit: ConnectionAudit):
+        self.pipeline = pipeline
+        self.limits = limits
+        self.audit = audit
+        self.connections: set[Http1Connection] = set()
+        state = pipeline.state
+        self._state = state
+        self._max_body = state.settings.max_body_bytes
+        state.holder.subscribe(_warn_unserved)
+
+    def protocol(self) -> asyncio.Protocol:
+        """The asyncio protocol factory of the listener."""
+        bound = self.limits.max_connections
+        if len(self.connections) >= bound:
+            return RefusedConnection(self.audit, bound)
+        return Http1Connection(self)
+
+    async def shutdown(self, grace: float) -> None:
+        """Close idle connections now, let busy ones finish for `grace` seconds, then abort."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections:
+            for conn in list(self.connections):
+                conn.closing = True
+                if conn.idle():
+                    conn._close()
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def serve(self, request: NativeRequest, conn: Http1Connection) -> bool:
+        """Answer `request`; whether the connection may carry another one."""
+        pipeline = self.pipeline
+        state = self._state
+        state.inflight += 1
+        ex = Exchange(
+            request_id=pipeline.request_ids(),
+            started=time.perf_counter(),
+            now=state.clock(),
+            method=request.method,
+            path="",
+        )
+        try:
+            await self._pipeline(request, ex, conn)
+        except DenyError as denied:
+            self._deny(request, ex, denied, conn)
+        except Exception as exc:  # fail closed: deny and audit, never crash
+            log.exception("internal error handling request %s", ex.request_id)
+            self._deny(request, ex, DenyError(Reason.INTERNAL_ERROR, type(exc).__name__), conn)
+        finally:
+            state.inflight -= 1
+        return request.keep_alive and request.body.done and not conn.closing
+
+    async def _pipeline(self, request: NativeRequest, ex: Exchange, conn: Http1Connection) -> None:
+        pipeline = self.pipeline
+        path, query, authorization = pipeline.target(request, ex)
+        policy = pipeline.current_policy(ex)
+        ex.identity = identity = pipeline.authenticate_now(
+            request, authorization
+        ) or await pipeline.authenticate(request, authorization)
+        service = policy.document.service
+        if service.tenant is not None:
+            ex.tenant = pipeline.tenant(request, service, identity)
+        overrides = find_overrides(request.headers.items(), query)
+        if overrides:
+            ex.override = pipeline.override(service, overrides)
+        if "Upgrade" in request.headers:
+            _refuse_upgrade(request, ex, policy, path)
+        if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
+            detail = "MCP endpoints are served by --http1-server aiohttp only"
+            raise DenyError(Reason.REQUEST_REJECTED, detail, status=501)
+        decision = pipeline.authorise(policy, ex, identity, path)
+        if ex.override is not None:
+            pipeline.authorise_override(policy, ex, identity, path)
+        if decision.rate_limit is not None or service.rate_limit is not None:
+            pipeline.rate_limit(service, identity, decision)
+        await self._forward(request, ex, policy, path + query, conn)
+
+    async def _forward(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        policy: Policy,
+        target: str,
+        conn: Http1Connection,
+    ) -> None:
+        pool = self._state.pool
+        assert pool is not None
+        identity = ex.identity
+        decision = ex.decision
+        assert identity is not None
+        assert decision is not None
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise DenyError(Reason.BODY_TOO_LARGE, f"Content-Length {length} > {self._max_body}")
+        headers = self.pipeline.upstream_headers(
+            request, ex, policy.document.service, identity, decision
+        )
+        body: RequestBody = None
+        if (
+            request.has_body
+            and not request.body.done
+            and "Expect" in request.headers
+            and request.version >= HttpVersion11
+        ):
+            # Only now, authorised: the caller may send its body (`target` checked the value).
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if length is not None and length > 0:
+            headers.append(("Content-Length", str(length)))
+            form = form_kind(request.headers.get("Content-Type", ""))
+            if length <= BUFFERED_BODY_LIMIT:
+                try:
+                    body = await request.body.read()
+                except RequestBodyError as exc:
+                    raise DenyError(
+                        Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
+                    ) from None
+                if form is not None:
+                    _check_form(body, form)
+            else:
+                body = _limited(request.body, self._max_body, form)
+        elif request.has_body:
+            headers.append(("Transfer-Encoding", "chunked"))
+            form = form_kind(request.headers.get("Content-Type", ""))
+            body = chunked(_limited(request.body, self._max_body, form))
+        elif request.method in ("POST", "PUT", "PATCH"):
+            headers.append(("Content-Length", "0"))
+        try:
+            head = serialise_head(ex.method, target, headers)
+        except UnsafeHeadError as exc:  # a proxy-made header broke framing: never send it
+            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
+        sent = time.perf_counter()
+        try:
+            upstream = await pool.request(
+                head, body, is_head=ex.method == "HEAD", idempotent=ex.method in IDEMPOTENT_METHODS
+            )
+        except UpstreamTimeoutError as exc:
+            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
+        except UpstreamUnavailableError as exc:
+            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
+        except BodyTooLargeError:
+            raise DenyError(Reason.BODY_TOO_LARGE, f"body over {self._max_body} bytes") from None
+        except BodyOverrideError as exc:  # found mid-stream: the upstream got no complete request
+            raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
+        except ConnectionError as exc:
+            raise DenyError(
+                Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
+            ) from None
+        self._state.metrics.upstream_duration.observe(time.perf_counter() - sent)
+        pending = self._respond_now(request, ex, upstream, conn)
+        if pending is not None:  # the body is still coming: stream it
+            await self._stream(request, ex, upstream, conn, pending)
+
+    def _respond_now(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        upstream: UpstreamResponse,
+        conn: Http1Connection,
+    ) -> list[bytes] | None:
+        """Answer a response that has no body to stream (no coroutine); else the head so far."""
+        status = upstream.status
+        fields = filter_response_headers(upstream.headers)
+        close = not (request.keep_alive and request.body.done) or conn.closing
+        head = [_status_line(status)]
+        if fields:
+            block = "\r\n".join(map(": ".join, fields))
+            head.append(block.encode("latin-1", "replace") + b"\r\n")
+        no_body = status in _NO_BODY_STATUS or status < 200
+        if ex.method == "HEAD" or no_body:
+            length = _content_length(upstream.headers)
+            if length is not None and status != 204 and status >= 200:
+                head.append(b"Content-Length: %d\r\n" % length)
+            if close:
+                head.append(b"Connection: close\r\n")
+            head.append(b"\r\n")
+            conn.write(b"".join(head))
+            upstream.close()
+            self.pipeline.audit_allowed(ex, status)
+            return None
+        if upstream.body is not None:  # the whole body arrived with the head
+            body = upstream.body
+            head.append(b"Content-Length: %d\r\n" % len(body))
+            if close:
+                head.append(b"Connection: close\r\n")
+            head.append(b"\r\n")
+            head.append(body)
+            conn.write(b"".join(head))
+            self.pipeline.audit_allowed(ex, status)
+            return None
+        return head
+
+    async def _stream(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        upstream: UpstreamResponse,
+        conn: Http1Connection,
+        head: list[bytes],
+    ) -> None:
+        """Stream the upstream body to the caller: its length, else chunked (HTTP/1.0: until
+        the close)."""
+        status = upstream.status
+        close = not (request.keep_alive and request.body.done) or conn.closing
+        length = _content_length(upstream.headers)
+        framed = length is not None or request.version >= HttpVersion11
+        if length is not None:
+            head.append(b"Content-Length: %d\r\n" % length)
+        elif framed:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        if close or not framed:
+            head.append(b"Connection: close\r\n")
+            request.keep_alive = False
+        head.append(b"\r\n")
+        detail: str | None = None
+        conn.response_started = True
+        try:
+            conn.write(b"".join(head))
+            async for chunk in upstream.iter_chunks():
+                if length is None and framed:
+                    conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    conn.write(chunk)
+                await conn.drain()
+            if length is None and framed:
+                conn.write(b"0\r\n\r\n")
+        except (UpstreamUnavailableError, UpstreamTimeoutError) as exc:
+            detail = f"upstream failed mid-body: {exc}"
+            conn.abort()
+        except ConnectionError as exc:
+            detail = f"client went away mid-body: {type(exc).__name__}"
+            conn.abort()
+        finally:
+            upstream.close()
+        self.pipeline.audit_allowed(ex, status, detail)
+
+    def _deny(
+        self, request: NativeRequest, ex: Exchange, denied: DenyError, conn: Http1Connection
+    ) -> None:
+        reason = denied.reason
+        status = denied.status
+        grant = ex.decision.grant if ex.decision is not None else None
+        self.pipeline.record(ex, "deny", reason, grant, status, denied.detail)
+        if conn.response_started:  # the head is out: the answer cannot change any more
+            conn.abort()
+            return
+        body = denied.body
+        if body is None:
+            body = orjson.dumps({"error": reason.value, "request_id": ex.request_id})
+        close = not (request.keep_alive and request.body.done) or conn.closing
+        head = [
+            _status_line(status),
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+            f"{REQUEST_ID}: {ex.request_id}\r\nDate: {_date()}\r\n".encode("ascii"),
+        ]
+        if denied.extra_headers:
+            for name, value in denied.extra_headers.items():
+                head.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+        if close:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        if request.method != "HEAD":
+            head.append(body)
+        conn.write(b"".join(head))
+
+
+def _refuse_upgrade(request: NativeRequest, ex: Exchange, policy: Policy, path: str) -> None:
+    """Every `Upgrade` is refused: as the aiohttp front end refuses it, or, when that front end
+    would relay it, with 501 (this front end relays no WebSocket)."""
+    service = policy.document.service
+    try:
+        handshake_key(request.method, request.version == HttpVersion11, request.headers)
+    except UpgradeRefusedError as exc:
+        raise DenyError(Reason.UPGRADE_REJECTED, str(exc)) from None
+    if not declared_path(service.websocket_paths, path):
+        raise DenyError(Reason.UPGRADE_REJECTED, "path is not a declared WebSocket path")
+    if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
+        raise DenyError(Reason.UPGRADE_REJECTED, "WebSocket on an MCP endpoint")
+    if ex.override is not None:
+        raise DenyError(Reason.UPGRADE_REJECTED, "override on a WebSocket handshake")
+    detail = "WebSocket relays are served by --http1-server aiohttp only"
+    raise DenyError(Reason.UPGRADE_REJECTED, detail, status=501)
+
+
+def _warn_unserved(policy: Policy) -> None:
+    service = policy.document.service
+    if service.websocket_paths or service.mcp_endpoints:
+        log.error(
+            "policy declares WebSocket paths or MCP endpoints, which --http1-server native "
+            "answers with 501: run this service with --http1-server aiohttp"
+        )
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _limited(body: IncomingBody, limit: int, form: str | None) -> AsyncIterator[bytes]:
+    """The request body, streamed; a form body is scanned for a method override on the way."""
+    total = 0
+    scanner = FormOverrideScanner(form) if form is not None else None
+    while True:
+        chunk = await body.chunk()
+        if not chunk:
+            if scanner is not None:
+                scanner.finish()
+            return
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLargeError
+        if scanner is not None:
+            scanner.feed(chunk)  # raises before the chunk naming an override is forwarded
+        yield chunk
+
+
+def _check_form(body: bytes, form: str) -> None:
+    try:
+        check_form_body(body, form)
+    except BodyOverrideError as exc:
+        raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
+
+
+class NativeRunner:
+    """Serves a `create_app()` application's proxied port with `Http1Front` (no aiohttp web
+    layer): the application's startup, shutdown and cleanup contexts run as under
+    `ProxyRunner`; `cleanup()` stops accepting, drains for `shutdown_timeout`, then closes."""
+
+    def __init__(self, app: web.Application, *, shutdown_timeout: float = 15.0) -> None:
+        self.app = app
+        self._shutdown_timeout = shutdown_timeout
+        self._listener: asyncio.Server | None = None
+        self.front: Http1Front | None = None
+        self.port = 0
+
+    async def setup(self) -> None:
+        app = self.app
+        app.on_startup.freeze()  # as `web.AppRunner`: startup contexts may add shutdown hooks
+        await app.startup()
+        app.freeze()
+        state = app[STATE]
+        settings = state.settings
+        limits = ConnectionLimits(
+            request_head_timeout=settings.request_head_timeout,
+            idle_timeout=settings.idle_timeout,
+            max_connections=settings.max_connections,
+        )
+        audit = ConnectionAudit(
+            state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
+        )
+        front = Http1Front(app[PIPELINE], limits, audit)
+        state.metrics.connections_open.set_function(lambda: len(front.connections))
+        self.front = front
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 1024,
+        reuse_port: bool | None = None,
+    ) -> int:
+        """Listen on `host:port`; the port bound."""
+        front = self.front
+        assert front is not None, "setup() first"
+        self._listener = await asyncio.get_running_loop().create_server(
+            front.protocol,
+            host,
+            port,
+            ssl=ssl_context,
+            backlog=backlog,
+            reuse_port=reuse_port,
+        )
+        self.port = int(self._listener.sockets[0].getsockname()[1])
+        return self.port
+
+    async def cleanup(self) -> None:
+        server = self._listener
+        if server is not None:
+            server.close()
+            self._listener = None
+        await self.app.shutdown()
+        if self.front is not None:
+            await self.front.shutdown(self._shutdown_timeout)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        await self.app.cleanup()
