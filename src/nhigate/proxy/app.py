@@ -68,7 +68,6 @@ from nhigate.proxy.overrides import (
     BodyOverrideError,
     FormOverrideScanner,
     check_form_body,
-    find_overrides,
     form_kind,
 )
 from nhigate.proxy.pipeline import (
@@ -161,16 +160,8 @@ class ProxyHandler(Pipeline):
 
     async def _pipeline(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         path, query, authorization = self.target(request, ex)
-        policy = self.current_policy(ex)
-        ex.identity = identity = self.authenticate_now(
-            request, authorization
-        ) or await self.authenticate(request, authorization)
+        policy, identity = await self.identify(request, ex, query, authorization)
         service = policy.document.service
-        if service.tenant is not None:
-            ex.tenant = self.tenant(request, service, identity)
-        overrides = find_overrides(request.headers.items(), query)
-        if overrides:
-            ex.override = self.override(service, overrides)
         websocket_key: str | None = None
         if "Upgrade" in request.headers:
             websocket_key = self._upgrade(request, ex, service, path)
@@ -180,11 +171,7 @@ class ProxyHandler(Pipeline):
                 if ex.override is not None:  # MCP rules cannot authorise another method/path
                     raise DenyError(Reason.OVERRIDE_REJECTED, "override on an MCP endpoint")
                 return await self._mcp_exchange(request, ex, policy, identity, endpoint, query)
-        decision = self.authorise(policy, ex, identity, path)
-        if ex.override is not None:
-            self.authorise_override(policy, ex, identity, path)
-        if decision.rate_limit is not None or service.rate_limit is not None:
-            self.rate_limit(service, identity, decision)
+        self.admit(policy, ex, identity, path)
         if websocket_key is not None:
             return await self._websocket(request, ex, policy, path, query, websocket_key)
         return await self._forward(request, ex, policy, path, query)

@@ -70,7 +70,6 @@ from nhigate.proxy.overrides import (
     BodyOverrideError,
     FormOverrideScanner,
     check_form_body,
-    find_overrides,
     form_kind,
 )
 from nhigate.proxy.pipeline import DenyError, Exchange, Pipeline
@@ -675,26 +674,14 @@ class Http1Front:
     async def _pipeline(self, request: NativeRequest, ex: Exchange, conn: Http1Connection) -> None:
         pipeline = self.pipeline
         path, query, authorization = pipeline.target(request, ex)
-        policy = pipeline.current_policy(ex)
-        ex.identity = identity = pipeline.authenticate_now(
-            request, authorization
-        ) or await pipeline.authenticate(request, authorization)
+        policy, identity = await pipeline.identify(request, ex, query, authorization)
         service = policy.document.service
-        if service.tenant is not None:
-            ex.tenant = pipeline.tenant(request, service, identity)
-        overrides = find_overrides(request.headers.items(), query)
-        if overrides:
-            ex.override = pipeline.override(service, overrides)
         if "Upgrade" in request.headers:
             _refuse_upgrade(request, ex, policy, path)
         if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
             detail = "MCP endpoints are served by --http1-server aiohttp only"
             raise DenyError(Reason.REQUEST_REJECTED, detail, status=501)
-        decision = pipeline.authorise(policy, ex, identity, path)
-        if ex.override is not None:
-            pipeline.authorise_override(policy, ex, identity, path)
-        if decision.rate_limit is not None or service.rate_limit is not None:
-            pipeline.rate_limit(service, identity, decision)
+        pipeline.admit(policy, ex, identity, path)
         await self._forward(request, ex, policy, path + query, conn)
 
     async def _forward(

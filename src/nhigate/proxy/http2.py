@@ -67,7 +67,6 @@ from nhigate.proxy.headers import filter_response_headers
 from nhigate.proxy.overrides import (
     BodyOverrideError,
     FormOverrideScanner,
-    find_overrides,
     form_kind,
 )
 from nhigate.proxy.pipeline import DenyError, Exchange, Pipeline
@@ -743,23 +742,11 @@ class Http2Gateway:
         path, query, authorization = pipeline.target(stream, ex)
         if grpc_call:
             ex.grpc = grpc_method(path)
-        policy = pipeline.current_policy(ex)
-        ex.identity = identity = pipeline.authenticate_now(
-            stream, authorization
-        ) or await pipeline.authenticate(stream, authorization)
+        policy, identity = await pipeline.identify(stream, ex, query, authorization)
         service = policy.document.service
-        if service.tenant is not None:
-            ex.tenant = pipeline.tenant(stream, service, identity)
-        overrides = find_overrides(stream.headers.items(), query)
-        if overrides:
-            ex.override = pipeline.override(service, overrides)
         if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
             raise DenyError(Reason.REQUEST_REJECTED, "MCP endpoints are served over HTTP/1.1")
-        decision = pipeline.authorise(policy, ex, identity, path)
-        if ex.override is not None:
-            pipeline.authorise_override(policy, ex, identity, path)
-        if decision.rate_limit is not None or service.rate_limit is not None:
-            pipeline.rate_limit(service, identity, decision)
+        pipeline.admit(policy, ex, identity, path)
         await self._forward(stream, ex, policy, path + query)
 
     def _upstream_head(

@@ -48,6 +48,7 @@ from nhigate.proxy.overrides import (
     PATH_OVERRIDE_HEADERS,
     Overrides,
     canonical_header,
+    find_overrides,
 )
 from nhigate.proxy.ratelimit import retry_after_header
 from nhigate.proxy.state import AuthnResult, ProxyState, UpstreamCredentialFile
@@ -364,6 +365,33 @@ class Pipeline:
         if not decision.allowed:
             detail = f"override {override_method} {override_path[:200]} not granted"
             raise DenyError(decision.reason, detail)
+
+    async def identify(
+        self, request: RequestView, ex: Exchange, query: str, authorization: str | None
+    ) -> tuple[Policy, Identity]:
+        """The stages every front end runs after `target`: the policy in force, the caller's
+        identity, its tenant and any override headers (judged, not yet authorised)."""
+        policy = self.current_policy(ex)
+        ex.identity = identity = self.authenticate_now(
+            request, authorization
+        ) or await self.authenticate(request, authorization)
+        service = policy.document.service
+        if service.tenant is not None:
+            ex.tenant = self.tenant(request, service, identity)
+        overrides = find_overrides(request.headers.items(), query)
+        if overrides:
+            ex.override = self.override(service, overrides)
+        return policy, identity
+
+    def admit(self, policy: Policy, ex: Exchange, identity: Identity, path: str) -> Decision:
+        """Authorise the request (and its override), then charge its rate limit."""
+        decision = self.authorise(policy, ex, identity, path)
+        if ex.override is not None:
+            self.authorise_override(policy, ex, identity, path)
+        service = policy.document.service
+        if decision.rate_limit is not None or service.rate_limit is not None:
+            self.rate_limit(service, identity, decision)
+        return decision
 
     def rate_limit(self, service: ServiceConfig, identity: Identity, decision: Decision) -> None:
         limit = decision.rate_limit or service.rate_limit
