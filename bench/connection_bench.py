@@ -31,8 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
-from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
+from nhigate.proxy.factory import create_app
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.rejects import rejected_request_audit
 from nhigate.proxy.runner import ProxyRunner

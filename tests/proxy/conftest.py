@@ -34,8 +34,8 @@ from nhigate.policy import (
     make_document,
 )
 from nhigate.proxy.aiohttp_seam import bound_port
-from nhigate.proxy.app import create_app
 from nhigate.proxy.audit import AuditLog
+from nhigate.proxy.factory import create_app
 from nhigate.proxy.http1 import NativeRunner
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import PolicyHolder

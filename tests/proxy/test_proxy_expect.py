@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from nhigate.proxy import app as proxy_app
+from nhigate.proxy import factory
 
 pytestmark = pytest.mark.usefixtures("http1_server")
 
@@ -105,7 +106,7 @@ async def test_one_pipeline_serves_both_entry_points(
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(proxy_app, "ProxyHandler", Counted)
+    monkeypatch.setattr(factory, "ProxyHandler", Counted)  # what create_app builds
     for routed in (False, True):
         built.clear()
         harness, runner = await kit.start_proxy(

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from nhigate.proxy.admin import create_admin_app
 from nhigate.proxy.aiohttp_seam import bound_port
-from nhigate.proxy.app import create_app
+from nhigate.proxy.factory import create_app
 from nhigate.proxy.http1 import NativeRunner
 from nhigate.proxy.metrics import ProxyMetrics
 from nhigate.proxy.policy_source import (
