@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -43,6 +43,13 @@ from nhigate.policy import (
 )
 from nhigate.policy.document import ServiceConfig
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
+from nhigate.proxy.bodies import (
+    BUFFERED_BODY_LIMIT,
+    BodyTooLargeError,
+    check_form,
+    content_length,
+    limited,
+)
 from nhigate.proxy.forward import (
     IDEMPOTENT_METHODS,
     RequestBody,
@@ -65,8 +72,6 @@ from nhigate.proxy.mcp import (
 )
 from nhigate.proxy.overrides import (
     BodyOverrideError,
-    FormOverrideScanner,
-    check_form_body,
     form_kind,
 )
 from nhigate.proxy.pipeline import (
@@ -91,15 +96,6 @@ from nhigate.proxy.websocket import (
 )
 
 log = logging.getLogger(__name__)
-
-
-BUFFERED_BODY_LIMIT = 64 * 1024
-"""Request bodies up to this size (with a Content-Length) are read whole, so a stale pooled
-upstream connection can be retried safely; larger ones are streamed."""
-
-
-class BodyTooLargeError(Exception):
-    """A streamed request body passed the configured maximum."""
 
 
 def _json_error(
@@ -253,13 +249,13 @@ class ProxyHandler(Pipeline):
             if length <= BUFFERED_BODY_LIMIT:
                 body = await request.read()
                 if form is not None:
-                    _check_form(body, form)
+                    check_form(body, form)
             else:
-                body = _limited(request, self._max_body, form)
+                body = limited(request.content.readany, self._max_body, form)
         elif length is None and request.body_exists:
             headers.append(("Transfer-Encoding", "chunked"))
             form = form_kind(request.headers.get("Content-Type", ""))
-            body = chunked(_limited(request, self._max_body, form))
+            body = chunked(limited(request.content.readany, self._max_body, form))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
         try:
@@ -427,7 +423,7 @@ class ProxyHandler(Pipeline):
     ) -> web.StreamResponse:
         """Stream the upstream body (or answer a HEAD request) to the caller."""
         headers = filter_response_headers(upstream.headers)  # the response copies the list
-        length = _content_length(upstream.headers)
+        length = content_length(upstream.headers)
         stream = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
             stream.content_length = length
@@ -461,48 +457,10 @@ PIPELINE: web.AppKey[ProxyHandler] = web.AppKey("nhigate_proxy_pipeline", ProxyH
 """The pipeline `ProxyRunner` hands every request to."""
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-async def _limited(
-    request: web.Request, limit: int, form: str | None = None
-) -> AsyncIterator[bytes]:
-    """The request body, streamed; a form body is scanned for a method override on the way."""
-    total = 0
-    content = request.content
-    scanner = FormOverrideScanner(form) if form is not None else None
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            if scanner is not None:
-                scanner.finish()
-            return
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLargeError
-        if scanner is not None:
-            scanner.feed(chunk)  # raises before the chunk naming an override is forwarded
-        yield chunk
-
-
-def _check_form(body: bytes, form: str) -> None:
-    try:
-        check_form_body(body, form)
-    except BodyOverrideError as exc:
-        raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
 
 
 def setup_pipeline(app: web.Application, pipeline: ProxyHandler) -> None:

@@ -17,8 +17,9 @@ import aiohttp
 from aiohttp import web
 
 from nhigate.policy import Policy
-from nhigate.proxy.app import BUFFERED_BODY_LIMIT, PIPELINE, ProxyHandler, setup_pipeline
+from nhigate.proxy.app import PIPELINE, ProxyHandler, setup_pipeline
 from nhigate.proxy.audit import AuditLog
+from nhigate.proxy.bodies import BUFFERED_BODY_LIMIT
 from nhigate.proxy.forward import UpstreamPool
 from nhigate.proxy.http2 import HTTP2_GATEWAY, Http2Gateway
 from nhigate.proxy.metrics import ProxyMetrics

@@ -38,7 +38,6 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import cast
 
 import httptools
@@ -48,7 +47,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from nhigate.policy import Policy, Reason
 from nhigate.policy.mcp import mcp_endpoint_of
-from nhigate.proxy.app import BUFFERED_BODY_LIMIT, PIPELINE, BodyTooLargeError
+from nhigate.proxy.app import PIPELINE
+from nhigate.proxy.bodies import (
+    BUFFERED_BODY_LIMIT,
+    BodyTooLargeError,
+    check_form,
+    content_length,
+    limited,
+)
 from nhigate.proxy.connections import (
     ConnectionAudit,
     ConnectionLimits,
@@ -68,8 +74,6 @@ from nhigate.proxy.forward import (
 from nhigate.proxy.headers import REQUEST_ID, filter_response_headers
 from nhigate.proxy.overrides import (
     BodyOverrideError,
-    FormOverrideScanner,
-    check_form_body,
     form_kind,
 )
 from nhigate.proxy.pipeline import DenyError, Exchange, Pipeline
@@ -724,13 +728,13 @@ class Http1Front:
                         Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
                     ) from None
                 if form is not None:
-                    _check_form(body, form)
+                    check_form(body, form)
             else:
-                body = _limited(request.body, self._max_body, form)
+                body = limited(request.body.chunk, self._max_body, form)
         elif request.has_body:
             headers.append(("Transfer-Encoding", "chunked"))
             form = form_kind(request.headers.get("Content-Type", ""))
-            body = chunked(_limited(request.body, self._max_body, form))
+            body = chunked(limited(request.body.chunk, self._max_body, form))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
         try:
@@ -776,7 +780,7 @@ class Http1Front:
             head.append(block.encode("latin-1", "replace") + b"\r\n")
         no_body = status in _NO_BODY_STATUS or status < 200
         if ex.method == "HEAD" or no_body:
-            length = _content_length(upstream.headers)
+            length = content_length(upstream.headers)
             if length is not None and status != 204 and status >= 200:
                 head.append(b"Content-Length: %d\r\n" % length)
             if close:
@@ -810,7 +814,7 @@ class Http1Front:
         the close)."""
         status = upstream.status
         close = not (request.keep_alive and request.body.done) or conn.closing
-        length = _content_length(upstream.headers)
+        length = content_length(upstream.headers)
         framed = length is not None or request.version >= HttpVersion11
         if length is not None:
             head.append(b"Content-Length: %d\r\n" % length)
@@ -897,41 +901,6 @@ def _warn_unserved(policy: Policy) -> None:
             "policy declares WebSocket paths or MCP endpoints, which --http1-server native "
             "answers with 501: run this service with --http1-server aiohttp"
         )
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-async def _limited(body: IncomingBody, limit: int, form: str | None) -> AsyncIterator[bytes]:
-    """The request body, streamed; a form body is scanned for a method override on the way."""
-    total = 0
-    scanner = FormOverrideScanner(form) if form is not None else None
-    while True:
-        chunk = await body.chunk()
-        if not chunk:
-            if scanner is not None:
-                scanner.finish()
-            return
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLargeError
-        if scanner is not None:
-            scanner.feed(chunk)  # raises before the chunk naming an override is forwarded
-        yield chunk
-
-
-def _check_form(body: bytes, form: str) -> None:
-    try:
-        check_form_body(body, form)
-    except BodyOverrideError as exc:
-        raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
 
 
 class NativeRunner:
