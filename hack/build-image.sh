@@ -296,7 +296,8 @@ build_nhigate() {
   # Every compiled dependency loads in the image's Python (not only those --help touches).
   in_rootfs "${r}" 65532:65532 python3 -c 'import aiohttp, cryptography.hazmat.bindings._rust
 import frozenlist, httptools, multidict, orjson, propcache, pydantic_core, uvloop, yaml, yarl
-import nhigate.controller.run, nhigate.proxy.app'
+import h2, hpack, hyperframe
+import nhigate.controller.run, nhigate.proxy.server, nhigate.proxy.http2, nhigate.proxy.h2_upstream'
   user="$(in_rootfs "${r}" 65532:65532 python -c 'import getpass; print(getpass.getuser())')"
   [[ "${user}" == "${NONROOT_NAME}" ]] || {
     log "getpass.getuser() in the image printed ${user:-nothing}, expected ${NONROOT_NAME}"
