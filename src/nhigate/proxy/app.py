@@ -45,13 +45,12 @@ from nhigate.policy.document import ServiceConfig
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
 from nhigate.proxy.bodies import (
     BUFFERED_BODY_LIMIT,
-    BodyTooLargeError,
     check_form,
     content_length,
     limited,
+    send_upstream,
 )
 from nhigate.proxy.forward import (
-    IDEMPOTENT_METHODS,
     RequestBody,
     UnsafeHeadError,
     UpstreamResponse,
@@ -71,7 +70,6 @@ from nhigate.proxy.mcp import (
     McpUpstreamError,
 )
 from nhigate.proxy.overrides import (
-    BodyOverrideError,
     form_kind,
 )
 from nhigate.proxy.pipeline import (
@@ -258,28 +256,16 @@ class ProxyHandler(Pipeline):
             body = chunked(limited(request.content.readany, self._max_body, form))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
-        try:
-            head = serialise_head(ex.method, path + query, headers)
-        except UnsafeHeadError as exc:  # a proxy-made header broke framing: never send it
-            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
-        sent = time.perf_counter()
-        try:
-            upstream = await pool.request(
-                head, body, is_head=ex.method == "HEAD", idempotent=ex.method in IDEMPOTENT_METHODS
-            )
-        except UpstreamTimeoutError as exc:
-            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
-        except UpstreamUnavailableError as exc:
-            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
-        except BodyTooLargeError:
-            raise DenyError(Reason.BODY_TOO_LARGE, f"body over {self._max_body} bytes") from None
-        except BodyOverrideError as exc:  # found mid-stream: the upstream got no complete request
-            raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
-        except (aiohttp.ClientPayloadError, ConnectionError) as exc:
-            raise DenyError(
-                Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
-            ) from None
-        state.metrics.upstream_duration.observe(time.perf_counter() - sent)
+        upstream, waited = await send_upstream(
+            pool,
+            ex.method,
+            path + query,
+            headers,
+            body,
+            max_body=self._max_body,
+            body_errors=(aiohttp.ClientPayloadError, ConnectionError),
+        )
+        state.metrics.upstream_duration.observe(waited)
         if mcp is not None:
             try:
                 return await mcp.responder.respond(

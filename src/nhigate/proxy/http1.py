@@ -50,10 +50,10 @@ from nhigate.policy.mcp import mcp_endpoint_of
 from nhigate.proxy.app import PIPELINE
 from nhigate.proxy.bodies import (
     BUFFERED_BODY_LIMIT,
-    BodyTooLargeError,
     check_form,
     content_length,
     limited,
+    send_upstream,
 )
 from nhigate.proxy.connections import (
     ConnectionAudit,
@@ -62,18 +62,14 @@ from nhigate.proxy.connections import (
     canned_response,
 )
 from nhigate.proxy.forward import (
-    IDEMPOTENT_METHODS,
     RequestBody,
-    UnsafeHeadError,
     UpstreamResponse,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
     chunked,
-    serialise_head,
 )
 from nhigate.proxy.headers import REQUEST_ID, filter_response_headers
 from nhigate.proxy.overrides import (
-    BodyOverrideError,
     form_kind,
 )
 from nhigate.proxy.pipeline import DenyError, Exchange, Pipeline
@@ -737,28 +733,10 @@ class Http1Front:
             body = chunked(limited(request.body.chunk, self._max_body, form))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
-        try:
-            head = serialise_head(ex.method, target, headers)
-        except UnsafeHeadError as exc:  # a proxy-made header broke framing: never send it
-            raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
-        sent = time.perf_counter()
-        try:
-            upstream = await pool.request(
-                head, body, is_head=ex.method == "HEAD", idempotent=ex.method in IDEMPOTENT_METHODS
-            )
-        except UpstreamTimeoutError as exc:
-            raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
-        except UpstreamUnavailableError as exc:
-            raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
-        except BodyTooLargeError:
-            raise DenyError(Reason.BODY_TOO_LARGE, f"body over {self._max_body} bytes") from None
-        except BodyOverrideError as exc:  # found mid-stream: the upstream got no complete request
-            raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
-        except ConnectionError as exc:
-            raise DenyError(
-                Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
-            ) from None
-        self._state.metrics.upstream_duration.observe(time.perf_counter() - sent)
+        upstream, waited = await send_upstream(
+            pool, ex.method, target, headers, body, max_body=self._max_body
+        )
+        self._state.metrics.upstream_duration.observe(waited)
         pending = self._respond_now(request, ex, upstream, conn)
         if pending is not None:  # the body is still coming: stream it
             await self._stream(request, ex, upstream, conn, pending)
