@@ -45,12 +45,15 @@ from nhigate.policy.document import ServiceConfig
 from nhigate.policy.mcp import mcp_endpoint_of, mcp_scope
 from nhigate.proxy.bodies import (
     BUFFERED_BODY_LIMIT,
+    UPSTREAM_FAILURES,
     check_form,
     content_length,
     limited,
-    send_upstream,
+    request_head,
+    upstream_denial,
 )
 from nhigate.proxy.forward import (
+    IDEMPOTENT_METHODS,
     RequestBody,
     UnsafeHeadError,
     UpstreamResponse,
@@ -94,6 +97,9 @@ from nhigate.proxy.websocket import (
 )
 
 log = logging.getLogger(__name__)
+
+_BODY_FAILURES: tuple[type[Exception], ...] = (*UPSTREAM_FAILURES, aiohttp.ClientPayloadError)
+"""What sending upstream raises here: aiohttp's body reader adds its payload error."""
 
 
 def _json_error(
@@ -256,16 +262,15 @@ class ProxyHandler(Pipeline):
             body = chunked(limited(request.content.readany, self._max_body, form))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
-        upstream, waited = await send_upstream(
-            pool,
-            ex.method,
-            path + query,
-            headers,
-            body,
-            max_body=self._max_body,
-            body_errors=(aiohttp.ClientPayloadError, ConnectionError),
-        )
-        state.metrics.upstream_duration.observe(waited)
+        head = request_head(ex.method, path + query, headers)
+        sent = time.perf_counter()
+        try:
+            upstream = await pool.request(
+                head, body, is_head=ex.method == "HEAD", idempotent=ex.method in IDEMPOTENT_METHODS
+            )
+        except _BODY_FAILURES as exc:
+            raise upstream_denial(exc, self._max_body) from None
+        state.metrics.upstream_duration.observe(time.perf_counter() - sent)
         if mcp is not None:
             try:
                 return await mcp.responder.respond(

@@ -3,22 +3,17 @@
 A request body with a Content-Length up to `BUFFERED_BODY_LIMIT` is read whole (so a stale
 pooled upstream connection can be retried safely) and checked for a form-body method override
 at once; a larger or chunked one is streamed through `limited`, which stops it at the
-configured maximum and scans a form body on the way. `send_upstream` sends the authorised
-request with its body and maps every way that can fail to the denial it is.
+configured maximum and scans a form body on the way. `upstream_denial` maps every way sending
+the request upstream can fail to the denial it is.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from nhigate.policy import Reason
 from nhigate.proxy.forward import (
-    IDEMPOTENT_METHODS,
-    RequestBody,
     UnsafeHeadError,
-    UpstreamPool,
-    UpstreamResponse,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
     serialise_head,
@@ -76,41 +71,36 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-async def send_upstream(
-    pool: UpstreamPool,
-    method: str,
-    target: str,
-    headers: list[tuple[str, str]],
-    body: RequestBody,
-    *,
-    max_body: int,
-    body_errors: tuple[type[Exception], ...] = (ConnectionError,),
-) -> tuple[UpstreamResponse, float]:
-    """Send the authorised request; (the upstream's response head, seconds it took).
-
-    A head a proxy-made header would break is never sent (500 `internal_error`); the
-    upstream's timeout and failures are 504/502; a streamed body over `max_body` is 413, one
-    naming a method override mid-stream 400 `override_rejected`, and one the caller broke off
-    (`body_errors`: what the front end's body reader raises) 400 `request_rejected`."""
+def request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    """The upstream request head; one a proxy-made header would break is never sent (500)."""
     try:
-        head = serialise_head(method, target, headers)
-    except UnsafeHeadError as exc:  # a proxy-made header broke framing: never send it
+        return serialise_head(method, target, headers)
+    except UnsafeHeadError as exc:
         raise DenyError(Reason.INTERNAL_ERROR, f"unsafe upstream request head: {exc}") from None
-    sent = time.perf_counter()
-    try:
-        upstream = await pool.request(
-            head, body, is_head=method == "HEAD", idempotent=method in IDEMPOTENT_METHODS
-        )
-    except UpstreamTimeoutError as exc:
-        raise DenyError(Reason.UPSTREAM_TIMEOUT, str(exc)) from None
-    except UpstreamUnavailableError as exc:
-        raise DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc)) from None
-    except BodyTooLargeError:
-        raise DenyError(Reason.BODY_TOO_LARGE, f"body over {max_body} bytes") from None
-    except BodyOverrideError as exc:  # found mid-stream: the upstream got no complete request
-        raise DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}") from None
-    except body_errors as exc:
-        raise DenyError(
-            Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
-        ) from None
-    return upstream, time.perf_counter() - sent
+
+
+UPSTREAM_FAILURES: tuple[type[Exception], ...] = (
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    BodyTooLargeError,
+    BodyOverrideError,
+    ConnectionError,
+)
+"""What sending a request upstream can raise; `upstream_denial` says which denial each is. A
+front end whose body reader raises its own error type adds it (it maps like ConnectionError)."""
+
+
+def upstream_denial(exc: Exception, max_body: int) -> DenyError:
+    """The denial for a failed upstream exchange (`UPSTREAM_FAILURES`, checked in that order):
+    504/502 for the upstream's timeout and failures, 413 for a streamed body over `max_body`,
+    400 `override_rejected` for an override found mid-stream (the upstream got no complete
+    request), 400 `request_rejected` for a body the caller broke off."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return DenyError(Reason.UPSTREAM_TIMEOUT, str(exc))
+    if isinstance(exc, UpstreamUnavailableError):
+        return DenyError(Reason.UPSTREAM_UNAVAILABLE, str(exc))
+    if isinstance(exc, BodyTooLargeError):
+        return DenyError(Reason.BODY_TOO_LARGE, f"body over {max_body} bytes")
+    if isinstance(exc, BodyOverrideError):
+        return DenyError(Reason.OVERRIDE_REJECTED, f"method override: {exc.where}")
+    return DenyError(Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}")

@@ -50,10 +50,12 @@ from nhigate.policy.mcp import mcp_endpoint_of
 from nhigate.proxy.app import PIPELINE
 from nhigate.proxy.bodies import (
     BUFFERED_BODY_LIMIT,
+    UPSTREAM_FAILURES,
     check_form,
     content_length,
     limited,
-    send_upstream,
+    request_head,
+    upstream_denial,
 )
 from nhigate.proxy.connections import (
     ConnectionAudit,
@@ -62,6 +64,7 @@ from nhigate.proxy.connections import (
     canned_response,
 )
 from nhigate.proxy.forward import (
+    IDEMPOTENT_METHODS,
     RequestBody,
     UpstreamResponse,
     UpstreamTimeoutError,
@@ -733,10 +736,15 @@ class Http1Front:
             body = chunked(limited(request.body.chunk, self._max_body, form))
         elif request.method in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", "0"))
-        upstream, waited = await send_upstream(
-            pool, ex.method, target, headers, body, max_body=self._max_body
-        )
-        self._state.metrics.upstream_duration.observe(waited)
+        head = request_head(ex.method, target, headers)
+        sent = time.perf_counter()
+        try:
+            upstream = await pool.request(
+                head, body, is_head=ex.method == "HEAD", idempotent=ex.method in IDEMPOTENT_METHODS
+            )
+        except UPSTREAM_FAILURES as exc:
+            raise upstream_denial(exc, self._max_body) from None
+        self._state.metrics.upstream_duration.observe(time.perf_counter() - sent)
         pending = self._respond_now(request, ex, upstream, conn)
         if pending is not None:  # the body is still coming: stream it
             await self._stream(request, ex, upstream, conn, pending)
