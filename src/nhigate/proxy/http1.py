@@ -43,7 +43,7 @@ from typing import cast
 import httptools
 import orjson
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from nhigate.policy import Policy, Reason
 from nhigate.policy.mcp import mcp_endpoint_of
@@ -140,8 +140,9 @@ class IncomingBody:
 
     __slots__ = ("_chunks", "_conn", "_size", "_waiter", "done", "error")
 
-    def __init__(self, conn: Http1Connection) -> None:
+    def __init__(self, conn: Http1Connection | None) -> None:
         self._conn = conn
+        """None: `NO_BODY`, the body of every request without one (nothing is ever fed)."""
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -151,7 +152,7 @@ class IncomingBody:
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
-        if self._size > BODY_HIGH_WATER:
+        if self._size > BODY_HIGH_WATER and self._conn is not None:
             self._conn.pause("body")
         self._wake()
 
@@ -176,7 +177,8 @@ class IncomingBody:
                 data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
                 self._chunks.clear()
                 self._size = 0
-                self._conn.resume("body")
+                if self._conn is not None:
+                    self._conn.resume("body")
                 return data
             if self.done:
                 return b""
@@ -193,6 +195,12 @@ class IncomingBody:
         while chunk := await self.chunk():
             parts.append(chunk)
         return b"".join(parts)
+
+
+NO_BODY = IncomingBody(None)
+NO_BODY.done = True
+"""The body of a request whose head frames none: finished from the start, shared (its
+`finish` and `fail` change nothing), so a bodyless request allocates no reader."""
 
 
 class NativeRequest:
@@ -216,7 +224,7 @@ class NativeRequest:
         method: str,
         raw_path: str,
         version: HttpVersion,
-        headers: CIMultiDictProxy[str],
+        headers: CIMultiDict[str],
         remote: str | None,
         transport: asyncio.Transport | None,
         body: IncomingBody,
@@ -416,10 +424,10 @@ class Http1Connection(asyncio.Protocol):
             parser.get_method().decode("ascii"),
             b"".join(self._url).decode("utf-8", "surrogateescape"),
             version,
-            CIMultiDictProxy(CIMultiDict(self._headers)),
+            CIMultiDict(self._headers),
             self._peer,
             self.transport,
-            IncomingBody(self),
+            IncomingBody(self) if has_body else NO_BODY,
             parser.should_keep_alive(),
             content_length,
             has_body,

@@ -43,6 +43,10 @@ class _Entry:
     hours: dict[int, int] = field(default_factory=dict)
     shapes: list[str] = field(default_factory=list)
     more_shapes: bool = False
+    last_method: str = ""
+    last_path: str = ""
+    """The request last counted here: its shape is already among `shapes` (or was refused
+    for want of room), so a client repeating one request does not fold its path again."""
 
 
 _RuleMatcher = tuple[
@@ -86,6 +90,10 @@ class UsageRecorder:
         entry.hours[hour] = entry.hours.get(hour, 0) + 1
         if int(now) > entry.last_used:
             entry.last_used = int(now)
+        if path == entry.last_path and method == entry.last_method:
+            return
+        entry.last_method = method
+        entry.last_path = path
         if len(entry.shapes) < MAX_SHAPES or not entry.more_shapes:
             shape = path_shape(method, path)
             if shape not in entry.shapes:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import httptools
-from multidict import CIMultiDictProxy
+from multidict import MultiMapping
 
 from nhigate.policy import Identity, PathPattern, Policy, Reason
 from nhigate.policy.decide import decide_request
@@ -66,7 +66,7 @@ def accept_value(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def handshake_key(method: str, http11: bool, headers: CIMultiDictProxy[str]) -> str:
+def handshake_key(method: str, http11: bool, headers: MultiMapping[str]) -> str:
     """The `Sec-WebSocket-Key` of a well-formed opening handshake; raises
     `UpgradeRefusedError` naming the first problem otherwise.
 
