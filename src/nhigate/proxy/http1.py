@@ -672,7 +672,19 @@ class Http1Front:
             path="",
         )
         try:
-            await self._pipeline(request, ex, conn)
+            path, query, authorization = pipeline.target(request, ex)
+            found = pipeline.identify_now(request, ex, query, authorization)
+            if found is None:
+                found = await pipeline.identify_checked(request, ex, query, authorization)
+            policy, identity = found
+            service = policy.document.service
+            if "Upgrade" in request.headers:
+                _refuse_upgrade(request, ex, policy, path)
+            if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
+                detail = "MCP endpoints are served by --http1-server aiohttp only"
+                raise DenyError(Reason.REQUEST_REJECTED, detail, status=501)
+            pipeline.admit(policy, ex, identity, path)
+            await self._forward(request, ex, policy, path + query, conn)
         except DenyError as denied:
             self._deny(request, ex, denied, conn)
         except Exception as exc:  # fail closed: deny and audit, never crash
@@ -681,19 +693,6 @@ class Http1Front:
         finally:
             state.inflight -= 1
         return request.keep_alive and request.body.done and not conn.closing
-
-    async def _pipeline(self, request: NativeRequest, ex: Exchange, conn: Http1Connection) -> None:
-        pipeline = self.pipeline
-        path, query, authorization = pipeline.target(request, ex)
-        policy, identity = await pipeline.identify(request, ex, query, authorization)
-        service = policy.document.service
-        if "Upgrade" in request.headers:
-            _refuse_upgrade(request, ex, policy, path)
-        if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
-            detail = "MCP endpoints are served by --http1-server aiohttp only"
-            raise DenyError(Reason.REQUEST_REJECTED, detail, status=501)
-        pipeline.admit(policy, ex, identity, path)
-        await self._forward(request, ex, policy, path + query, conn)
 
     async def _forward(
         self,

@@ -371,17 +371,44 @@ class Pipeline:
     ) -> tuple[Policy, Identity]:
         """The stages every front end runs after `target`: the policy in force, the caller's
         identity, its tenant and any override headers (judged, not yet authorised)."""
+        found = self.identify_now(request, ex, query, authorization)
+        if found is None:
+            found = await self.identify_checked(request, ex, query, authorization)
+        return found
+
+    async def identify_checked(
+        self, request: RequestView, ex: Exchange, query: str, authorization: str | None
+    ) -> tuple[Policy, Identity]:
+        """`identify` once `identify_now` said None: the signature check, then the rest."""
+        policy = ex.policy
+        assert policy is not None  # identify_now set it before it asked for the check
+        ex.identity = identity = await self.authenticate(request, authorization)
+        self._qualify(request, ex, policy, identity, query)
+        return policy, identity
+
+    def identify_now(
+        self, request: RequestView, ex: Exchange, query: str, authorization: str | None
+    ) -> tuple[Policy, Identity] | None:
+        """`identify` without a coroutine when no signature must be checked (a cached token);
+        None: `await identify()` (which checks it)."""
         policy = self.current_policy(ex)
-        ex.identity = identity = self.authenticate_now(
-            request, authorization
-        ) or await self.authenticate(request, authorization)
+        identity = self.authenticate_now(request, authorization)
+        if identity is None:
+            return None
+        ex.identity = identity
+        self._qualify(request, ex, policy, identity, query)
+        return policy, identity
+
+    def _qualify(
+        self, request: RequestView, ex: Exchange, policy: Policy, identity: Identity, query: str
+    ) -> None:
+        """The identity's tenant and the request's override headers (judged, not authorised)."""
         service = policy.document.service
         if service.tenant is not None:
             ex.tenant = self.tenant(request, service, identity)
         overrides = find_overrides(request.headers.items(), query)
         if overrides:
             ex.override = self.override(service, overrides)
-        return policy, identity
 
     def admit(self, policy: Policy, ex: Exchange, identity: Identity, path: str) -> Decision:
         """Authorise the request (and its override), then charge its rate limit."""
