@@ -413,9 +413,12 @@ def count_instructions(
     `count` sequential requests on one connection are counted. Kernel work (socket
     syscalls) is not included. Needs `valgrind` (Debian: apt-get install -y valgrind).
     """
+    workdir.mkdir(exist_ok=True)
     out = workdir / "callgrind.out"
     port, admin = free_port(), free_port()
     wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p")
+    # String hashing is seeded per process: fix the seed, or counts differ run to run by ~0.3%.
+    os.environ.setdefault("PYTHONHASHSEED", "0")
     process, token = start_nhigate(
         up_port, port, admin, grants, os.devnull, wrapper, http1_server=http1_server
     )
@@ -484,8 +487,8 @@ def main() -> int:
             int(up), int(port), int(admin), args.grants, audit, args.shared_token, args.http1_server
         )
         return 0
-    if args.instructions and args.http1_server == "both":
-        parser.error("--instructions counts one front end: --http1-server aiohttp or native")
+    if args.instructions and args.python_upstream and args.http1_server == "both":
+        parser.error("--python-upstream counts one front end: --http1-server aiohttp or native")
     if args.instructions and args.python_upstream:
         with tempfile.TemporaryDirectory(prefix="nhigate-bench-") as tmp, PythonUpstream() as up:
             counted = count_instructions(
@@ -503,8 +506,17 @@ def main() -> int:
             )
             try:
                 wait_port(up_port)
-                counted = count_instructions(
-                    Path(tmp), up_port, args.grants, args.instructions, args.http1_server
+                fronts = (
+                    ("aiohttp", "native") if args.http1_server == "both" else (args.http1_server,)
+                )
+                each = [
+                    count_instructions(Path(tmp) / f, up_port, args.grants, args.instructions, f)
+                    for f in fronts
+                ]
+                counted = (
+                    each[0]
+                    if len(each) == 1
+                    else {"requests": args.instructions, "front_ends": each}
                 )
             finally:
                 upstream.terminate()

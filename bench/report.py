@@ -122,8 +122,53 @@ def reload_target(ten_k: JSON | None) -> Target:
     return Target(name, goal, measured, judged <= 200)
 
 
+NATIVE = "nhigate-native"
+"""The proxy bench case of nhigate on its native HTTP/1.1 front end (`--http1-server both`)."""
+
+
+def native_targets(proxy: JSON) -> list[Target]:
+    """Issue 16's targets, judged on the native front end's row (absent: not measured)."""
+    label = "native front end"
+    ratio = proxy_ratio(proxy, NATIVE, 32)
+    vs_nginx = ratio.get("rps_per_core_vs_nginx") if ratio else None
+    mine, haproxy = proxy_row(proxy, NATIVE, 32), proxy_row(proxy, "haproxy+jwt", 32)
+    vs_haproxy = (
+        float(haproxy["cpu_us"]) / float(mine["cpu_us"])
+        if mine and haproxy and mine.get("cpu_us") and haproxy.get("cpu_us")
+        else None
+    )
+    out = [
+        _target(
+            f"{label}: req/s per core vs nginx (32 conn)",
+            ">= 30%",
+            vs_nginx,
+            lambda v: f"{v * 100:.0f}%",
+            vs_nginx is not None and vs_nginx >= 0.30,
+        ),
+        _target(
+            f"{label}: req/s per core vs HAProxy + jwt_verify (32 conn)",
+            ">= 1.5x",
+            vs_haproxy,
+            lambda v: f"{v:.2f}x",
+            vs_haproxy is not None and vs_haproxy >= 1.5,
+        ),
+    ]
+    one = proxy_ratio(proxy, NATIVE, 1)
+    added = float(one["added_p99_ms"]) if one else None
+    out.append(
+        _target(
+            f"{label}: added p99 latency at 1 connection",
+            "<= 1 ms",
+            added,
+            lambda v: f"{v:.2f} ms" if v >= 0 else "≤ 0 ms, within noise",
+            added is not None and added <= 1.0,
+        )
+    )
+    return out
+
+
 def targets(results: JSON) -> list[Target]:
-    """Issue 7's targets against this run's numbers."""
+    """Issue 7's targets, then issue 16's (native front end), against this run's numbers."""
     out: list[Target] = []
     proxy = part(results, "proxy") or {}
     for conns in (32, 1):
@@ -211,6 +256,8 @@ def targets(results: JSON) -> list[Target]:
             rss is not None and rss / MIB_PER_MB <= 250,
         )
     )
+    if proxy_row(proxy, NATIVE, 32) is not None:
+        out += native_targets(proxy)
     return out
 
 
@@ -543,6 +590,30 @@ PEER_CHECKS: list[tuple[str, str, str, str]] = [
 configuration manual (`jwt_verify`), oauth2-proxy v7.15.6's flag descriptions and go-oidc
 v3's verifier; the HAProxy column is proven on the bench configuration by
 tests/unit/test_bench_peers.py."""
+
+
+def _instructions_section(results: JSON) -> list[str]:
+    lines = ["## Instructions per proxied request (callgrind)", ""]
+    counted = part(results, "instructions")
+    if not counted:
+        return lines + _not_measured(results, "instructions")
+    lines += [
+        "User-space instructions per request of nhigate under valgrind's callgrind: "
+        f"{counted['requests']} sequential requests on one keep-alive connection after 50 "
+        "warm-ups, nginx upstream, `PYTHONHASHSEED=0`. Unlike CPU time this does not move "
+        "with the machine's load; kernel socket work is not counted.",
+        "",
+    ]
+    rows = [
+        [
+            f"`{row['http1_server']}`",
+            f"{row['instructions_per_request']:,.0f}",
+            str(row.get("non200", 0)),
+        ]
+        for row in counted.get("front_ends") or [counted]
+    ]
+    lines += _table(["HTTP/1.1 front end", "instructions / request", "non-200"], rows)
+    return [*lines, ""]
 
 
 def _peer_configs(proxy: JSON) -> list[str]:
@@ -928,7 +999,7 @@ def render_markdown(results: JSON) -> str:
         f"{' (--quick: reduced trials and durations)' if results.get('quick') else ''}; "
         f"repeats: {results.get('repeat', '?')}.",
         "",
-        "## Targets (issue 7)",
+        "## Targets (issues 7 and 16)",
         "",
     ]
     rows = [
@@ -939,6 +1010,7 @@ def render_markdown(results: JSON) -> str:
     lines.append("")
     lines += _machine(results)
     lines += _proxy_section(results)
+    lines += _instructions_section(results)
     lines += _policy_section(results)
     lines += _revocation_section(results)
     lines += _reconcile_section(results)

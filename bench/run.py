@@ -38,6 +38,7 @@ ROOT = BENCH.parent
 PY = sys.executable
 PARTS = (
     "proxy",
+    "instructions",
     "decide",
     "token",
     "scale",
@@ -71,6 +72,9 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
 
     duration = "2" if quick else "4"
     proxy = [PY, script("proxy_bench.py"), "--duration", duration, "--repeat", str(repeat)]
+    proxy += ["--http1-server", "both"]  # `nhigate` (aiohttp) beside `nhigate-native`
+    instructions = [PY, script("proxy_bench.py"), "--instructions", "1000"]
+    instructions += ["--http1-server", "both"]  # each front end counted in turn
     decide = [PY, script("decide_bench.py")]
     decide += (
         ["--calls", "5000", "--repeat", "2"] if quick else ["--calls", "20000", "--repeat", "5"]
@@ -88,6 +92,12 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
     grpc = [PY, script("grpc_bench.py"), "--duration", duration, "--repeat", str(repeat)]
     return [
         Part("proxy", [*proxy, "--json", str(raw / "proxy.json")], 900, raw / "proxy.json"),
+        Part(
+            "instructions",
+            [*instructions, "--json", str(raw / "instructions.json")],
+            600,
+            raw / "instructions.json",
+        ),
         Part(
             "decide",
             [*decide, "--json", str(raw / "decide.json")],

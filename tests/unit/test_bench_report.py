@@ -504,3 +504,60 @@ def test_decide_runs_merge_to_median_latency_and_best_build_time() -> None:
     assert row["p99_us"] == 17.0  # the preempted run (90 µs) does not decide the figure
     assert row["p99_us_runs"] == [15.0, 90.0, 17.0]
     assert row["reload_ms"] == 600.0
+
+
+def with_native(results: dict[str, Any], cpu_us: float, per_core: float, added: float) -> None:
+    """Add an `nhigate-native` case (`--http1-server both`) to canned proxy results."""
+    proxy = results["parts"]["proxy"]["result"]
+    for conns in (1, 32):
+        proxy["results"].append(proxy_row("nhigate-native", conns, 12000, cpu_us, 0.3))
+        proxy["ratios"].append(ratio("nhigate-native", conns, per_core, added))
+
+
+def test_native_front_end_targets_are_judged_on_its_own_row() -> None:
+    results = copy.deepcopy(CANNED)
+    assert not any(t.name.startswith("native") for t in report.targets(results))  # not run
+    with_native(results, cpu_us=75.0, per_core=0.33, added=0.4)
+    targets = by_name(report.targets(results))
+    assert targets["native front end: req/s per core vs nginx (32 conn)"].met is True
+    assert targets["native front end: req/s per core vs nginx (32 conn)"].measured == "33%"
+    haproxy = targets["native front end: req/s per core vs HAProxy + jwt_verify (32 conn)"]
+    assert (haproxy.measured, haproxy.met) == ("1.60x", True)  # 120 / 75 µs per request
+    assert targets["native front end: added p99 latency at 1 connection"].met is True
+
+    slow = copy.deepcopy(CANNED)
+    with_native(slow, cpu_us=100.0, per_core=0.25, added=1.5)
+    targets = by_name(report.targets(slow))
+    assert targets["native front end: req/s per core vs nginx (32 conn)"].met is False
+    haproxy = targets["native front end: req/s per core vs HAProxy + jwt_verify (32 conn)"]
+    assert (haproxy.measured, haproxy.met) == ("1.20x", False)
+    assert targets["native front end: added p99 latency at 1 connection"].met is False
+
+
+def test_instructions_per_request_are_tabled_per_front_end() -> None:
+    results = copy.deepcopy(CANNED)
+    results["parts"]["instructions"] = ok(
+        {
+            "requests": 1000,
+            "front_ends": [
+                {
+                    "instructions_per_request": 383000.4,
+                    "requests": 1000,
+                    "non200": 0,
+                    "http1_server": "aiohttp",
+                },
+                {
+                    "instructions_per_request": 282283.0,
+                    "requests": 1000,
+                    "non200": 0,
+                    "http1_server": "native",
+                },
+            ],
+        }
+    )
+    text = report.render_markdown(results)
+    assert "| `aiohttp` | 383,000 | 0 |" in text
+    assert "| `native` | 282,283 | 0 |" in text
+    failed = copy.deepcopy(CANNED)
+    failed["parts"]["instructions"] = {"status": "failed", "error": "valgrind: not found"}
+    assert "_Not measured: failed: valgrind: not found_" in report.render_markdown(failed)
