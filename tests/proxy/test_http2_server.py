@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import uvloop
-from test_grpc_peers import _pki
+from pki import make_pki
 from test_http2_attacks import RawClient, start_backend
 
 from nhigate.proxy.policy_source import PolicyHolder
@@ -21,7 +21,7 @@ from nhigate.proxy.settings import ProxySettings, Upstream
 
 
 def _run(kit: Any, signing_key: Any, tmp_path: Path, *, tls: bool) -> list[dict[str, Any]]:
-    pki = _pki(tmp_path, "spiffe://example.org/ns/ci/sa/deployer")
+    pki = make_pki(tmp_path, "spiffe://example.org/ns/ci/sa/deployer")
     audit = tmp_path / "audit.log"
     answers: dict[str, Any] = {}
 
