@@ -91,15 +91,15 @@ def _target(
     return Target(name, target, fmt(value), ok)
 
 
-def added_p99_target(proxy: JSON) -> Target:
-    """nhigate's p99 minus direct's at 1 connection; a negative difference is noise."""
-    name, goal = "added p99 latency at 1 connection", "<= 1 ms"
-    ratio = proxy_ratio(proxy, "nhigate", 1)
-    mine, direct = proxy_row(proxy, "nhigate", 1), proxy_row(proxy, "direct", 1)
+def added_p99_target(proxy: JSON, case: str = "nhigate", label: str = "") -> Target:
+    """`case`'s p99 minus direct's at 1 connection; a negative difference is noise."""
+    name, goal = f"{label}added p99 latency at 1 connection", "<= 1 ms"
+    ratio = proxy_ratio(proxy, case, 1)
+    mine, direct = proxy_row(proxy, case, 1), proxy_row(proxy, "direct", 1)
     if ratio is None or mine is None or direct is None:
         return Target(name, goal, "not measured", None)
     added = float(ratio["added_p99_ms"])
-    detail = f"(nhigate p99 {mine['p99_ms']:.2f} ms, direct {direct['p99_ms']:.2f} ms)"
+    detail = f"({case} p99 {mine['p99_ms']:.2f} ms, direct {direct['p99_ms']:.2f} ms)"
     if added < 0:
         return Target(name, goal, f"≤ 0 ms, within noise {detail}", True)
     return Target(name, goal, f"{added:.2f} ms {detail}", added <= 1.0)
@@ -153,17 +153,7 @@ def native_targets(proxy: JSON) -> list[Target]:
             vs_haproxy is not None and vs_haproxy >= 1.5,
         ),
     ]
-    one = proxy_ratio(proxy, NATIVE, 1)
-    added = float(one["added_p99_ms"]) if one else None
-    out.append(
-        _target(
-            f"{label}: added p99 latency at 1 connection",
-            "<= 1 ms",
-            added,
-            lambda v: f"{v:.2f} ms" if v >= 0 else "≤ 0 ms, within noise",
-            added is not None and added <= 1.0,
-        )
-    )
+    out.append(added_p99_target(proxy, NATIVE, f"{label}: "))
     return out
 
 

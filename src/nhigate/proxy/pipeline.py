@@ -390,7 +390,7 @@ class Pipeline:
         self, request: RequestView, ex: Exchange, query: str, authorization: str | None
     ) -> tuple[Policy, Identity] | None:
         """`identify` without a coroutine when no signature must be checked (a cached token);
-        None: `await identify()` (which checks it)."""
+        None: `await identify_checked()` (which checks it)."""
         policy = self.current_policy(ex)
         identity = self.authenticate_now(request, authorization)
         if identity is None:
