@@ -17,7 +17,9 @@ under test is pinned to CPU 0, wrk and the upstream to CPU 1. Cases:
 - `haproxy+jwt`: HAProxy (Debian) verifying the same token with `jwt_verify` on every
   request, its claims and the same method/path/subject rule as ACLs (bench/peers.py);
 - `oauth2-proxy`: oauth2-proxy (Go module, built once and cached) in JWT-bearer mode,
-  with discovery + JWKS served by this process on 127.0.0.1.
+  with discovery + JWKS served by this process on 127.0.0.1;
+- `python-floor`: bench/floor_proxy.py, the least a Python proxy on nhigate's stack (uvloop,
+  asyncio protocols, httptools) does per request, checking nothing: the floor under nhigate.
 
 Every proxy verifies the same ES256 token (one key, `iss` = the local issuer's URL), and
 each one must refuse a forged token before it is measured. The HAProxy configuration and
@@ -321,6 +323,29 @@ def start_nhigate(
     return process, token
 
 
+FLOOR = "python-floor"
+"""The case of bench/floor_proxy.py: what a Python proxy on nhigate's stack costs per request
+before it authenticates, authorises or audits anything."""
+
+
+def start_floor(up_port: int, port: int) -> subprocess.Popen[bytes]:
+    """bench/floor_proxy.py pinned to the proxy CPU."""
+    return subprocess.Popen(
+        [
+            *(
+                "taskset",
+                "-c",
+                PROXY_CPU,
+                sys.executable,
+                str(Path(__file__).parent / "floor_proxy.py"),
+            ),
+            *("--port", str(port), "--upstream-port", str(up_port)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 class MetricsScraper:
     """Scrapes nhigate's `/metrics` once a second while a case runs (as Prometheus would)."""
 
@@ -570,6 +595,9 @@ def main() -> int:
                     up_port, nhn_port, free_port(), args.grants, os.devnull, (), shared, "native"
                 )
                 processes.append(native)
+            floor_port = free_port()
+            floor = start_floor(up_port, floor_port)
+            processes.append(floor)
             haproxy_config = peers.haproxy_config(
                 port=ha_port,
                 upstream=up_port,
@@ -588,7 +616,7 @@ def main() -> int:
                 o2 = peers.start_oauth2_proxy(oauth2_proxy, o2_args, PROXY_CPU)
                 processes.append(o2)
                 wait_port(o2_port)
-            for port in (up_port, nginx_port, nh_port, nha_port, ha_port):
+            for port in (up_port, nginx_port, nh_port, nha_port, ha_port, floor_port):
                 wait_port(port)
             if native is not None:
                 wait_port(nhn_port)
@@ -607,6 +635,7 @@ def main() -> int:
                 cases.append(("nhigate-native", nhn_port))
             for name, port in cases[2:]:  # each authenticating proxy must refuse a forged token
                 require_refusal(name, port, path, forged(token))
+            cases.append((FLOOR, floor_port))  # authenticates nothing: no refusal to check
             for name, port in cases:  # warm up: token cache, keep-alive pools
                 run_wrk(name, f"http://127.0.0.1:{port}{path}", 4, 1, script)
             watched = {
@@ -616,6 +645,7 @@ def main() -> int:
                 "oauth2-proxy": [o2.pid] if o2 is not None else [],
                 "nhigate": [nh.pid],
                 "nhigate+audit": [nha.pid],
+                FLOOR: [floor.pid],
             }
             if native is not None:
                 watched["nhigate-native"] = [native.pid]

@@ -105,21 +105,22 @@ def added_p99_target(proxy: JSON, case: str = "nhigate", label: str = "") -> Tar
     return Target(name, goal, f"{added:.2f} ms {detail}", added <= 1.0)
 
 
-def reload_target(ten_k: JSON | None) -> Target:
-    """The ConfigMap reload of 10k grants, judged on CPU time (wall time also counts the
-    other work on a shared machine; both are shown)."""
+RELOADS = ("one-changed", "one-added", "1%-changed")
+"""reload_bench.py's scenarios that are reloads (its `first` is a replica's start-up)."""
+
+
+def reload_target(reload: JSON | None) -> Target:
+    """A cluster replica's reload of 10k grants (reload_bench.py, the previous policy held),
+    judged on the CPU of the costliest scenario."""
     name, goal = "reload of 10k grants (ConfigMap: gunzip + decode + compile)", "<= 200 ms"
-    if not ten_k:
+    medians = (reload or {}).get("median_cpu_ms") or {}
+    if not all(isinstance(medians.get(s), int | float) for s in RELOADS):
         return Target(name, goal, "not measured", None)
-    cpu = ten_k.get("reload_packed_cpu_ms", ten_k.get("reload_cpu_ms"))
-    wall = ten_k.get("reload_packed_ms", ten_k.get("reload_ms"))
-    if cpu is None and wall is None:
-        return Target(name, goal, "not measured", None)
-    value = cpu if cpu is not None else wall
-    assert value is not None
-    judged = float(value)
-    measured = f"{judged:.0f} ms CPU" + (f" ({wall:.0f} ms wall)" if wall is not None else "")
-    return Target(name, goal, measured, judged <= 200)
+    worst = max(float(medians[s]) for s in RELOADS)
+    each = ", ".join(f"{s} {float(medians[s]):.0f}" for s in RELOADS)
+    runs = (reload or {}).get("runs")
+    measured = f"{worst:.0f} ms CPU (worst of {each}; median of {runs} processes)"
+    return Target(name, goal, measured, worst <= 200)
 
 
 NATIVE = "nhigate-native"
@@ -186,7 +187,7 @@ def targets(results: JSON) -> list[Target]:
             p99 is not None and p99 <= 20,
         )
     )
-    out.append(reload_target(row))
+    out.append(reload_target(part(results, "reload")))
     scale = part(results, "scale") or {}
     failed = (scale.get("reload") or {}).get("failed_requests")
     out.append(
@@ -645,6 +646,32 @@ def _peer_checks() -> list[str]:
     return [*lines, ""]
 
 
+def _reload_section(results: JSON) -> list[str]:
+    """reload_bench.py: a replica's reloads, each against the policy it holds (CPU ms)."""
+    lines = ["### Reload of a cluster replica (reload_bench.py)", ""]
+    reload = part(results, "reload")
+    if not reload:
+        return lines + _not_measured(results, "reload")
+    medians = reload.get("median_cpu_ms") or {}
+    every = reload.get("cpu_ms") or {}
+    rows = [
+        [
+            name,
+            _fmt(medians.get(name), ".0f"),
+            ", ".join(f"{v:.0f}" for v in every.get(name) or ()),
+        ]
+        for name in ("first", *RELOADS)
+    ]
+    lines += [
+        f"{reload.get('grants', 0):,} grants, each run a fresh process: `first` is its "
+        "start-up, each later version reloads against the policy it holds "
+        "(ConfigMap base64 → gunzip → decode → compile, reusing unchanged grants).",
+        "",
+    ]
+    lines += _table(["version", "CPU ms (median)", "CPU ms per process"], rows)
+    return [*lines, ""]
+
+
 def _policy_section(results: JSON) -> list[str]:
     lines = ["## Policy scale", "", "### decide() vs grants", ""]
     decide = part(results, "decide")
@@ -680,8 +707,8 @@ def _policy_section(results: JSON) -> list[str]:
             steps = [
                 ("make_and_encode", "controller: build + encode the document"),
                 ("pack", "controller: gzip for the ConfigMap"),
-                ("reload", "replica: decode + compile"),
-                ("reload_packed", "replica: gunzip + decode + compile"),
+                ("reload", "replica start: decode + compile (nothing to reuse)"),
+                ("reload_packed", "replica start: gunzip + decode + compile"),
             ]
             lines += _table(
                 ["step", "wall ms", "CPU ms"],
@@ -705,6 +732,7 @@ def _policy_section(results: JSON) -> list[str]:
         lines.append("")
     else:
         lines += _not_measured(results, "decide")
+    lines += _reload_section(results)
     lines += ["### Proxy throughput and memory vs grants", ""]
     scale = part(results, "scale")
     if not scale:

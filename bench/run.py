@@ -3,7 +3,8 @@
     .venv/bin/python bench/run.py [--out DIR] [--quick] [--repeat N] [--only a,b] [--skip a,b]
 
 Parts (each a separate bench/ command, run in this order, each with a hard time limit, all
-on 127.0.0.1): proxy (proxy_bench.py), decide (decide_bench.py), token (token_bench.py),
+on 127.0.0.1): proxy (proxy_bench.py), instructions (proxy_bench.py --instructions),
+decide (decide_bench.py), reload (reload_bench.py), token (token_bench.py),
 scale (scale_bench.py), websocket (websocket_bench.py), revocation (revocation_bench.py),
 reconcile (reconcile_bench.py), mcp (mcp_bench.py), grpc (grpc_bench.py).
 A part that fails or times out is recorded with its error and the run goes on. Every part's
@@ -40,6 +41,7 @@ PARTS = (
     "proxy",
     "instructions",
     "decide",
+    "reload",
     "token",
     "scale",
     "websocket",
@@ -79,6 +81,7 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
     decide += (
         ["--calls", "5000", "--repeat", "2"] if quick else ["--calls", "20000", "--repeat", "5"]
     )
+    reload = [PY, script("reload_bench.py"), "--runs", "2" if quick else "5"]
     token = [PY, script("token_bench.py"), "--seconds", "0.1" if quick else "0.3"]
     scale = [PY, script("scale_bench.py"), "--duration", duration, "--repeat", str(repeat)]
     if quick:
@@ -105,6 +108,7 @@ def plan(out: Path, quick: bool, repeat: int) -> list[Part]:
             raw / "decide.json",
             runs=repeat,
         ),
+        Part("reload", [*reload, "--json", str(raw / "reload.json")], 600, raw / "reload.json"),
         Part("token", token, 300, None),
         Part("scale", [*scale, "--json", str(raw / "scale.json")], 1200, raw / "scale.json"),
         Part(

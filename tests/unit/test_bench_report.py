@@ -326,10 +326,42 @@ def test_targets_compare_each_measurement_with_its_goal() -> None:
     assert targets["requests failed during 10k-grant reloads"].met is True
     assert targets["revocation p99: delete RouteGrant"].met is True
     assert targets["revocation p99: Revocation (jti)"].met is False
-    # reload timings absent from the canned decide result, reconcile timed out: unknown, not met
+    # no reload part in the canned results, reconcile timed out: unknown, not met
     assert targets["reload of 10k grants (ConfigMap: gunzip + decode + compile)"].met is None
     assert targets["1000 grants Accepted and Enforced"].met is None
     assert targets["controller peak RSS during that reconcile"].measured == "not measured"
+
+
+def reload_result(one_added: float) -> dict[str, Any]:
+    """reload_bench.py's JSON: five processes, each scenario's CPU ms."""
+    cpu = {"first": [270.0] * 5, "one-changed": [40.0] * 5, "one-added": [one_added] * 5}
+    cpu["1%-changed"] = [43.0] * 5
+    return {
+        "grants": 10_000,
+        "runs": 5,
+        "load_average_1m": [0.5, 0.9],
+        "cpu_ms": cpu,
+        "median_cpu_ms": {name: values[0] for name, values in cpu.items()},
+    }
+
+
+def test_the_reload_target_is_a_replicas_reload_not_its_start() -> None:
+    """A 270 ms cold compile (`first`, and decide_bench's build) does not decide the target:
+    the reloads against the held policy do."""
+    results = copy.deepcopy(CANNED)
+    results["parts"]["decide"]["result"]["cases"][2].update(reload_packed_cpu_ms=271.0)
+    results["parts"]["reload"] = ok(reload_result(one_added=38.0))
+    reload = by_name(report.targets(results))[
+        "reload of 10k grants (ConfigMap: gunzip + decode + compile)"
+    ]
+    assert reload.met is True
+    assert reload.measured.startswith("43 ms CPU (worst of")
+    text = report.render_markdown(results)
+    assert "### Reload of a cluster replica (reload_bench.py)" in text
+    assert "| first | 270 | 270, 270, 270, 270, 270 |" in text
+    del results["parts"]["reload"]["result"]["median_cpu_ms"]["1%-changed"]
+    partial = by_name(report.targets(results))
+    assert partial["reload of 10k grants (ConfigMap: gunzip + decode + compile)"].met is None
 
 
 def test_missed_targets_are_marked_missed() -> None:
@@ -339,8 +371,7 @@ def test_missed_targets_are_marked_missed() -> None:
         if row["case"] == "nhigate":
             row["rps_per_core_vs_nginx"] = 0.10
             row["added_p99_ms"] = 2.5
-    ten_k = results["parts"]["decide"]["result"]["cases"][2]
-    ten_k.update(reload_packed_ms=1300.0, reload_packed_cpu_ms=600.0)
+    results["parts"]["reload"] = ok(reload_result(one_added=600.0))
     results["parts"]["reconcile"] = ok(
         {
             "grants": 1000,
@@ -360,7 +391,9 @@ def test_missed_targets_are_marked_missed() -> None:
     assert targets["added p99 latency at 1 connection"].met is False
     reload = targets["reload of 10k grants (ConfigMap: gunzip + decode + compile)"]
     assert reload.met is False
-    assert reload.measured == "600 ms CPU (1300 ms wall)"
+    assert reload.measured == (
+        "600 ms CPU (worst of one-changed 40, one-added 600, 1%-changed 43; median of 5 processes)"
+    )
     enforced = targets["1000 grants Accepted and Enforced"]
     assert enforced.met is False
     assert "700 enforced" in enforced.measured

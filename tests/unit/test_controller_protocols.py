@@ -283,6 +283,20 @@ def test_http1_adds_no_flag() -> None:
     assert m.proxy_args(make_ps(), HTTP1) == m.proxy_args(make_ps())
 
 
+def test_the_native_front_end_serves_what_it_can() -> None:
+    """HTTP/1.1 without WebSocket or MCP: native; either of those, or HTTP/2: aiohttp's."""
+
+    def front_end(ps: ProtectedService, protocol: BackendProtocol = HTTP1) -> str:
+        args = m.proxy_args(ps, protocol)
+        flag = "--http1-server"
+        return args[args.index(flag) + 1] if flag in args else "aiohttp"
+
+    assert front_end(make_ps()) == "native"
+    assert front_end(make_ps("HTTP/2"), HTTP2) == "aiohttp"
+    assert front_end(make_ps(websocket=True)) == "aiohttp"
+    assert front_end(make_ps(mcp={"endpoints": ["/mcp"]})) == "aiohttp"
+
+
 @pytest.mark.parametrize(("protocol", "expected"), [(HTTP1, "http1"), (HTTP2, "http2")])
 def test_the_rendered_command_line_parses_as_the_proxys_own(
     protocol: BackendProtocol, expected: str
@@ -304,7 +318,9 @@ def _fixture() -> dict[str, Any]:
 @pytest.mark.parametrize("case", sorted(_fixture()))
 def test_http1_services_render_byte_identical_to_before(case: str) -> None:
     """tests/unit/fixtures/http1_rendering.json was written by the builders before backend
-    protocols existed: an HTTP/1.1 service must not roll its proxies on upgrade."""
+    protocols existed. Since then an HTTP/1.1 service differs in one way only, on purpose (it
+    rolls its proxies once on that upgrade): `--http1-server native` after `--upstream`,
+    unless it declares WebSocket paths or MCP endpoints."""
     stored = _fixture()[case]
     ps = ProtectedService.model_validate(stored["protectedService"])
     resolved = resolve_backend_protocol(ps, port(None))
@@ -315,6 +331,14 @@ def test_http1_services_render_byte_identical_to_before(case: str) -> None:
         policy_version="sha256:0123456789abcdef",
         protocol=resolved.protocol,
     )
+    args = _container(deployment)["args"]
+    native = ["--http1-server", "native"]
+    at = args.index("--upstream") + 2
+    if ps.spec.websocket is None and ps.spec.mcp is None:
+        assert args[at : at + 2] == native
+        del args[at : at + 2]
+    else:
+        assert "--http1-server" not in args
     service = m.build_proxy_service(ps, resolved.protocol)
     assert json.dumps(deployment, indent=2) == json.dumps(stored["deployment"], indent=2)
     assert json.dumps(service, indent=2) == json.dumps(stored["service"], indent=2)

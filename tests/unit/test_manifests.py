@@ -236,6 +236,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
         [
             "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
+            "--http1-server", "native",
             "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
             "--shutdown-delay", "5",
             "--request-head-timeout", "60", "--idle-timeout", "75", "--max-connections", "4096",
@@ -247,6 +248,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
         [
             "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
+            "--http1-server", "native",
             "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
             "--shutdown-delay", "5",
             "--request-head-timeout", "60", "--idle-timeout", "75", "--max-connections", "4096",
@@ -262,6 +264,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
         [
             "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
+            "--http1-server", "native",
             "--listen", "0.0.0.0:8080", "--admin-listen", "0.0.0.0:8081",
             "--shutdown-delay", "5",
             "--request-head-timeout", "60", "--idle-timeout", "75", "--max-connections", "4096",
@@ -281,6 +284,7 @@ ARG_CASES: list[tuple[str, ProtectedService, list[str]]] = [
         [
             "proxy", "--kube", "--namespace", "shop", "--policy-configmap", "nhigate-pay-policy",
             "--replica-name", "$(POD_NAME)", "--upstream", "http://payments.shop.svc:80",
+            "--http1-server", "native",
             "--listen", "0.0.0.0:8443", "--admin-listen", "0.0.0.0:9090",
             "--shutdown-delay", "5",
             "--request-head-timeout", "90", "--idle-timeout", "1.5", "--max-connections", "100",

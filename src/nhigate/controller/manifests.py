@@ -268,9 +268,10 @@ def proxy_args(
 ) -> list[str]:
     """`nhigate proxy --kube ...` arguments (docs/architecture.md, "What the controller creates").
 
-    `protocol` is the backend's, as resolved (`controller/protocols.py`); HTTP/1.1 adds no
-    flag, so the pods of HTTP/1.1 services are exactly what they were before HTTP/2 existed
-    (no rollout on upgrade)."""
+    `protocol` is the backend's, as resolved (`controller/protocols.py`). An HTTP/1.1 backend
+    is served by the native HTTP/1.1 front end (`proxy/http1.py`, about 1.5x the requests per
+    core of aiohttp's web layer) unless the service declares WebSocket paths or MCP endpoints,
+    which only the aiohttp front end serves (native answers them 501)."""
     proxy = ps.spec.proxy
     args = [
         "proxy",
@@ -284,6 +285,7 @@ def proxy_args(
         "--upstream",
         upstream_url(ps),
         *_protocol_args(protocol),
+        *_front_end_args(ps, protocol),
         "--listen",
         f"0.0.0.0:{proxy.port}",
         "--admin-listen",
@@ -307,6 +309,17 @@ def _protocol_args(protocol: BackendProtocol) -> list[str]:
     if protocol == BackendProtocol.HTTP1:
         return []  # the proxy's default
     return ["--upstream-protocol", UPSTREAM_PROTOCOL_FLAGS[protocol]]
+
+
+def _front_end_args(ps: ProtectedService, protocol: BackendProtocol) -> list[str]:
+    """`--http1-server native` where it serves everything the service declares."""
+    if (
+        protocol != BackendProtocol.HTTP1
+        or ps.spec.websocket is not None
+        or ps.spec.mcp is not None
+    ):
+        return []  # HTTP/2 has its own front end; WebSocket and MCP need aiohttp's
+    return ["--http1-server", "native"]
 
 
 def _connection_args(ps: ProtectedService) -> list[str]:
