@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections import deque
+from typing import cast
 
 import httptools
 import uvloop
@@ -33,8 +34,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
@@ -52,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self.client.upstream_answered()
         body = b"".join(self.body)
         status = self.parser.get_status_code()
         head = b"HTTP/1.1 %d OK\r\n%b\r\nContent-Length: %d\r\n\r\n" % (
@@ -68,8 +69,11 @@ class UpstreamConnection(asyncio.Protocol):
 class ClientConnection(asyncio.Protocol):
     """One client connection: requests parsed, forwarded in order, answered in order."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], tasks: bool) -> None:
         self.upstream_address = upstream
+        self.tasks = tasks
+        self.answered: asyncio.Future[None] | None = None
+        self.answer = b""
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.upstream: UpstreamConnection | None = None
@@ -79,8 +83,7 @@ class ClientConnection(asyncio.Protocol):
         self.fields: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -110,8 +113,26 @@ class ClientConnection(asyncio.Protocol):
             b"".join(self.url),
             b"\r\n".join(self.fields),
         )
+        if self.tasks:
+            asyncio.get_running_loop().create_task(self._serve(head))
+            return
         self.waiting.append(head)
         self._next()
+
+    async def _serve(self, head: bytes) -> None:
+        """`--tasks`: each request served by a task awaiting its answer, as nhigate does."""
+        await self._exchange(head)
+        if self.transport is not None:
+            self.transport.write(self.answer)
+
+    async def _exchange(self, head: bytes) -> None:
+        if self.upstream is None or self.upstream.transport is None:
+            await self._connect(b"")
+        assert self.upstream is not None
+        assert self.upstream.transport is not None
+        self.answered = asyncio.get_running_loop().create_future()
+        self.upstream.transport.write(head)
+        await self.answered
 
     def _next(self) -> None:
         if self.busy or not self.waiting:
@@ -130,9 +151,18 @@ class ClientConnection(asyncio.Protocol):
         )
         self.upstream = upstream
         assert upstream.transport is not None
-        upstream.transport.write(head)
+        if head:
+            upstream.transport.write(head)
+
+    def upstream_answered(self) -> None:
+        if self.answered is not None:
+            self.answered.set_result(None)
+            self.answered = None
 
     def respond(self, data: bytes) -> None:
+        if self.tasks:
+            self.answer = data
+            return
         if self.transport is not None:
             self.transport.write(data)
         self.busy = False
@@ -149,10 +179,10 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.transport.close()
 
 
-async def serve(port: int, upstream_port: int) -> None:
+async def serve(port: int, upstream_port: int, tasks: bool) -> None:
     loop = asyncio.get_running_loop()
     address = ("127.0.0.1", upstream_port)
-    server = await loop.create_server(lambda: ClientConnection(address), "127.0.0.1", port)
+    server = await loop.create_server(lambda: ClientConnection(address, tasks), "127.0.0.1", port)
     async with server:
         await server.serve_forever()
 
@@ -161,8 +191,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument(
+        "--tasks",
+        action="store_true",
+        help="serve each request with a task awaiting a future for its answer (nhigate's shape)",
+    )
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.upstream_port))
+    uvloop.run(serve(args.port, args.upstream_port, args.tasks))
 
 
 if __name__ == "__main__":

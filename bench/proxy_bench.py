@@ -328,18 +328,16 @@ FLOOR = "python-floor"
 before it authenticates, authorises or audits anything."""
 
 
-def start_floor(up_port: int, port: int) -> subprocess.Popen[bytes]:
-    """bench/floor_proxy.py pinned to the proxy CPU."""
+def start_floor(
+    up_port: int, port: int, wrapper: tuple[str, ...] = (), tasks: bool = False
+) -> subprocess.Popen[bytes]:
+    """bench/floor_proxy.py pinned to the proxy CPU (`tasks`: its `--tasks` shape)."""
     return subprocess.Popen(
         [
-            *(
-                "taskset",
-                "-c",
-                PROXY_CPU,
-                sys.executable,
-                str(Path(__file__).parent / "floor_proxy.py"),
-            ),
+            *("taskset", "-c", PROXY_CPU, *wrapper, sys.executable),
+            str(Path(__file__).parent / "floor_proxy.py"),
             *("--port", str(port), "--upstream-port", str(up_port)),
+            *(("--tasks",) if tasks else ()),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -428,25 +426,19 @@ class PythonUpstream:
         self._server.server_close()
 
 
-def count_instructions(
-    workdir: Path, up_port: int, grants: int, count: int, http1_server: str = "aiohttp"
-) -> dict[str, Any]:
-    """User-space instructions per proxied request of nhigate, under valgrind's callgrind.
-
-    Deterministic (it does not move with the machine's load, unlike time): the proxy
-    runs under callgrind, serves 50 warm-up requests, its counters are zeroed, then
-    `count` sequential requests on one connection are counted. Kernel work (socket
-    syscalls) is not included. Needs `valgrind` (Debian: apt-get install -y valgrind).
-    """
+def callgrind_wrapper(workdir: Path) -> tuple[str, ...]:
+    """The command prefix that runs a process under callgrind, its dumps in `workdir`."""
     workdir.mkdir(exist_ok=True)
-    out = workdir / "callgrind.out"
-    port, admin = free_port(), free_port()
-    wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p")
     # String hashing is seeded per process: fix the seed, or counts differ run to run by ~0.3%.
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    process, token = start_nhigate(
-        up_port, port, admin, grants, os.devnull, wrapper, http1_server=http1_server
-    )
+    return ("valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.out.%p")
+
+
+def counted_requests(
+    workdir: Path, process: subprocess.Popen[Any], port: int, token: str, count: int
+) -> tuple[float, int]:
+    """Instructions per request of `process` (under `callgrind_wrapper`) over `count`
+    sequential requests after 50 warm-ups, and the non-200 answers; stops the process."""
     try:
         wait_port(port, timeout=600)
         sequential_requests(port, token, 50)
@@ -460,7 +452,25 @@ def count_instructions(
     dump = next(workdir.glob("callgrind.out.*.1"))
     totals = re.search(r"^totals:\s+(\d+)", dump.read_text(), re.M)
     assert totals is not None
-    per_request = int(totals.group(1)) / count
+    return int(totals.group(1)) / count, failed
+
+
+def count_instructions(
+    workdir: Path, up_port: int, grants: int, count: int, http1_server: str = "aiohttp"
+) -> dict[str, Any]:
+    """User-space instructions per proxied request of nhigate, under valgrind's callgrind.
+
+    Deterministic (it does not move with the machine's load, unlike time): the proxy
+    runs under callgrind, serves 50 warm-up requests, its counters are zeroed, then
+    `count` sequential requests on one connection are counted. Kernel work (socket
+    syscalls) is not included. Needs `valgrind` (Debian: apt-get install -y valgrind).
+    """
+    wrapper = callgrind_wrapper(workdir)
+    port, admin = free_port(), free_port()
+    process, token = start_nhigate(
+        up_port, port, admin, grants, os.devnull, wrapper, http1_server=http1_server
+    )
+    per_request, failed = counted_requests(workdir, process, port, token, count)
     print(
         f"nhigate ({http1_server} HTTP/1.1 front end) user-space instructions per request "
         f"(callgrind, {count} requests): {per_request:,.0f}; non-200: {failed}"
@@ -470,6 +480,23 @@ def count_instructions(
         "requests": count,
         "non200": failed,
         "http1_server": http1_server,
+    }
+
+
+def count_floor_instructions(
+    workdir: Path, up_port: int, count: int, tasks: bool
+) -> dict[str, Any]:
+    """`count_instructions` of bench/floor_proxy.py (the same requests; it checks no token)."""
+    port = free_port()
+    process = start_floor(up_port, port, callgrind_wrapper(workdir), tasks)
+    per_request, failed = counted_requests(workdir, process, port, "none", count)
+    label = FLOOR + (" --tasks" if tasks else "")
+    print(f"{label} user-space instructions per request: {per_request:,.0f}; non-200: {failed}")
+    return {
+        "instructions_per_request": per_request,
+        "requests": count,
+        "non200": failed,
+        "proxy": label,
     }
 
 
@@ -538,6 +565,13 @@ def main() -> int:
                     count_instructions(Path(tmp) / f, up_port, args.grants, args.instructions, f)
                     for f in fronts
                 ]
+                if args.http1_server == "both":  # what the stack costs before nhigate's work
+                    each += [
+                        count_floor_instructions(
+                            Path(tmp) / f"floor-{tasks}", up_port, args.instructions, tasks
+                        )
+                        for tasks in (False, True)
+                    ]
                 counted = (
                     each[0]
                     if len(each) == 1

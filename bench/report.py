@@ -597,13 +597,15 @@ def _instructions_section(results: JSON) -> list[str]:
     ]
     rows = [
         [
-            f"`{row['http1_server']}`",
+            f"nhigate, `{row['http1_server']}` front end"
+            if "http1_server" in row
+            else f"`{row.get('proxy')}` (bench/floor_proxy.py: checks nothing)",
             f"{row['instructions_per_request']:,.0f}",
             str(row.get("non200", 0)),
         ]
         for row in counted.get("front_ends") or [counted]
     ]
-    lines += _table(["HTTP/1.1 front end", "instructions / request", "non-200"], rows)
+    lines += _table(["proxy", "instructions / request", "non-200"], rows)
     return [*lines, ""]
 
 

@@ -585,12 +585,19 @@ def test_instructions_per_request_are_tabled_per_front_end() -> None:
                     "non200": 0,
                     "http1_server": "native",
                 },
+                {
+                    "instructions_per_request": 45538.7,
+                    "requests": 1000,
+                    "non200": 0,
+                    "proxy": "python-floor",
+                },
             ],
         }
     )
     text = report.render_markdown(results)
-    assert "| `aiohttp` | 383,000 | 0 |" in text
-    assert "| `native` | 282,283 | 0 |" in text
+    assert "| nhigate, `aiohttp` front end | 383,000 | 0 |" in text
+    assert "| nhigate, `native` front end | 282,283 | 0 |" in text
+    assert "| `python-floor` (bench/floor_proxy.py: checks nothing) | 45,539 | 0 |" in text
     failed = copy.deepcopy(CANNED)
     failed["parts"]["instructions"] = {"status": "failed", "error": "valgrind: not found"}
     assert "_Not measured: failed: valgrind: not found_" in report.render_markdown(failed)
