@@ -264,6 +264,8 @@ def run(demo: Demo) -> int:
             "demo-proxy-0",
             "--upstream",
             f"http://127.0.0.1:{backend_port}",
+            "--http1-server",
+            "native",  # the front end the controller's Deployment runs for this service
             "--listen",
             f"127.0.0.1:{proxy_port}",
             "--admin-listen",

@@ -104,7 +104,8 @@ def _load_counts(proc: Any, timeout: float) -> dict[str, Any]:
 
 
 def test_protected_service_ready_from_real_proxy_pods(scenario: Scenario) -> None:
-    """Ready/ProxyAvailable True, PolicyEnforced "2/2 at <version>" from two running proxy pods."""
+    """Ready/ProxyAvailable True, PolicyEnforced "2/2 at <version>" from two running proxy pods
+    (on the native HTTP/1.1 front end: every later test here goes through it)."""
     s = scenario
     status = s.status("protectedservice", s.protected_service)
     version = status["policyVersion"]
@@ -115,6 +116,9 @@ def test_protected_service_ready_from_real_proxy_pods(scenario: Scenario) -> Non
     pods = [p for p in s.proxy_pods() if p["status"].get("phase") == "Running"]
     assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
     assert all(p["spec"]["containers"][0]["image"] == s.cluster.image for p in pods)
+    for pod in pods:  # an HTTP/1.1 backend without WebSocket or MCP: the native front end
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[args.index("--http1-server") + 1] == "native", args
     grant = {c["type"]: c["status"] for c in s.status("routegrant", GRANT)["conditions"]}
     assert grant["Accepted"] == "True", grant
     assert grant["Enforced"] == "True", grant

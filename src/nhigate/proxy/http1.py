@@ -914,15 +914,7 @@ class NativeRunner:
         await app.startup()
         app.freeze()
         state = app[STATE]
-        settings = state.settings
-        limits = ConnectionLimits(
-            request_head_timeout=settings.request_head_timeout,
-            idle_timeout=settings.idle_timeout,
-            max_connections=settings.max_connections,
-        )
-        audit = ConnectionAudit(
-            state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
-        )
+        limits, audit = state.connection_rules()
         front = Http1Front(app[PIPELINE], limits, audit)
         state.metrics.connections_open.set_function(lambda: len(front.connections))
         self.front = front

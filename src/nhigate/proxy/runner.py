@@ -19,7 +19,7 @@ from nhigate.proxy.aiohttp_seam import (
     refusal_auditing_factory,
 )
 from nhigate.proxy.app import PIPELINE
-from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits, GuardedServer
+from nhigate.proxy.connections import GuardedServer
 from nhigate.proxy.http2 import HTTP2_GATEWAY, Http2Gateway
 from nhigate.proxy.state import STATE, ProxyState
 
@@ -62,13 +62,5 @@ def _guarded(
     server: web.Server, state: ProxyState, http2: Http2Gateway | None = None
 ) -> GuardedServer:
     """`server` with the client-connection limits of `state.settings` (connections.py)."""
-    settings = state.settings
-    limits = ConnectionLimits(
-        request_head_timeout=settings.request_head_timeout,
-        idle_timeout=settings.idle_timeout,
-        max_connections=settings.max_connections,
-    )
-    audit = ConnectionAudit(
-        state.audit, state.metrics, state.holder, state.clock, settings.upstream.url
-    )
+    limits, audit = state.connection_rules()
     return GuardedServer(server, limits, audit, http2)

@@ -16,6 +16,7 @@ from aiohttp import web
 from nhigate.policy import Identity, IssuerConfig, Reason
 from nhigate.policy.document import UpstreamCredential
 from nhigate.proxy.audit import AuditLog
+from nhigate.proxy.connections import ConnectionAudit, ConnectionLimits
 from nhigate.proxy.forward import UpstreamPool
 from nhigate.proxy.headers import safe_header_value
 from nhigate.proxy.mcp import SessionBindings
@@ -120,6 +121,20 @@ class ProxyState:
     def ready(self) -> bool:
         """Serving: a valid policy is loaded and shutdown has not begun."""
         return self.holder.current is not None and not self.draining
+
+    def connection_rules(self) -> tuple[ConnectionLimits, ConnectionAudit]:
+        """The proxied port's client-connection limits and the audit of what they refuse
+        (connections.py), as every HTTP/1.1 front end applies them."""
+        settings = self.settings
+        limits = ConnectionLimits(
+            request_head_timeout=settings.request_head_timeout,
+            idle_timeout=settings.idle_timeout,
+            max_connections=settings.max_connections,
+        )
+        audit = ConnectionAudit(
+            self.audit, self.metrics, self.holder, self.clock, settings.upstream.url
+        )
+        return limits, audit
 
 
 STATE: web.AppKey[ProxyState] = web.AppKey("nhigate_proxy_state", ProxyState)
