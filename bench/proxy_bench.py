@@ -307,16 +307,20 @@ def start_nhigate(
 ) -> tuple[subprocess.Popen[str], str]:
     """An nhigate child process pinned to the proxy CPU; returns it and its valid token."""
     serve = [str(up_port), str(port), str(admin), audit]
-    process = subprocess.Popen(
+    return spawn_with_token(
         [
             *("taskset", "-c", PROXY_CPU, *wrapper, sys.executable, __file__),
             *("--grants", str(grants), "--serve-nhigate", *serve),
             *(("--shared-token", str(shared)) if shared is not None else ()),
             *("--http1-server", http1_server),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        ]
+    )
+
+
+def spawn_with_token(command: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """Start a `serve_nhigate` child; returns it and the token from its first output line."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     assert process.stdout is not None
     token = str(json.loads(process.stdout.readline())["token"])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,18 +84,13 @@ def take_out(stages: set[str]) -> None:
 def count(workdir: Path, up_port: int, stages: str, requests: int) -> float:
     """Instructions per request with `stages` (comma-separated, or empty) taken out."""
     port, admin = pb.free_port(), pb.free_port()
-    process = subprocess.Popen(
+    process, token = pb.spawn_with_token(
         [
             *pb.callgrind_wrapper(workdir),
             *(sys.executable, __file__, "--serve", str(up_port), str(port), str(admin)),
             *("--take-out", stages),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        ]
     )
-    assert process.stdout is not None
-    token = str(json.loads(process.stdout.readline())["token"])
     per_request, failed = pb.counted_requests(workdir, process, port, token, requests)
     if failed:
         raise RuntimeError(f"{failed} requests failed with {stages or 'nothing'} taken out")
