@@ -27,7 +27,7 @@ import re
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from operator import itemgetter
 from typing import cast
 
@@ -65,7 +65,7 @@ _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
 _FRAMING_NAME_LENGTHS = frozenset(map(len, _FRAMING_NAMES))
 
 
-class _Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One upstream TCP connection carrying at most one exchange at a time."""
 
     __slots__ = (
@@ -78,6 +78,7 @@ class _Connection(asyncio.Protocol):
         "_is_head",
         "_last_activity",
         "_loop",
+        "_notify",
         "_paused_reading",
         "_paused_writing",
         "_poll",
@@ -106,6 +107,9 @@ class _Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._poll: select.poll | None = None
+        self._notify: Callable[[], None] | None = None
+        """`UpstreamPool.send_now`'s callback: called once, when the response head is in or
+        the exchange failed (instead of waking a waiter)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -147,6 +151,11 @@ class _Connection(asyncio.Protocol):
             if self._head_bytes > MAX_RESPONSE_HEAD:
                 detail = f"upstream response head over {MAX_RESPONSE_HEAD} bytes"
                 self._fail(UpstreamUnavailableError(detail))
+            return
+        notify = self._notify
+        if notify is not None:  # last: the callback may begin the next exchange on this one
+            self._notify = None
+            notify()
 
     def eof_received(self) -> bool | None:
         return None
@@ -234,6 +243,10 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        notify = self._notify
+        if notify is not None:
+            self._notify = None
+            notify()
 
     def _fail(self, error: UpstreamError, *, close: bool = True) -> None:
         if self.error is None:
@@ -288,6 +301,7 @@ class _Connection(asyncio.Protocol):
     def finish(self) -> bool:
         """End the exchange; True when the connection may be reused."""
         self.active = False
+        self._notify = None
         reusable = self.message_done and self.keep_alive and not self.closed and self.error is None
         if not reusable:
             self._close()
@@ -355,7 +369,7 @@ class UpstreamResponse:
 
     __slots__ = ("_conn", "_pool", "body", "headers", "status")
 
-    def __init__(self, pool: UpstreamPool, conn: _Connection) -> None:
+    def __init__(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
         self._pool = pool
         self._conn = conn
         self.status = conn.status
@@ -415,16 +429,16 @@ class UpstreamPool:
         self._max_idle = max_idle
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._idle: deque[_Connection] = deque()
+        self._idle: deque[UpstreamConnection] = deque()
         self._closing = False
         self.connections_opened = 0
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _Connection(loop, self._read_timeout),
+                    lambda: UpstreamConnection(loop, self._read_timeout),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -440,7 +454,7 @@ class UpstreamPool:
         self.connections_opened += 1
         return protocol
 
-    def _idle_connection(self) -> _Connection | None:
+    def _idle_connection(self) -> UpstreamConnection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -448,7 +462,7 @@ class UpstreamPool:
                 return conn
         return None
 
-    def release(self, conn: _Connection) -> None:
+    def release(self, conn: UpstreamConnection) -> None:
         """Return a connection after its exchange (kept only if reusable)."""
         if conn.finish() and not self._closing and len(self._idle) < self._max_idle:
             self._idle.append(conn)
@@ -465,25 +479,62 @@ class UpstreamPool:
         `IDEMPOTENT_METHODS`) allows one retry on a new connection when a pooled one failed
         before any response byte; otherwise a failure after writing raises `NotRetriedError`.
         """
-        conn = self._idle_connection() if idempotent else self._live_idle_connection()
+        conn = self._pooled(idempotent)
         reused = conn is not None
         if conn is None:
             conn = await self._connect()
         try:
             return await self._exchange(conn, head, body, is_head)
         except UpstreamUnavailableError as exc:
-            if not reused or conn.received_any:
+            if not reused:
                 raise
-            if not idempotent:
-                # The request left: whether the upstream read it before closing is unknowable.
-                raise NotRetriedError(f"{exc} after the request was sent (not retried)") from None
-            if isinstance(body, AsyncIterator):
-                raise  # the streamed body was consumed: nothing to send again
-        # A pooled connection went stale while idle and the request may be repeated.
+            check_retry(exc, conn, body, idempotent)
+        return await self.retry(head, body, is_head)
+
+    async def retry(self, head: bytes, body: RequestBody, is_head: bool) -> UpstreamResponse:
+        """Send the request again on a new connection (`check_retry` allowed it)."""
         conn = await self._connect()
         return await self._exchange(conn, head, body, is_head)
 
-    def _live_idle_connection(self) -> _Connection | None:
+    def send_now(
+        self, head: bytes, *, is_head: bool, idempotent: bool, notify: Callable[[], None]
+    ) -> UpstreamConnection | None:
+        """Start a bodyless exchange on a pooled connection without a coroutine: `notify()`
+        is called once, when the response head is in or the exchange failed, and then
+        `response_of()` gives the response (or raises). None when no connection is idle:
+        `await request()` instead."""
+        conn = self._pooled(idempotent)
+        if conn is None:
+            return None
+        transport = conn.transport
+        assert transport is not None
+        conn.begin(is_head)
+        conn._notify = notify
+        try:
+            transport.write(head)
+        except BaseException:
+            conn.finish()
+            raise
+        return conn
+
+    def response_of(self, conn: UpstreamConnection) -> UpstreamResponse:
+        """The response of `send_now`'s exchange once it notified; raises its failure (a
+        pooled connection's: see `check_retry`)."""
+        try:
+            waiter = conn.head_waiter()
+            if waiter is not None:  # not reached: notified means the head is in or it failed
+                raise UpstreamUnavailableError("upstream response head not received")
+        except BaseException:
+            conn.finish()
+            raise
+        return UpstreamResponse(self, conn)
+
+    def _pooled(self, idempotent: bool) -> UpstreamConnection | None:
+        """An idle connection to send on; a non-idempotent request only gets one whose socket
+        shows no pending end-of-file (it is never sent twice)."""
+        return self._idle_connection() if idempotent else self._live_idle_connection()
+
+    def _live_idle_connection(self) -> UpstreamConnection | None:
         """An idle connection whose socket has no pending end-of-file (or data) either."""
         while (conn := self._idle_connection()) is not None:
             if conn.socket_quiet():
@@ -492,7 +543,7 @@ class UpstreamPool:
         return None
 
     async def _exchange(
-        self, conn: _Connection, head: bytes, body: RequestBody, is_head: bool
+        self, conn: UpstreamConnection, head: bytes, body: RequestBody, is_head: bool
     ) -> UpstreamResponse:
         transport = conn.transport
         assert transport is not None
@@ -522,6 +573,20 @@ class UpstreamPool:
         self._closing = True
         while self._idle:
             self._idle.pop()._close()
+
+
+def check_retry(
+    exc: UpstreamUnavailableError, conn: UpstreamConnection, body: RequestBody, idempotent: bool
+) -> None:
+    """Return when a request that failed on a pooled connection may be sent again on a new
+    one (the connection went stale while idle); otherwise raise why not."""
+    if conn.received_any:
+        raise exc
+    if not idempotent:
+        # The request left: whether the upstream read it before closing is unknowable.
+        raise NotRetriedError(f"{exc} after the request was sent (not retried)") from None
+    if isinstance(body, AsyncIterator):
+        raise exc  # the streamed body was consumed: nothing to send again
 
 
 class UnsafeHeadError(ValueError):

@@ -20,6 +20,11 @@ guaranteed, in our code:
   (`idle_timeout`: counted); over `max_connections` the canned 503 of `RefusedConnection`.
 - **Expect: 100-continue** is answered only once the request is authorised; a request whose
   body was not read (refused before it) closes the connection after its answer.
+- **No coroutine on the common path** (`Http1Front.serve_now`): a bodyless request with a
+  cached token is authorised, sent on a pooled upstream connection and answered from that
+  connection's parser callback (`UpstreamPool.send_now`). A signature to check, a body, a new
+  upstream connection, a stale one to retry or a streamed response continue in a task, with
+  the same refusals, deadlines and audit.
 - **Not served here**: WebSocket relays and MCP endpoints. A valid handshake to a declared
   WebSocket path gets `501` (`upgrade_rejected`) and an MCP endpoint `501`
   (`request_rejected`), each audited; every other `Upgrade` is refused exactly as under
@@ -38,14 +43,15 @@ import secrets
 import ssl
 import time
 from collections import deque
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
 import httptools
 import orjson
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 
-from nhigate.policy import Policy, Reason
+from nhigate.policy import Identity, Policy, Reason
 from nhigate.policy.mcp import mcp_endpoint_of
 from nhigate.proxy.app import PIPELINE
 from nhigate.proxy.bodies import (
@@ -66,9 +72,11 @@ from nhigate.proxy.connections import (
 from nhigate.proxy.forward import (
     IDEMPOTENT_METHODS,
     RequestBody,
+    UpstreamConnection,
     UpstreamResponse,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
+    check_retry,
     chunked,
 )
 from nhigate.proxy.headers import REQUEST_ID, filter_response_headers
@@ -270,7 +278,11 @@ class Http1Connection(asyncio.Protocol):
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._peer: str | None = None
         self._queue: deque[NativeRequest | _Refusal] = deque()
+        self._busy = False
+        """A request is being answered (or its answer waits for the socket to drain)."""
+        self._draining = False
         self._task: asyncio.Task[None] | None = None
+        """The coroutine answering the current request, when it needs one."""
         self._reading: NativeRequest | None = None
         self._url: list[bytes] = []
         self._url_size = 0
@@ -313,19 +325,20 @@ class Http1Connection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._upgraded()
-            return
         except Exception as exc:
             self._parse_failed(exc)
-            return
-        if self._in_head and self._head_bytes > MAX_HEAD:
-            self._refusal = "Request header fields too large"
-            self._parse_failed(_HeadRefusedError())
+        else:
+            if self._in_head and self._head_bytes > MAX_HEAD:
+                self._refusal = "Request header fields too large"
+                self._parse_failed(_HeadRefusedError())
+        if self._queue and not self._busy:  # what was parsed is answered only now
+            self._serve_next()
 
     def eof_received(self) -> bool | None:
         reading = self._reading
         if reading is not None:
             reading.body.fail(RequestBodyError("client closed the connection mid-body"))
-        if self._task is None and not self._queue:
+        if not self._busy and not self._queue:
             return None  # close now
         self._parser = None
         return True  # answer what is queued, then close
@@ -352,6 +365,10 @@ class Http1Connection(asyncio.Protocol):
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
+        if self._draining:
+            self._draining = False
+            self._busy = False
+            self._serve_next()
 
     # -- parser callbacks --------------------------------------------------------------------
 
@@ -366,7 +383,7 @@ class Http1Connection(asyncio.Protocol):
             return  # the first head's deadline runs from the accept
         now = self._loop.time()
         self._head_started_at = now  # a later head: its deadline runs from its first byte
-        if self._task is None:
+        if not self._busy:
             self._waiting_since = now
             self._arm(now + self._limits.request_head_timeout)
 
@@ -436,9 +453,6 @@ class Http1Connection(asyncio.Protocol):
         self._queue.append(request)
         if len(self._queue) > 1:
             self.pause("queue")
-        if self._task is None:
-            self._disarm()
-            self._task = self._loop.create_task(self._serve())
 
     def on_body(self, body: bytes) -> None:
         if self._reading is not None:
@@ -478,42 +492,62 @@ class Http1Connection(asyncio.Protocol):
         # As aiohttp: requests parsed but not yet being served are refused with the batch.
         self._queue.clear()
         self._queue.append(_Refusal(400, detail))
-        if self._task is None:
-            self._disarm()
-            self._task = self._loop.create_task(self._serve())
 
     # -- serving -----------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        try:
-            while self._queue:
-                item = self._queue.popleft()
-                if isinstance(item, _Refusal):
-                    self._refuse(item)
-                    return
-                self.resume("queue")
-                self.response_started = False
-                keep = await self._front.serve(item, self)
-                if not keep or self.closing or self.transport is None:
-                    self._close()
-                    return
-                if self._write_paused:  # a client pipelining without reading gets no more
-                    try:
-                        await self.drain()
-                    except ConnectionError:
-                        return
-                if not self._queue and self._parser is None:  # EOF or upgrade: done
-                    self._close()
-                    return
-        finally:
-            self._task = None
-        now = self._loop.time()
+    def _serve_next(self) -> None:
+        """Answer what is queued, in order, one at a time: each request without a coroutine
+        when `Http1Front.serve_now` can; when it cannot, `served()` continues from here."""
+        queue = self._queue
+        while queue:
+            if self._write_paused:  # a client pipelining without reading gets no more
+                self._busy = self._draining = True  # `resume_writing` continues
+                return
+            item = queue.popleft()
+            if isinstance(item, _Refusal):
+                self._refuse(item)
+                return
+            self.resume("queue")
+            self.response_started = False
+            self._busy = True
+            self._disarm()
+            keep = self._front.serve_now(item, self)
+            if keep is None:
+                return  # being answered: `served()` continues
+            self._busy = False
+            if not self._carry_on(keep):
+                return
+        self._await_next()
+
+    def served(self, keep: bool) -> None:
+        """The current request is answered (by a callback or a coroutine): go on."""
+        self._busy = False
+        self._task = None
+        if self._carry_on(keep):
+            self._serve_next()
+
+    def spawn(self, answering: Coroutine[Any, Any, None]) -> None:
+        """Answer the current request with a coroutine (it ends with `served()`)."""
+        self._task = self._loop.create_task(answering)
+
+    def _carry_on(self, keep: bool) -> bool:
+        """After an answer: whether the connection serves on, else it is closed."""
+        if not keep or self.closing or self.transport is None:
+            self._close()
+            return False
+        if not self._queue and self._parser is None:  # EOF or upgrade: done
+            self._close()
+            return False
+        return True
+
+    def _await_next(self) -> None:
+        """Nothing queued: the next head's deadline, or the idle one."""
         if self._in_head:
             self._waiting_since = self._head_started_at
             self._arm(self._head_started_at + self._limits.request_head_timeout)
         else:
-            self._waiting_since = now
-            self._arm(now + self._limits.idle_timeout)
+            self._waiting_since = self._loop.time()
+            self._arm(self._waiting_since + self._limits.idle_timeout)
 
     def _refuse(self, refusal: _Refusal) -> None:
         request_id = secrets.token_hex(8)
@@ -572,7 +606,7 @@ class Http1Connection(asyncio.Protocol):
 
     def idle(self) -> bool:
         """No request is being served or queued (shutdown closes such connections now)."""
-        return self._task is None and not self._queue
+        return not self._busy and not self._queue
 
     # -- the one deadline --------------------------------------------------------------------
 
@@ -591,7 +625,7 @@ class Http1Connection(asyncio.Protocol):
     def _expired(self) -> None:
         self._timer = None
         transport = self.transport
-        if transport is None or self._task is not None or self._queue:
+        if transport is None or self._busy or self._queue:
             return  # a request is being served; after it the deadline is set again
         now = self._loop.time()
         if now < self._deadline:
@@ -659,8 +693,15 @@ class Http1Front:
 
     # -- one request -------------------------------------------------------------------------
 
-    async def serve(self, request: NativeRequest, conn: Http1Connection) -> bool:
-        """Answer `request`; whether the connection may carry another one."""
+    def serve_now(self, request: NativeRequest, conn: Http1Connection) -> bool | None:
+        """Answer `request`: whether the connection may carry another one, or None while it is
+        being answered (`conn.served()` then says so).
+
+        Every stage runs here, without a coroutine, when none must wait: a bodyless request
+        with a cached token on a pooled upstream connection is sent from here and answered
+        from the upstream connection's callback. A signature to check, a body to read, a new
+        upstream connection or a streamed response continue in a coroutine (`conn.spawn`).
+        """
         pipeline = self.pipeline
         state = self._state
         state.inflight += 1
@@ -674,36 +715,108 @@ class Http1Front:
         try:
             path, query, authorization = pipeline.target(request, ex)
             found = pipeline.identify_now(request, ex, query, authorization)
-            if found is None:
-                found = await pipeline.identify_checked(request, ex, query, authorization)
+            if found is None or request.has_body:
+                rest = self._serve_rest(request, ex, found, path, query, authorization, conn)
+                conn.spawn(self._finish(request, ex, conn, rest))
+                return None
             policy, identity = found
-            service = policy.document.service
-            if "Upgrade" in request.headers:
-                _refuse_upgrade(request, ex, policy, path)
-            if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
-                detail = "MCP endpoints are served by --http1-server aiohttp only"
-                raise DenyError(Reason.REQUEST_REJECTED, detail, status=501)
-            pipeline.admit(policy, ex, identity, path)
-            await self._forward(request, ex, policy, path + query, conn)
-        except DenyError as denied:
-            self._deny(request, ex, denied, conn)
-        except Exception as exc:  # fail closed: deny and audit, never crash
-            log.exception("internal error handling request %s", ex.request_id)
-            self._deny(request, ex, DenyError(Reason.INTERNAL_ERROR, type(exc).__name__), conn)
-        finally:
-            state.inflight -= 1
+            target = self._admit(request, ex, policy, identity, path) + query
+            headers = self._upstream_headers(request, ex, policy)
+            _frame_no_body(request.method, headers)
+            head = request_head(ex.method, target, headers)
+            sent = time.perf_counter()
+            upstream = self._state.pool
+            assert upstream is not None
+            pooled = upstream.send_now(
+                head,
+                is_head=ex.method == "HEAD",
+                idempotent=ex.method in IDEMPOTENT_METHODS,
+                notify=lambda: self._answered(request, ex, conn, pooled, head, sent),
+            )
+            if pooled is None:  # no idle upstream connection: open one in a coroutine
+                conn.spawn(
+                    self._finish(request, ex, conn, self._send(request, ex, head, None, conn))
+                )
+            return None
+        except Exception as exc:
+            self._refused(request, ex, exc, conn)
+        state.inflight -= 1
+        return self._keeps(request, conn)
+
+    def _keeps(self, request: NativeRequest, conn: Http1Connection) -> bool:
         return request.keep_alive and request.body.done and not conn.closing
 
-    async def _forward(
+    async def _finish(
         self,
         request: NativeRequest,
         ex: Exchange,
-        policy: Policy,
-        target: str,
+        conn: Http1Connection,
+        answering: Coroutine[Any, Any, None],
+    ) -> None:
+        """The coroutine that answers a request `serve_now` could not finish."""
+        try:
+            try:
+                await answering
+            except Exception as exc:
+                self._refused(request, ex, exc, conn)
+        finally:
+            self._state.inflight -= 1
+        conn.served(self._keeps(request, conn))
+
+    def _refused(
+        self, request: NativeRequest, ex: Exchange, exc: Exception, conn: Http1Connection
+    ) -> None:
+        """Answer a stage's refusal; anything else is an internal error (fail closed)."""
+        if not isinstance(exc, DenyError):
+            log.error("internal error handling request %s", ex.request_id, exc_info=exc)
+            exc = DenyError(Reason.INTERNAL_ERROR, type(exc).__name__)
+        self._deny(request, ex, exc, conn)
+
+    async def _serve_rest(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        found: tuple[Policy, Identity] | None,
+        path: str,
+        query: str,
+        authorization: str | None,
         conn: Http1Connection,
     ) -> None:
-        pool = self._state.pool
-        assert pool is not None
+        """`serve_now` from where it had to wait: the signature check, then the body."""
+        if found is None:
+            found = await self.pipeline.identify_checked(request, ex, query, authorization)
+        policy, identity = found
+        target = self._admit(request, ex, policy, identity, path) + query
+        headers = self._upstream_headers(request, ex, policy)
+        body: RequestBody = None
+        if request.has_body:
+            body = await self._request_body(request, headers, conn)
+        else:
+            _frame_no_body(request.method, headers)
+        await self._send(request, ex, request_head(ex.method, target, headers), body, conn)
+
+    def _stale(
+        self, request: NativeRequest, ex: Exchange, head: bytes, conn: Http1Connection
+    ) -> None:
+        """Send a bodyless request again on a new connection (its pooled one went stale)."""
+        conn.spawn(self._finish(request, ex, conn, self._send(request, ex, head, None, conn, True)))
+
+    def _admit(
+        self, request: NativeRequest, ex: Exchange, policy: Policy, identity: Identity, path: str
+    ) -> str:
+        """Refuse what this front end does not serve, then authorise; the path to forward."""
+        service = policy.document.service
+        if "Upgrade" in request.headers:
+            _refuse_upgrade(request, ex, policy, path)
+        if service.mcp_endpoints and mcp_endpoint_of(service, path) is not None:
+            detail = "MCP endpoints are served by --http1-server aiohttp only"
+            raise DenyError(Reason.REQUEST_REJECTED, detail, status=501)
+        self.pipeline.admit(policy, ex, identity, path)
+        return path
+
+    def _upstream_headers(
+        self, request: NativeRequest, ex: Exchange, policy: Policy
+    ) -> list[tuple[str, str]]:
         identity = ex.identity
         decision = ex.decision
         assert identity is not None
@@ -711,50 +824,110 @@ class Http1Front:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise DenyError(Reason.BODY_TOO_LARGE, f"Content-Length {length} > {self._max_body}")
-        headers = self.pipeline.upstream_headers(
+        return self.pipeline.upstream_headers(
             request, ex, policy.document.service, identity, decision
         )
-        body: RequestBody = None
+
+    async def _request_body(
+        self, request: NativeRequest, headers: list[tuple[str, str]], conn: Http1Connection
+    ) -> RequestBody:
+        """The body to send (whole when small, else streamed), its framing added to
+        `headers`; the caller is told to send it only now, authorised."""
         if (
-            request.has_body
-            and not request.body.done
+            not request.body.done
             and "Expect" in request.headers
             and request.version >= HttpVersion11
         ):
             # Only now, authorised: the caller may send its body (`target` checked the value).
             conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if length is not None and length > 0:
-            headers.append(("Content-Length", str(length)))
-            form = form_kind(request.headers.get("Content-Type", ""))
-            if length <= BUFFERED_BODY_LIMIT:
-                try:
-                    body = await request.body.read()
-                except RequestBodyError as exc:
-                    raise DenyError(
-                        Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
-                    ) from None
-                if form is not None:
-                    check_form(body, form)
-            else:
-                body = limited(request.body.chunk, self._max_body, form)
-        elif request.has_body:
+        form = form_kind(request.headers.get("Content-Type", ""))
+        length = request.content_length
+        if length is None:
             headers.append(("Transfer-Encoding", "chunked"))
-            form = form_kind(request.headers.get("Content-Type", ""))
-            body = chunked(limited(request.body.chunk, self._max_body, form))
-        elif request.method in ("POST", "PUT", "PATCH"):
-            headers.append(("Content-Length", "0"))
-        head = request_head(ex.method, target, headers)
-        sent = time.perf_counter()
+            return chunked(limited(request.body.chunk, self._max_body, form))
+        headers.append(("Content-Length", str(length)))
+        if length > BUFFERED_BODY_LIMIT:
+            return limited(request.body.chunk, self._max_body, form)
         try:
-            upstream = await pool.request(
-                head, body, is_head=ex.method == "HEAD", idempotent=ex.method in IDEMPOTENT_METHODS
-            )
+            body = await request.body.read()
+        except RequestBodyError as exc:
+            raise DenyError(
+                Reason.REQUEST_REJECTED, f"reading the request body failed: {exc}"
+            ) from None
+        if form is not None:
+            check_form(body, form)
+        return body
+
+    async def _send(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        head: bytes,
+        body: RequestBody,
+        conn: Http1Connection,
+        fresh: bool = False,
+    ) -> None:
+        """Send the request upstream (on a new connection when none is idle, or `fresh`:
+        `check_retry` allowed a second try) and answer."""
+        pool = self._state.pool
+        assert pool is not None
+        sent = time.perf_counter()
+        is_head = ex.method == "HEAD"
+        try:
+            if fresh:
+                upstream = await pool.retry(head, body, is_head)
+            else:
+                idempotent = ex.method in IDEMPOTENT_METHODS
+                upstream = await pool.request(head, body, is_head=is_head, idempotent=idempotent)
         except UPSTREAM_FAILURES as exc:
             raise upstream_denial(exc, self._max_body) from None
-        self._state.metrics.upstream_duration.observe(time.perf_counter() - sent)
-        pending = self._respond_now(request, ex, upstream, conn)
+        pending = self._respond(request, ex, upstream, conn, sent)
         if pending is not None:  # the body is still coming: stream it
             await self._stream(request, ex, upstream, conn, pending)
+
+    def _respond(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        upstream: UpstreamResponse,
+        conn: Http1Connection,
+        sent: float,
+    ) -> list[bytes] | None:
+        """`_respond_now`, once the upstream's time is observed."""
+        self._state.metrics.upstream_duration.observe(time.perf_counter() - sent)
+        return self._respond_now(request, ex, upstream, conn)
+
+    def _answered(
+        self,
+        request: NativeRequest,
+        ex: Exchange,
+        conn: Http1Connection,
+        pooled: UpstreamConnection | None,
+        head: bytes,
+        sent: float,
+    ) -> None:
+        """`send_now`'s callback: the response head is in, or the exchange failed."""
+        pool = self._state.pool
+        assert pool is not None
+        assert pooled is not None
+        try:
+            try:
+                upstream = pool.response_of(pooled)
+            except UpstreamUnavailableError as exc:
+                check_retry(exc, pooled, None, ex.method in IDEMPOTENT_METHODS)
+                self._stale(request, ex, head, conn)
+                return
+            pending = self._respond(request, ex, upstream, conn, sent)
+            if pending is not None:  # the body is still coming: stream it
+                streaming = self._stream(request, ex, upstream, conn, pending)
+                conn.spawn(self._finish(request, ex, conn, streaming))
+                return
+        except UPSTREAM_FAILURES as exc:
+            self._refused(request, ex, upstream_denial(exc, self._max_body), conn)
+        except Exception as exc:
+            self._refused(request, ex, exc, conn)
+        self._state.inflight -= 1
+        conn.served(self._keeps(request, conn))
 
     def _respond_now(
         self,
@@ -867,6 +1040,15 @@ class Http1Front:
         if request.method != "HEAD":
             head.append(body)
         conn.write(b"".join(head))
+
+
+_EMPTY_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _frame_no_body(method: str, headers: list[tuple[str, str]]) -> None:
+    """A bodyless request whose method expects a body says its length is 0."""
+    if method in _EMPTY_BODY_METHODS:
+        headers.append(("Content-Length", "0"))
 
 
 def _refuse_upgrade(request: NativeRequest, ex: Exchange, policy: Policy, path: str) -> None:
