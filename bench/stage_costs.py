@@ -71,14 +71,14 @@ def take_out(stages: set[str]) -> None:
 
         cls.upstream_headers = first_headers  # type: ignore[method-assign]
     if "response-headers" in stages:
-        keep, kept = http1.filter_response_headers, []
+        keep, kept = http1.response_header_lines, []
 
         def first_filtered(headers: Any) -> Any:
             if not kept:
                 kept.append(keep(headers))
             return kept[0]
 
-        http1.filter_response_headers = first_filtered
+        http1.response_header_lines = first_filtered
 
 
 def count(workdir: Path, up_port: int, stages: str, requests: int) -> float:

@@ -14,7 +14,11 @@ import pytest
 
 from nhigate.proxy import forward, headers
 from nhigate.proxy.forward import UnsafeHeadError, serialise_head
-from nhigate.proxy.headers import filter_request_headers, filter_response_headers
+from nhigate.proxy.headers import (
+    filter_request_headers,
+    filter_response_headers,
+    response_header_lines,
+)
 
 INCOMING = [
     ("Host", "gw"),
@@ -103,6 +107,32 @@ def test_response_name_table_is_bounded() -> None:
     assert len(filter_response_headers(flood)) == len(flood)
     assert len(headers._RESPONSE_NAMES) == headers._RESPONSE_NAMES_MAX
     assert filter_response_headers([(b"KEEP-ALIVE", b"1"), (b"x-new", b"2")]) == [("x-new", "2")]
+
+
+RESPONSES = [
+    UPSTREAM,
+    [],
+    [(b"Connection", b"keep-alive"), (b"Content-Length", b"5")],
+    [(b"Connection", b"close"), (b"X-Hop", b"h"), (b"x-hop", b"again"), (b"X-Stay", b"s")],
+    [(b"X-Hop", b"h"), (b"Connection", b"x-hop, X-Other"), (b"x-other", b"o")],
+    [(b"CONNECTION", b"X-CAF\xc9"), (b"x-caf\xe9", b"dropped"), (b"X-Caf\xe9", b"dropped")],
+    [(b"Transfer-Encoding", b"chunked"), (b"TE", b"trailers"), (b"Upgrade", b"h2c")],
+    [(b"Keep-Alive", b"timeout=5"), (b"Proxy-Connection", b"x"), (b"Trailer", b"X-T")],
+    [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"X-Empty", b"")],
+]
+
+
+@pytest.mark.parametrize("upstream", RESPONSES)
+def test_the_native_response_head_carries_exactly_the_filtered_headers(
+    upstream: list[tuple[bytes, bytes]],
+) -> None:
+    # The native front end writes these bytes without decoding them: they must be what the
+    # other front ends copy, byte for byte, hop-by-hop and Connection-named headers gone.
+    expected = b"".join(
+        f"{name}: {value}\r\n".encode("latin-1")
+        for name, value in filter_response_headers(upstream)
+    )
+    assert response_header_lines(upstream) == expected
 
 
 def test_serialiser_checks_survive_warm_and_full_caches() -> None:

@@ -177,6 +177,28 @@ def filter_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[Head
     return [(name, value) for name, value in kept if name.lower() not in named]
 
 
+def response_header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """`filter_response_headers(headers)` as the wire lines of a response head
+    (`Name: value\r\n` each), with nothing decoded: the same headers, byte for byte."""
+    kept: list[tuple[bytes, bytes]] = []
+    connection: list[str] | None = None
+    for header in headers:
+        lower = header[0].lower()
+        if lower in _RESPONSE_DROPPED_BYTES:
+            if lower == b"connection" and header[1].strip().lower() not in _RESPONSE_DROPPED_BYTES:
+                if connection is None:
+                    connection = []
+                connection.append(header[1].decode("latin-1"))
+            continue
+        kept.append(header)
+    if connection is not None:
+        named = connection_tokens(connection)  # compared as `filter_response_headers` does
+        kept = [header for header in kept if header[0].decode("latin-1").lower() not in named]
+    if not kept:
+        return b""
+    return b"\r\n".join(map(b": ".join, kept)) + b"\r\n"
+
+
 def safe_header_value(value: str) -> str:
     """A header value that cannot break the upstream request framing.
 

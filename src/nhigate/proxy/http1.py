@@ -79,7 +79,7 @@ from nhigate.proxy.forward import (
     check_retry,
     chunked,
 )
-from nhigate.proxy.headers import REQUEST_ID, filter_response_headers
+from nhigate.proxy.headers import REQUEST_ID, response_header_lines
 from nhigate.proxy.overrides import (
     form_kind,
 )
@@ -938,12 +938,8 @@ class Http1Front:
     ) -> list[bytes] | None:
         """Answer a response that has no body to stream (no coroutine); else the head so far."""
         status = upstream.status
-        fields = filter_response_headers(upstream.headers)
         close = not (request.keep_alive and request.body.done) or conn.closing
-        head = [_status_line(status)]
-        if fields:
-            block = "\r\n".join(map(": ".join, fields))
-            head.append(block.encode("latin-1", "replace") + b"\r\n")
+        head = [_status_line(status), response_header_lines(upstream.headers)]
         no_body = status in _NO_BODY_STATUS or status < 200
         if ex.method == "HEAD" or no_body:
             length = content_length(upstream.headers)
