@@ -281,6 +281,7 @@ class Http1Connection(asyncio.Protocol):
         self._busy = False
         """A request is being answered (or its answer waits for the socket to drain)."""
         self._draining = False
+        self._serve_scheduled = False
         self._task: asyncio.Task[None] | None = None
         """The coroutine answering the current request, when it needs one."""
         self._reading: NativeRequest | None = None
@@ -331,7 +332,16 @@ class Http1Connection(asyncio.Protocol):
             if self._in_head and self._head_bytes > MAX_HEAD:
                 self._refusal = "Request header fields too large"
                 self._parse_failed(_HeadRefusedError())
-        if self._queue and not self._busy:  # what was parsed is answered only now
+        if self._queue and not self._busy and not self._serve_scheduled:
+            # What was parsed is answered only now, and after this loop iteration's reads:
+            # then the requests of every connection read this iteration go upstream in one
+            # burst (as the upstream's answers do, `UpstreamConnection.data_received`).
+            self._serve_scheduled = True
+            self._loop.call_soon(self._serve_soon)
+
+    def _serve_soon(self) -> None:
+        self._serve_scheduled = False
+        if self._queue and not self._busy:
             self._serve_next()
 
     def eof_received(self) -> bool | None:
