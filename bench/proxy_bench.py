@@ -43,6 +43,7 @@ one kind of upstream.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -689,20 +690,17 @@ def main() -> int:
                 watched["nhigate-native"] = [native.pid]
             scraper = MetricsScraper(nha_admin)
             for conns in connections:
-                for name, port in cases:
-                    url = f"http://127.0.0.1:{port}{path}"
-                    runs = []
-                    for _ in range(args.repeat):
-                        if name == "nhigate+audit":
-                            with scraper:
-                                runs.append(
-                                    measure(name, url, watched[name], conns, args.duration, script)
-                                )
-                        else:
-                            runs.append(
+                # Round-robin: each repeat runs every case once, so a burst of other work on
+                # the machine lands on one run of several cases, not on all runs of one.
+                runs: dict[str, list[Result]] = {name: [] for name, _ in cases}
+                for _ in range(args.repeat):
+                    for name, port in cases:
+                        url = f"http://127.0.0.1:{port}{path}"
+                        with scraper if name == "nhigate+audit" else contextlib.nullcontext():
+                            runs[name].append(
                                 measure(name, url, watched[name], conns, args.duration, script)
                             )
-                    results.append(median_result(runs))
+                results.extend(median_result(runs[name]) for name, _ in cases)
             scrapes = scraper.scrapes
         finally:
             for process in processes:
