@@ -68,10 +68,20 @@ ISSUER = "https://bench.issuer"
 AUDIENCE = "bench-api"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now that this process has not handed out before: the kernel
+    can give the same free port twice, and two servers started on it later leave the second
+    unbound and its case measuring the first (a full run measured HAProxy's pid at 0 CPU)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -672,6 +682,9 @@ def main() -> int:
             ]
             if native is not None:
                 cases.append(("nhigate-native", nhn_port))
+            for process in processes:  # a server that could not bind its port has exited
+                if process.poll() is not None:
+                    raise RuntimeError(f"{process.args!r} exited ({process.returncode}) early")
             for name, port in cases[2:]:  # each authenticating proxy must refuse a forged token
                 require_refusal(name, port, path, forged(token))
             cases.append((FLOOR, floor_port))  # authenticates nothing: no refusal to check
