@@ -123,6 +123,16 @@ def _get(harness: Any, path: str, method: str = "GET", token: str | None = None)
     return f"{method} {path} HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
 
 
+async def _warmed(harness: Any, connect: Any) -> tuple[Client, str]:
+    """A connection whose first request (`/ok`) was answered: the token is now cached and the
+    upstream connection pooled, so the next request takes the callback path."""
+    client = await connect()
+    token = harness.token()
+    await client.send(_get(harness, "/ok", token=token))
+    assert (await client.answer())[0] == 200
+    return client, token
+
+
 async def test_requests_on_a_kept_alive_connection_are_each_forwarded_answered_and_audited(
     native: Any, scripted: ScriptedUpstream, connect: Any
 ) -> None:
@@ -142,10 +152,7 @@ async def test_requests_on_a_kept_alive_connection_are_each_forwarded_answered_a
 async def test_a_denial_on_the_callback_path_reaches_no_upstream(
     native: Any, scripted: ScriptedUpstream, connect: Any
 ) -> None:
-    client = await connect()
-    token = native.token()
-    await client.send(_get(native, "/ok", token=token))
-    assert (await client.answer())[0] == 200
+    client, token = await _warmed(native, connect)
     await client.send(_get(native, "/ok", method="DELETE", token=token))  # not granted
     status, body = await client.answer()
     assert status == 403
@@ -158,10 +165,7 @@ async def test_a_denial_on_the_callback_path_reaches_no_upstream(
 async def test_upstream_silence_is_a_504_within_the_read_timeout_and_the_next_request_works(
     native: Any, scripted: ScriptedUpstream, connect: Any
 ) -> None:
-    client = await connect()
-    token = native.token()
-    await client.send(_get(native, "/ok", token=token))
-    assert (await client.answer())[0] == 200
+    client, token = await _warmed(native, connect)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await client.send(_get(native, "/stall", token=token))
@@ -180,10 +184,7 @@ async def test_upstream_silence_is_a_504_within_the_read_timeout_and_the_next_re
 async def test_a_bodyless_request_on_a_stale_pooled_connection_is_retried_only_if_idempotent(
     native: Any, scripted: ScriptedUpstream, connect: Any, method: str, tries: int
 ) -> None:
-    client = await connect()
-    token = native.token()
-    await client.send(_get(native, "/ok", token=token))
-    assert (await client.answer())[0] == 200
+    client, token = await _warmed(native, connect)
     await client.send(_get(native, "/vanish", method=method, token=token))
     status, _ = await client.answer()
     assert status == 502
@@ -198,10 +199,7 @@ async def test_a_bodyless_request_on_a_stale_pooled_connection_is_retried_only_i
 async def test_a_client_that_leaves_mid_exchange_costs_an_audit_line_and_nothing_else(
     native: Any, scripted: ScriptedUpstream, connect: Any
 ) -> None:
-    client = await connect()
-    token = native.token()
-    await client.send(_get(native, "/ok", token=token))
-    assert (await client.answer())[0] == 200
+    client, token = await _warmed(native, connect)
     await client.send(_get(native, "/slow", token=token))
     await asyncio.sleep(0.05)  # the request is upstream
     client.writer.close()
@@ -217,10 +215,7 @@ async def test_a_client_that_leaves_mid_exchange_costs_an_audit_line_and_nothing
 async def test_pipelined_requests_are_answered_in_order_one_at_a_time(
     native: Any, scripted: ScriptedUpstream, connect: Any
 ) -> None:
-    client = await connect()
-    token = native.token()
-    await client.send(_get(native, "/ok", token=token))
-    assert (await client.answer())[0] == 200
+    client, token = await _warmed(native, connect)
     paths = ["/slow", "/ok1", "/ok2", "/slow", "/ok3"]
     await client.send(b"".join(_get(native, path, token=token) for path in paths))
     answers = [await client.answer() for _ in paths]
