@@ -295,7 +295,12 @@ def _remove_tree(directory: Path) -> None:
 
 
 def _start_proxy_process(
-    directory: Path, upstream_port: int, port: int, admin: int, audit: Path
+    directory: Path,
+    upstream_port: int,
+    port: int,
+    admin: int,
+    audit: Path,
+    *extra: str,
 ) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
@@ -316,6 +321,7 @@ def _start_proxy_process(
         "3",
         "--log-level",
         "WARNING",
+        *extra,
     ]
     log = audit.with_suffix(".log")
     with log.open("ab") as stderr:  # the child keeps its own descriptor
@@ -392,3 +398,47 @@ def test_proxy_restarted_under_load_never_allows_an_ungranted_route(tmp_path: Pa
         f"restart under load: {len(results)} requests, {len(answered)} answered, "
         f"{len(received)} forwarded, {len(results) - len(answered)} refused while restarting"
     )
+
+
+def test_native_workers_share_the_port_decide_alike_and_stop_together(tmp_path: Path) -> None:
+    # `--workers 2 --http1-server native`: two processes on one SO_REUSEPORT port, each with
+    # the native front end. Both must serve (request ids carry a per-process prefix), both must
+    # refuse what is not granted, and SIGTERM to the parent must stop both cleanly.
+    directory = tmp_path / "resources"
+    write_resources(
+        directory, resource_documents(KEY, {"read": (SUBJECT, ["GET"], ["/v1/items/**"])})
+    )
+    audit = tmp_path / "audit.jsonl"
+    port, admin = free_port(), free_port()
+    token = sign(KEY, claims_for(ISSUER, AUDIENCE, SUBJECT, lifetime=600))
+    with UpstreamThread() as upstream:
+        proxy = _start_proxy_process(
+            directory,
+            upstream.port,
+            port,
+            admin,
+            audit,
+            "--workers",
+            "2",
+            "--http1-server",
+            "native",
+        )
+        try:
+            results = [
+                _get(port, f"/v1/items/{n}" if n % 2 else "/admin", token) for n in range(120)
+            ]
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            assert proxy.wait(15) == 0
+        received = list(upstream.messages)
+    assert [status for status, _ in results[1::2]] == [200] * 60
+    assert [status for status, _ in results[0::2]] == [403] * 60
+    assert len(received) == 60
+    assert all(m.path.startswith("/v1/items/") for m in received)
+    records = [orjson.loads(line) for line in audit.read_bytes().splitlines()]
+    assert len(records) == 120  # both workers' audit lines, none lost at the stop
+    by_worker: dict[str, set[str]] = {}
+    for record in records:
+        by_worker.setdefault(record["request_id"][:8], set()).add(record["decision"])
+    assert len(by_worker) == 2, sorted(by_worker)  # 120 new connections reached both workers
+    assert all(decisions == {"allow", "deny"} for decisions in by_worker.values()), by_worker
