@@ -135,6 +135,15 @@ def test_the_native_response_head_carries_exactly_the_filtered_headers(
     assert response_header_lines(upstream) == expected
 
 
+def test_the_native_response_head_lines_are_what_is_kept() -> None:
+    assert response_header_lines(UPSTREAM) == (
+        b"Server: up\r\nX-Caf\xe9: \xe9t\xe9\r\ncontent-type: text/plain\r\n"
+    )
+    named = [(b"X-Hop", b"h"), (b"Connection", b"x-hop, X-Other"), (b"x-other", b"o")]
+    assert response_header_lines(named) == b""
+    assert response_header_lines([(b"Connection", b"close"), (b"X-Hop", b"h")]) == b"X-Hop: h\r\n"
+
+
 def test_serialiser_checks_survive_warm_and_full_caches() -> None:
     forward._SAFE_METHODS.clear()
     forward._SAFE_NAMES.clear()

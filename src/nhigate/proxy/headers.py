@@ -151,52 +151,47 @@ def filter_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[Head
     ASCII one if it is ASCII), so dropped headers are never decoded.
     """
     known = _RESPONSE_NAMES.get
-    connection: list[str] | None = None
     kept: list[Header] = []
-    for raw_name, raw_value in headers:
+    for raw_name, raw_value in _kept_response_headers(headers):
         name = known(raw_name)
         if name is None:
-            lower = raw_name.lower()
-            if lower in _RESPONSE_DROPPED_BYTES:
-                if lower == b"connection":
-                    if raw_value.strip().lower() in _RESPONSE_DROPPED_BYTES:
-                        continue  # `Connection: keep-alive`: names a header dropped anyway
-                    if connection is None:
-                        connection = []
-                    connection.append(raw_value.decode("latin-1"))
-                continue
             name = raw_name.decode("latin-1")
             if len(_RESPONSE_NAMES) < _RESPONSE_NAMES_MAX:
                 _RESPONSE_NAMES[raw_name] = name
         kept.append((name, raw_value.decode("latin-1")))
-    if connection is None:
-        return kept
-    named = connection_tokens(connection) - RESPONSE_DROPPED  # those are gone already
-    if not named:  # e.g. `Connection: keep-alive`
-        return kept
-    return [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 def response_header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     """`filter_response_headers(headers)` as the wire lines of a response head
     (`Name: value\r\n` each), with nothing decoded: the same headers, byte for byte."""
+    kept = _kept_response_headers(headers)
+    if not kept:
+        return b""
+    return b"\r\n".join(map(b": ".join, kept)) + b"\r\n"
+
+
+def _kept_response_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """The upstream response headers that are copied to the caller, as received: the
+    hop-by-hop ones and those a `Connection` header names are left out."""
     kept: list[tuple[bytes, bytes]] = []
     connection: list[str] | None = None
     for header in headers:
         lower = header[0].lower()
         if lower in _RESPONSE_DROPPED_BYTES:
             if lower == b"connection" and header[1].strip().lower() not in _RESPONSE_DROPPED_BYTES:
+                # Not `Connection: keep-alive` (that names a header dropped anyway).
                 if connection is None:
                     connection = []
                 connection.append(header[1].decode("latin-1"))
             continue
         kept.append(header)
-    if connection is not None:
-        named = connection_tokens(connection)  # compared as `filter_response_headers` does
-        kept = [header for header in kept if header[0].decode("latin-1").lower() not in named]
-    if not kept:
-        return b""
-    return b"\r\n".join(map(b": ".join, kept)) + b"\r\n"
+    if connection is None:
+        return kept
+    named = connection_tokens(connection)  # lower-cased text: compare the names as text
+    return [header for header in kept if header[0].decode("latin-1").lower() not in named]
 
 
 def safe_header_value(value: str) -> str:
