@@ -750,10 +750,15 @@ class Http1Front:
             return None
         except Exception as exc:
             self._refused(request, ex, exc, conn)
-        state.inflight -= 1
+        return self._settled(request, conn)
+
+    def _settled(self, request: NativeRequest, conn: Http1Connection) -> bool:
+        """`request` is answered: it is no longer in flight. Whether `conn` carries on."""
+        self._state.inflight -= 1
         return self._keeps(request, conn)
 
     def _keeps(self, request: NativeRequest, conn: Http1Connection) -> bool:
+        """Whether `conn` may carry another request after this one's answer."""
         return request.keep_alive and request.body.done and not conn.closing
 
     async def _finish(
@@ -765,13 +770,13 @@ class Http1Front:
     ) -> None:
         """The coroutine that answers a request `serve_now` could not finish."""
         try:
-            try:
-                await answering
-            except Exception as exc:
-                self._refused(request, ex, exc, conn)
-        finally:
+            await answering
+        except Exception as exc:
+            self._refused(request, ex, exc, conn)
+        except BaseException:  # cancelled (the loop is stopping): no longer in flight either
             self._state.inflight -= 1
-        conn.served(self._keeps(request, conn))
+            raise
+        conn.served(self._settled(request, conn))
 
     def _refused(
         self, request: NativeRequest, ex: Exchange, exc: Exception, conn: Http1Connection
@@ -936,8 +941,7 @@ class Http1Front:
             self._refused(request, ex, upstream_denial(exc, self._max_body), conn)
         except Exception as exc:
             self._refused(request, ex, exc, conn)
-        self._state.inflight -= 1
-        conn.served(self._keeps(request, conn))
+        conn.served(self._settled(request, conn))
 
     def _respond_now(
         self,
@@ -948,7 +952,7 @@ class Http1Front:
     ) -> list[bytes] | None:
         """Answer a response that has no body to stream (no coroutine); else the head so far."""
         status = upstream.status
-        close = not (request.keep_alive and request.body.done) or conn.closing
+        close = not self._keeps(request, conn)
         head = [_status_line(status), response_header_lines(upstream.headers)]
         no_body = status in _NO_BODY_STATUS or status < 200
         if ex.method == "HEAD" or no_body:
@@ -985,7 +989,7 @@ class Http1Front:
         """Stream the upstream body to the caller: its length, else chunked (HTTP/1.0: until
         the close)."""
         status = upstream.status
-        close = not (request.keep_alive and request.body.done) or conn.closing
+        close = not self._keeps(request, conn)
         length = content_length(upstream.headers)
         framed = length is not None or request.version >= HttpVersion11
         if length is not None:
@@ -1031,7 +1035,7 @@ class Http1Front:
         body = denied.body
         if body is None:
             body = orjson.dumps({"error": reason.value, "request_id": ex.request_id})
-        close = not (request.keep_alive and request.body.done) or conn.closing
+        close = not self._keeps(request, conn)
         head = [
             _status_line(status),
             b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
