@@ -341,14 +341,20 @@ def _start_proxy_process(
     raise AssertionError("proxy did not become ready")
 
 
-def test_proxy_restarted_under_load_never_allows_an_ungranted_route(tmp_path: Path) -> None:
+def _read_grant_files(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A resources directory granting GET /v1/items/** to SUBJECT, an audit file path, and a
+    token of SUBJECT."""
     directory = tmp_path / "resources"
     write_resources(
         directory, resource_documents(KEY, {"read": (SUBJECT, ["GET"], ["/v1/items/**"])})
     )
-    audit = tmp_path / "audit.jsonl"
-    port, admin = free_port(), free_port()
     token = sign(KEY, claims_for(ISSUER, AUDIENCE, SUBJECT, lifetime=600))
+    return directory, tmp_path / "audit.jsonl", token
+
+
+def test_proxy_restarted_under_load_never_allows_an_ungranted_route(tmp_path: Path) -> None:
+    directory, audit, token = _read_grant_files(tmp_path)
+    port, admin = free_port(), free_port()
     results: list[tuple[str, int]] = []
     stop = threading.Event()
 
@@ -404,13 +410,8 @@ def test_native_workers_share_the_port_decide_alike_and_stop_together(tmp_path: 
     # `--workers 2 --http1-server native`: two processes on one SO_REUSEPORT port, each with
     # the native front end. Both must serve (request ids carry a per-process prefix), both must
     # refuse what is not granted, and SIGTERM to the parent must stop both cleanly.
-    directory = tmp_path / "resources"
-    write_resources(
-        directory, resource_documents(KEY, {"read": (SUBJECT, ["GET"], ["/v1/items/**"])})
-    )
-    audit = tmp_path / "audit.jsonl"
+    directory, audit, token = _read_grant_files(tmp_path)
     port, admin = free_port(), free_port()
-    token = sign(KEY, claims_for(ISSUER, AUDIENCE, SUBJECT, lifetime=600))
     with UpstreamThread() as upstream:
         proxy = _start_proxy_process(
             directory,
