@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,24 +27,21 @@ import proxy_bench as pb
 PATH = "/v1/items/1"
 
 
-def user_system(pid: int) -> tuple[float, float]:
-    """utime and stime of `pid`, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def start_tree(tree: Path, up_port: int) -> tuple[subprocess.Popen[str], int, str]:
-    """The nhigate child of `tree`; returns it, its port and its token."""
+    """The nhigate child of `tree` (its `src/` first on `PYTHONPATH`); returns it, its port
+    and its token."""
     port, admin = pb.free_port(), pb.free_port()
-    serve = [str(up_port), str(port), str(admin), os.devnull]
-    command = [
-        *("taskset", "-c", pb.PROXY_CPU, sys.executable, str(tree / "bench" / "proxy_bench.py")),
-        *("--grants", "1000", "--serve-nhigate", *serve, "--http1-server", "native"),
-    ]
     os.environ["PYTHONPATH"] = str(tree / "src")
     try:
-        process, token = pb.spawn_with_token(command)
+        process, token = pb.start_nhigate(
+            up_port,
+            port,
+            admin,
+            1000,
+            os.devnull,
+            http1_server="native",
+            script=tree / "bench" / "proxy_bench.py",
+        )
     finally:
         del os.environ["PYTHONPATH"]
     pb.wait_port(port)
@@ -83,11 +79,11 @@ def main() -> int:
             samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
             for _ in range(args.rounds):
                 for name, (pid, port, script) in children.items():
-                    user, system = user_system(pid)
+                    user, system = pb.user_system(pid)
                     result = pb.run_wrk(
                         name, f"http://127.0.0.1:{port}{PATH}", 32, args.duration, script
                     )
-                    user_after, system_after = user_system(pid)
+                    user_after, system_after = pb.user_system(pid)
                     if result.non2xx or result.errors:
                         raise SystemExit(f"{name}: {result.non2xx} non-2xx, {result.errors} errors")
                     per = 1e6 / result.requests

@@ -168,14 +168,16 @@ class Result:
         return 1e6 / self.cpu_us if self.cpu_us else 0.0
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """utime and stime of `pid`, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime of the given processes, in seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+    return sum(sum(user_system(pid)) for pid in pids)
 
 
 def with_children(pid: int) -> list[int]:
@@ -315,12 +317,14 @@ def start_nhigate(
     wrapper: tuple[str, ...] = (),
     shared: Path | None = None,
     http1_server: str = "aiohttp",
+    script: Path = Path(__file__),
 ) -> tuple[subprocess.Popen[str], str]:
-    """An nhigate child process pinned to the proxy CPU; returns it and its valid token."""
+    """An nhigate child process pinned to the proxy CPU; returns it and its valid token.
+    `script`: the proxy_bench.py whose `serve_nhigate` runs (another checkout's)."""
     serve = [str(up_port), str(port), str(admin), audit]
     return spawn_with_token(
         [
-            *("taskset", "-c", PROXY_CPU, *wrapper, sys.executable, __file__),
+            *("taskset", "-c", PROXY_CPU, *wrapper, sys.executable, str(script)),
             *("--grants", str(grants), "--serve-nhigate", *serve),
             *(("--shared-token", str(shared)) if shared is not None else ()),
             *("--http1-server", http1_server),
